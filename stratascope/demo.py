@@ -1,0 +1,20 @@
+"""The main job behind `stratascope demo` / `make demo`."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+
+def demo_corpus() -> str:
+    return str(files("stratascope") / "data" / "demo_prompts.jsonl")
+
+
+def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
+    from .capture.runner import capture
+
+    echo(f"capturing the demo corpus with {model} into {out}")
+    run = capture(model=model, corpus=demo_corpus(), out=out, capture=("hidden", "attention", "mlp"),
+                  overwrite=overwrite)
+    info = run.info()
+    echo(f"{info['prompts']} prompts, {info['tokens']} tokens, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk")
+    echo(str(run))

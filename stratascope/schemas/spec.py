@@ -1,0 +1,59 @@
+"""Store schema v1: dimensions, arrays and their dims/dtypes. The prose lives in docs/store-format.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+
+DIMS = ("prompt", "token", "depth", "layer", "head", "key", "d_model", "neuron", "d_head", "vocab")
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """One array of the capture: its dims, dtype and the --capture name that produces it.
+
+    dtype None means the capture's activation dtype (float16 or float32).
+    capture None means the array is always written.
+    """
+
+    name: str
+    dims: tuple[str, ...]
+    dtype: str | None
+    capture: str | None
+    description: str
+
+
+TOKEN_TABLE = (
+    VariableSpec("token_id", ("token",), "int32", None, "vocabulary id; -1 on masked padding rows"),
+    VariableSpec("position", ("token",), "int32", None, "position within its sequence"),
+    VariableSpec("prompt_index", ("token",), "int32", None, "the prompt the row belongs to; -1 on masked rows"),
+    VariableSpec("is_generated", ("token",), "bool", None, "true for tokens the model generated"),
+    VariableSpec("token_str", ("token",), "str", None, "decoded token text, for display"),
+)
+
+PROMPT_TABLE = (
+    VariableSpec("prompt_text", ("prompt",), "str", None, "the prompt as it appeared in the corpus"),
+    VariableSpec("token_offset", ("prompt",), "int64", None, "first row of the prompt in the token dimension"),
+    VariableSpec("n_tokens", ("prompt",), "int32", None, "number of rows (prompt + generated tokens)"),
+)
+
+ACTIVATIONS = (
+    VariableSpec("hidden", ("token", "depth", "d_model"), None, "hidden",
+                 "residual stream before the final norm; depth 0 = embeddings, depth i = output of block i-1"),
+    VariableSpec("attention", ("token", "layer", "head", "key"), None, "attention",
+                 "attention weights of this query token over the positions of its sequence"),
+    VariableSpec("mlp", ("token", "layer", "neuron"), None, "mlp",
+                 "MLP neuron activations: the input of the MLP output projection"),
+)
+
+VARIABLES = {v.name: v for v in TOKEN_TABLE + PROMPT_TABLE + ACTIVATIONS}
+
+# --capture names -> the arrays each produces.
+CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS}
+
+# Prompt metadata columns from the corpus are stored as meta_<column> with dims (prompt,).
+META_PREFIX = "meta_"
+
+# Root attrs every store carries.
+REQUIRED_ATTRS = ("schema_version", "model", "capture", "corpus", "software", "created", "complete")

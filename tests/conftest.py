@@ -1,0 +1,105 @@
+"""Tiny random models built from explicit configs (offline, fast, exact) and shared helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Heathrow airport is located in the city of London. "
+        "The keys to the cabinet are on the table. 1, 1, 1, 1. The nurse said that she was tired. "
+        "The doctor said that he was late. What is your name? ") * 4
+
+PROMPTS = ["The quick brown fox", "Heathrow airport is located in the city of", "1, 1, 1,",
+           "The keys to the cabinet are", "What is your name?", "The nurse said that"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the dequantized SmolLM2 in one cache for the whole session (the user's if it exists)."""
+    os.environ.setdefault("STRATASCOPE_CACHE", str(Path.home() / ".cache" / "stratascope"))
+
+
+def _bpe_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator([TEXT], trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_config(family: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, **common)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **common)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                max_position_embeddings=128, rotary_pct=0.5, **common)
+    if family == "bert":
+        return tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             max_position_embeddings=128, type_vocab_size=2, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ("gpt2", "llama", "gpt_neox", "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A saved tiny random model (with tokenizer) per family; each asserted to be tiny."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    dirs = {}
+    for family in FAMILIES:
+        tok = _wordpiece_tokenizer() if family == "bert" else _bpe_tokenizer()
+        torch.manual_seed(0)
+        config = tiny_config(family, len(tok))
+        cls = tf.AutoModel if family == "bert" else tf.AutoModelForCausalLM
+        model = cls.from_config(config)
+        n_params = sum(p.numel() for p in model.parameters())
+        assert n_params < 100_000, f"{family} test model has {n_params} parameters; it must stay tiny"
+        path = root / family
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs[family] = path
+    return dirs
+
+
+def load_reference(path, attn="eager"):
+    """The same tiny model loaded directly with transformers, for independent comparisons."""
+    import transformers as tf
+
+    config = tf.AutoConfig.from_pretrained(path)
+    cls = tf.AutoModel if config.model_type == "bert" else tf.AutoModelForCausalLM
+    model = cls.from_pretrained(path, attn_implementation=attn).eval()
+    return model, tf.AutoTokenizer.from_pretrained(path)

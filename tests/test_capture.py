@@ -1,0 +1,100 @@
+"""Stored arrays equal a direct transformers forward, prompt by prompt (independent computation)."""
+
+import numpy as np
+import pytest
+import torch
+
+import stratascope as ss
+from conftest import FAMILIES, PROMPTS, load_reference
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def captured(request, tiny_model_dirs, tmp_path_factory):
+    family = request.param
+    out = tmp_path_factory.mktemp("cap") / f"{family}.zarr"
+    run = ss.capture(model=str(tiny_model_dirs[family]), prompts=PROMPTS, out=str(out), batch_size=4,
+                     device="cpu", progress=False)
+    model, tok = load_reference(tiny_model_dirs[family])
+    return family, run, model, tok
+
+
+def _mlp_by_hand(family, block, x):
+    """The MLP hidden activation from the block's own weights (input of the output projection)."""
+    if family == "llama":
+        m = block.mlp
+        return torch.nn.functional.silu(x @ m.gate_proj.weight.T) * (x @ m.up_proj.weight.T)
+    if family == "gpt2":
+        m = block.mlp
+        h = x @ m.c_fc.weight + m.c_fc.bias  # Conv1D stores (in, out)
+        return 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
+    if family == "gpt_neox":
+        m = block.mlp
+        return torch.nn.functional.gelu(x @ m.dense_h_to_4h.weight.T + m.dense_h_to_4h.bias)
+    m = block.intermediate
+    return torch.nn.functional.gelu(x @ m.dense.weight.T + m.dense.bias)
+
+
+def _blocks(family, model):
+    return {"gpt2": lambda: model.transformer.h, "llama": lambda: model.model.layers,
+            "gpt_neox": lambda: model.gpt_neox.layers, "bert": lambda: model.encoder.layer}[family]()
+
+
+def _mlp_first_linear(family, block):
+    return {"gpt2": lambda b: b.mlp.c_fc, "llama": lambda b: b.mlp.gate_proj,
+            "gpt_neox": lambda b: b.mlp.dense_h_to_4h, "bert": lambda b: b.intermediate.dense}[family](block)
+
+
+def test_hidden_attention_mlp_match_direct_forward(captured):
+    family, run, model, tok = captured
+    blocks = _blocks(family, model)
+    mlp_inputs = {}
+    hooks = [_mlp_first_linear(family, block).register_forward_pre_hook(
+        lambda mod, args, i=i: mlp_inputs.__setitem__(i, args[0])) for i, block in enumerate(blocks)]
+    L = len(blocks)
+    try:
+        for p, text in enumerate(PROMPTS):
+            ids = tok(text, return_tensors="pt")
+            with torch.no_grad():
+                out = model(**ids, output_hidden_states=True, output_attentions=True)
+            rows = run.ds.isel(token=run.token_slice(p))
+            n = ids["input_ids"].shape[1]
+            assert rows.sizes["token"] == n
+            np.testing.assert_array_equal(rows.token_id.values, ids["input_ids"][0].numpy())
+            hidden = rows.hidden.values
+            for d in range(L):
+                np.testing.assert_allclose(hidden[:, d], out.hidden_states[d][0].numpy(), atol=1e-5, rtol=1e-4)
+            if family == "bert":
+                np.testing.assert_allclose(hidden[:, L], out.hidden_states[L][0].numpy(), atol=1e-5, rtol=1e-4)
+            else:  # depth L is the input of the final norm, whose output is HF's last entry
+                norm = {"gpt2": lambda: model.transformer.ln_f, "llama": lambda: model.model.norm,
+                        "gpt_neox": lambda: model.gpt_neox.final_layer_norm}[family]()
+                with torch.no_grad():
+                    normed = norm(torch.from_numpy(hidden[:, L]))
+                np.testing.assert_allclose(normed.numpy(), out.hidden_states[L][0].numpy(), atol=1e-5, rtol=1e-4)
+            att = rows.attention.values  # token, layer, head, key
+            for layer in range(L):
+                ref = out.attentions[layer][0].numpy()  # head, query, key
+                np.testing.assert_allclose(att[:, layer, :, :n], ref.transpose(1, 0, 2), atol=1e-6)
+                assert not att[:, layer, :, n:].any()
+                with torch.no_grad():
+                    by_hand = _mlp_by_hand(family, blocks[layer], mlp_inputs[layer][0])
+                np.testing.assert_allclose(rows.mlp.values[:, layer], by_hand.numpy(), atol=1e-5, rtol=1e-4)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_batched_equals_single_prompt(captured, tmp_path):
+    family, run, *_ = captured
+    single = ss.capture(model=run.attrs["model"]["source"], prompts=PROMPTS, out=str(tmp_path / "one.zarr"),
+                        batch_size=1, device="cpu", progress=False)
+    for name in ("hidden", "attention", "mlp"):
+        np.testing.assert_allclose(run.ds[name].values, single.ds[name].values, atol=1e-5, rtol=1e-4)
+
+
+def test_same_settings_bit_identical(captured, tmp_path):
+    family, run, *_ = captured
+    again = ss.capture(model=run.attrs["model"]["source"], prompts=PROMPTS, out=str(tmp_path / "again.zarr"),
+                       batch_size=4, device="cpu", progress=False)
+    for name in ("hidden", "attention", "mlp", "token_id", "position", "prompt_index"):
+        assert np.array_equal(run.ds[name].values, again.ds[name].values), name
