@@ -1,0 +1,1 @@
+"""Analysis jobs: each reads the store lazily, computes chunk-wise and writes analysis/<job>."""
