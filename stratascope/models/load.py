@@ -84,8 +84,17 @@ def _auto_class(config):
     return transformers.AutoModel
 
 
-def _load_dir(path: Path, attn: str, **kw):
+def _quiet_transformers():
+    """Our own bar reports progress; transformers' per-load bars and notices are noise here."""
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def _load_dir(path: Path, attn: str, **kw):
+    transformers = _quiet_transformers()
 
     config = transformers.AutoConfig.from_pretrained(path, **kw)
     cls = _auto_class(config)
@@ -96,7 +105,7 @@ def _load_dir(path: Path, attn: str, **kw):
 
 def _smollm2_cached(gguf: Path, attn: str):
     """Dequantize the GGUF once and keep safetensors in the cache; later loads take ~1 s."""
-    import transformers
+    transformers = _quiet_transformers()
 
     target = cache_dir() / f"smollm2-{gguf.stat().st_size}"
     if not (target / "config.json").exists():
