@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,7 @@ def _smollm2_cached(gguf: Path, attn: str):
 
     target = cache_dir() / f"smollm2-{gguf.stat().st_size}"
     if not (target / "config.json").exists():
+        print(f"dequantizing {gguf.name} once (about 15 s); later loads read {target}", file=sys.stderr)
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # transformers refuses to save a model still marked as GGUF-quantized; it is plain float32 now.
