@@ -21,16 +21,8 @@ import torch
 import stratascope as ss
 from stratascope.capture.runner import _batches, tokenize
 from stratascope.models import load_model
+from benchmarks_corpus import corpus  # noqa: E402 - sibling module
 
-TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
-        "grain, wool and salt. Over the centuries the town grew into a port, and its harbour became one of the "
-        "busiest on the coast. ")
-
-
-def corpus(n: int) -> list[str]:
-    rng = np.random.default_rng(0)
-    words = TEXT.split()
-    return [" ".join(words[: int(k)]) for k in rng.integers(8, len(words), size=n)]
 
 
 def bare_forward(model, ids, lengths, batch_size) -> float:

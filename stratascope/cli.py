@@ -22,8 +22,8 @@ def friendly(fn):
         except StratascopeError as e:
             raise click.ClickException(str(e)) from e
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; nothing marked complete was lost (an interrupted capture stays "
-                       "marked incomplete: capture again with --overwrite)", err=True)
+            click.echo("\ninterrupted: every shard recorded complete is kept; finish the capture with the "
+                       "same command plus --resume", err=True)
             sys.exit(130)
 
     return wrapper
@@ -52,16 +52,23 @@ CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
 @click.option("--text-column", default="text", show_default=True, help="the corpus column holding the prompt")
 @click.option("--max-length", default=512, show_default=True, type=int, help="tokens kept per prompt")
 @click.option("--overwrite", is_flag=True, help="replace an existing stratascope store at --out")
+@click.option("--resume", is_flag=True, help="finish an interrupted capture (same corpus, model and options)")
 @click.option("--dry-run", is_flag=True, help="print sizes, bytes, chunks and free disk, then stop")
+@click.option("--workers", type=click.IntRange(1), default=None, help="run shards on a local dask cluster of N workers")
+@click.option("--scheduler", default=None, help="run shards on an existing dask cluster, e.g. tcp://host:8786")
+@click.option("--shard-tokens", type=click.IntRange(1), default=None,
+              help="tokens per shard (the unit of work and of resume); default: what fits 256 MiB")
+@click.option("--zarr-shards", is_flag=True, help="pack each shard's chunks into one stored object (big runs)")
 @friendly
 def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
-            overwrite, dry_run):
+            overwrite, resume, dry_run, workers, scheduler, shard_tokens, zarr_shards):
     """Run a corpus through a model and store hidden states, attention and MLP activations."""
     from .capture.runner import capture as run_capture
 
     result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
                          batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
-                         overwrite=overwrite, dry_run=dry_run)
+                         overwrite=overwrite, resume=resume, dry_run=dry_run, workers=workers, scheduler=scheduler,
+                         shard_tokens=shard_tokens, zarr_shards=zarr_shards)
     if dry_run:
         click.echo(result.summary(out))
         return
