@@ -38,6 +38,21 @@ def cli():
 CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
 
 
+def cluster_options(fn):
+    """--workers/--scheduler for analysis commands: run the job's dask graph on that cluster."""
+
+    @click.option("--workers", type=click.IntRange(1), default=None, help="run on a local dask cluster of N workers")
+    @click.option("--scheduler", default=None, help="run on an existing dask cluster, e.g. tcp://host:8786")
+    @functools.wraps(fn)
+    def wrapper(*args, workers=None, scheduler=None, **kwargs):
+        from .cluster import dask_client
+
+        with dask_client(workers, scheduler):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @cli.command()
 @click.option("--model", default="smollm2", show_default=True,
               help="bundled name (smollm2, minilm), a local model directory, or a hub id")

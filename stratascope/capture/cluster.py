@@ -50,19 +50,13 @@ def capture_shard_task(out: str, model: str, cfg, plan, shard, ids_by_prompt: di
 
 def run_on_cluster(out: str, model: str, cfg, plan, ids, todo, workers: int | None, scheduler: str | None,
                    progress: bool) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
+    from ..cluster import dask_client
     from .runner import progress_bar
 
     gpu = cfg.device.startswith("cuda")
-    if scheduler:
-        client, cluster = Client(scheduler), None
-    else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               resources={"GPU": 1} if gpu else None)
-        client = Client(cluster)
-    bar = progress_bar(plan, todo, progress)
-    try:
+    with dask_client(workers, scheduler, gpu) as client, progress_bar(plan, todo, progress) as bar:
         shared_plan = client.scatter(plan, broadcast=True)  # sent once, not with every task
         # a shard carries only its own prompts' token ids
         futures = [client.submit(capture_shard_task, out, model, cfg, shared_plan, shard,
@@ -71,8 +65,3 @@ def run_on_cluster(out: str, model: str, cfg, plan, ids, todo, workers: int | No
                    for shard in todo]
         for future in as_completed(futures):
             bar.update(future.result())  # re-raises a task's error here
-    finally:
-        bar.close()
-        client.close()
-        if cluster is not None:
-            cluster.close()

@@ -306,7 +306,7 @@ class ShardCapturer:
             for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
                 _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal)
                 # dtype conversion happens on the device, before the copy to the host
-                tensors = {n: _to_dtype(t, self.cfg.dtype, n).cpu().numpy() for n, t in rec.stacked().items()}
+                tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in rec.stacked().items()})
                 rec.out.clear()
                 for b, p in enumerate(batch):
                     n, o = int(lengths[p]), int(plan.offsets[p]) - shard.start
@@ -318,6 +318,18 @@ class ShardCapturer:
                 if on_batch:
                     on_batch(len(batch), int(lengths[batch].sum()))
         return stage
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy a batch's tensors to the host; from a GPU into pinned buffers with non-blocking
+    copies and a single synchronization, so the copies run back to back."""
+    if not tensors or next(iter(tensors.values())).device.type != "cuda":
+        return {n: t.cpu().numpy() for n, t in tensors.items()}
+    host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in tensors.items()}
+    for n, t in tensors.items():
+        host[n].copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return {n: h.numpy() for n, h in host.items()}
 
 
 def _run(capturer: ShardCapturer, root: zarr.Group, todo: list[Shard], progress: bool) -> None:
