@@ -165,7 +165,7 @@ def _step(block, valid, W_block: np.ndarray, H: np.ndarray, negative: str, shift
     P = (A @ Hd.T.float()).double()
     W = _hals_rows(torch.from_numpy(W_block[valid]).to(device), P, Hd @ Hd.T)
     WtA = (W.T.float() @ A).double()
-    out = W_block.copy()
+    out = np.zeros_like(W_block)  # masked rows get no weight
     out[valid] = W.cpu().numpy()
     stats = (WtA.cpu().numpy(), (W.T @ W).cpu().numpy(), float(torch.sum(A.square(), dtype=torch.float64)))
     return out, stats
@@ -372,7 +372,8 @@ def factor_tokens(run, factor: int, top: int = 20, job: str = "nmf") -> "pd.Data
     valid = run.ds["prompt_index"].values >= 0
     weights = np.where(valid, weights, -np.inf)
     n = min(int(top), int(valid.sum()))
-    idx = np.argpartition(-weights, n - 1)[:n] if n < len(weights) else np.arange(len(weights))
+    cut = np.partition(weights, len(weights) - n)[len(weights) - n]
+    idx = np.flatnonzero(weights >= cut)
     idx = idx[np.lexsort((idx, -weights[idx]))][:n]  # by weight, ties by row: deterministic
     idx = idx[weights[idx] > 0]
     rows = run.ds[["token_str", "prompt_index", "position"]].isel(token=np.sort(idx)).to_dataframe()
