@@ -131,8 +131,15 @@ def nmf(run_path, factors, layers, iterations, seed, negative, device, top, fact
     click.echo(f"{job}: {res.sizes['factor']} factors over layers {layers[0]}-{layers[-1]}, "
                f"relative reconstruction error {float(res['relative_error']):.4f} (stored in analysis/{job})")
     for f in range(res.sizes["factor"]):
-        tokens = run.factor_tokens(f, top=top, job=job)["token"]
-        click.echo(f"factor {f:<3}" + " ".join(repr(t) for t in tokens))
+        click.echo(f"factor {f:<3}" + _token_counts(run.factor_tokens(f, top=top, job=job)["token"]))
+
+
+def _token_counts(tokens) -> str:
+    """'The'x3 ' cat' ...: each distinct token once, in order of weight, with how often it is in the top."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return " ".join(repr(t) + (f"x{n}" if n > 1 else "") for t, n in counts.items())
 
 
 @cli.command()
