@@ -5,13 +5,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from scipy.optimize import linear_sum_assignment, nnls
 
 import stratascope as ss
 from conftest import PROMPTS, TEXT
 from stratascope.cli import cli
-from stratascope.errors import ConfigError, MissingArrayError, OutOfRangeError
+from stratascope.errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
 from stratascope.testing import synthetic_mlp_store
 
 N, L, D, K = 900, 2, 24, 4
@@ -162,6 +163,11 @@ def test_clear_errors(tiny_model_dirs, tiny_run, tmp_path):
         no_mlp.factor_tokens(0)
     with pytest.raises(ConfigError, match="--factors"):
         tiny_run.nmf(factors=0)
+    with pytest.raises(ConfigError, match="--device"):
+        tiny_run.nmf(factors=2, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="use --device cpu"):
+            tiny_run.nmf(factors=2, device="cuda")
     with pytest.raises(ConfigError, match="--negative"):
         tiny_run.nmf(factors=2, negative="abs")
     with pytest.raises(ConfigError, match="--layers"):
@@ -183,6 +189,8 @@ def test_cli_prints_error_and_top_tokens(tiny_run):
     assert "relative reconstruction error" in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("factor ")]
     assert len(lines) == 3
+    result = CliRunner().invoke(cli, ["nmf", tiny_run.path, "--factors-from", tiny_run.path, "--top", "2"])
+    assert result.exit_code == 0 and "nmf_transform: 3 factors" in result.output, result.output
 
 
 def test_nmf_job_never_imports_transformers(planted):

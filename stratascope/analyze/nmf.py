@@ -279,6 +279,7 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
     """Factorize the run's MLP activations of `layers` into `factors` non-negative factors and store
     them in analysis/nmf; the stored result is reused when asked again with the same parameters."""
     _check(factors, iterations, seed, negative)
+    device = parse_device(device)
     m = open_matrix(run, layers, chunk_tokens)
     if factors > m.n_features:
         raise ConfigError(f"--factors {factors} exceeds the {m.n_features} features (layer x neuron) chosen")
@@ -286,7 +287,7 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
               "negative": negative}
     if not recompute and (stored := load_result(run, "nmf", params)) is not None:
         return stored
-    out = fit(m, int(factors), int(iterations), int(seed), negative, parse_device(device), progress)
+    out = fit(m, int(factors), int(iterations), int(seed), negative, device, progress)
     W, H = _normalized(out["W"], out["H"])
     rel = float(np.sqrt(out["objective"][-1] / out["norm2"])) if out["norm2"] > 0 else 0.0
     shift = out["shift"] if out["shift"] is not None else np.zeros(m.n_features, dtype=np.float32)
@@ -320,6 +321,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
                   sweeps: int = TRANSFORM_SWEEPS, progress: bool = True, recompute: bool = False) -> xr.Dataset:
     """Weights of this run's tokens on the factors stored by another run's nmf (H fixed), in
     analysis/nmf_transform; the feature shift of the source (for negative='shift') is reused."""
+    device = parse_device(device)
     src = stored_factors(factors_from)
     layers = [int(v) for v in src["layer"].values]
     H = src["factor_neuron"].values.astype(np.float64)
@@ -339,7 +341,6 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
     if not recompute and (stored := load_result(run, "nmf_transform", params)) is not None:
         return stored
     m = open_matrix(run, layers, chunk_tokens)
-    device = parse_device(device)
     H = H.reshape(len(H), -1)
     shift = src["shift"].values.reshape(-1).astype(np.float32) if negative == "shift" else None
     H_node = dask.delayed(H, pure=True)
