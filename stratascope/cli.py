@@ -127,6 +127,44 @@ def info(run_path, as_json):
 
 
 @cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--factors", default=8, show_default=True, type=int, help="number of factors")
+@click.option("--layers", default=None, help="layers to factorize, e.g. 0-5 (default: the first six captured)")
+@click.option("--iterations", default=200, show_default=True, type=int, help="passes over the store")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--negative", default="clip", show_default=True, type=click.Choice(["clip", "shift"]),
+              help="clip: max(0, a) (Ecco); shift: subtract each neuron's corpus minimum")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--top", default=8, show_default=True, type=int, help="top tokens printed per factor")
+@click.option("--factors-from", default=None, metavar="OTHER_RUN",
+              help="instead of fitting, project this run onto the factors stored in OTHER_RUN")
+@friendly
+def nmf(run_path, factors, layers, iterations, seed, negative, device, top, factors_from):
+    """Non-negative factors of MLP neuron activations over the whole corpus, out of core."""
+    from .run import open_run
+
+    run = open_run(run_path)
+    if factors_from:
+        res, job = run.nmf_transform(factors_from=open_run(factors_from), device=device), "nmf_transform"
+    else:
+        res, job = run.nmf(factors=factors, layers=layers, iterations=iterations, seed=seed, negative=negative,
+                           device=device), "nmf"
+    layers = [int(v) for v in res["layer"].values]
+    click.echo(f"{job}: {res.sizes['factor']} factors over layers {layers[0]}-{layers[-1]}, "
+               f"relative reconstruction error {float(res['relative_error']):.4f} (stored in analysis/{job})")
+    for f in range(res.sizes["factor"]):
+        click.echo(f"factor {f:<3}" + _token_counts(run.factor_tokens(f, top=top, job=job)["token"]))
+
+
+def _token_counts(tokens) -> str:
+    """'The'x3 ' cat' ...: each distinct token once, in order of weight, with how often it is in the top."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return " ".join(repr(t) + (f"x{n}" if n > 1 else "") for t, n in counts.items())
+
+
+@cli.command()
 def models():
     """List the bundled models and whether each is installed."""
     from .models.load import installed_models
