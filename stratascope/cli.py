@@ -138,6 +138,7 @@ def info(run_path, as_json):
 @click.option("--top", default=8, show_default=True, type=int, help="top tokens printed per factor")
 @click.option("--factors-from", default=None, metavar="OTHER_RUN",
               help="instead of fitting, project this run onto the factors stored in OTHER_RUN")
+@cluster_options
 @friendly
 def nmf(run_path, factors, layers, iterations, seed, negative, device, top, factors_from):
     """Non-negative factors of MLP neuron activations over the whole corpus, out of core."""

@@ -143,3 +143,24 @@ def test_memory_url_and_zarr_sharding_codec(reference, tiny_model_dirs):
         got = reopened.ds[name].values[reopened.ds.prompt_index.values >= 0]
         assert np.array_equal(ref, got), name
     assert run.info()["bytes_on_disk"] > 0
+
+
+def test_analysis_on_a_local_cluster_matches_in_process(reference, tmp_path):
+    """`--workers` runs an analysis job's dask graph on a LocalCluster; the result is the same."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    out = tmp_path / "an.zarr"
+    shutil.copytree(reference.path, out)
+    args = ["nmf", str(out), "--factors", "2", "--iterations", "3", "--layers", "0-1"]
+    local = CliRunner().invoke(cli, args)
+    assert local.exit_code == 0, local.output
+    first = ss.open_run(out).nmf(factors=2, iterations=3, layers=[0, 1]).token_factor.values
+    shutil.rmtree(out / "analysis")
+    cluster = CliRunner().invoke(cli, args + ["--workers", "1"])
+    assert cluster.exit_code == 0, cluster.output
+    np.testing.assert_allclose(ss.open_run(out).nmf(factors=2, iterations=3, layers=[0, 1]).token_factor.values,
+                               first, rtol=1e-5, atol=1e-6)
