@@ -77,6 +77,13 @@ class Run:
         return pd.DataFrame({"token_id": rows["token_id"].values, "token": rows["token_str"].values.astype(object),
                              "position": rows["position"].values, "is_generated": rows["is_generated"].values})
 
+    @cached_property
+    def view(self):
+        """Views that render inline in Jupyter: run.view.head(prompt=0, layer=3), run.view.rankings(prompt=0)."""
+        from .viewer.notebook import ViewAccessor
+
+        return ViewAccessor(self)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
