@@ -68,7 +68,7 @@ def page(title: str, meta: dict, head_extra: str, scripts: str, data: dict | Non
     """A whole viewer page: header, an empty root the scripts fill, meta (and report data) as JSON."""
     payload = json_script("ss-meta", meta) + (json_script("ss-data", data) if data is not None else "")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><link rel=\"icon\" href=\"data:,\"><title>{escape(title)}</title>"
             f"{head_extra}</head><body>{header(meta)}<main id=\"ss-root\"></main>{payload}{scripts}</body></html>\n")
 
 

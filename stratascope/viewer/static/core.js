@@ -181,6 +181,11 @@
     history.replaceState(null, '', '#' + new URLSearchParams(S.state));
     render();
   };
+  /* Keep a setting (e.g. visible heads) in the state and URL without redrawing. */
+  S.remember = function (patch) {
+    Object.assign(S.state, patch);
+    history.replaceState(null, '', '#' + new URLSearchParams(S.state));
+  };
   let renderCount = 0;
   function render() {
     const mine = ++renderCount, st = S.state, view = S.views[st.view];

@@ -16,7 +16,7 @@
           d.segments ? S.select('ss-segment', 'Sentences', [['all', 'all'], ['AA', 'A → A'], ['AB', 'A → B'], ['BA', 'B → A'], ['BB', 'B → B']],
                                 opts.segment, v => { opts.segment = v; svg.redraw(); }) : null,
           S.saveButtons(() => svg, () => S.fileName('head', 'p' + st.prompt, 'L' + layer))]);
-        const toggles = S.headToggles(d.n_heads, visible, () => svg.redraw());
+        const toggles = S.headToggles(d.n_heads, visible, () => { S.remember({heads: [...visible].sort((a, b) => a - b).join(',')}); svg.redraw(); });
         body.append(controls, toggles,
                     S.el('p', {class: 'ss-hint', text: `Left: each token; right: the tokens it attends to. Lines for weights ≥ ${d.min_weight} (opacity = weight). Hover a token to keep only its lines.`}),
                     S.el('div', {class: 'ss-scroll'}, [svg]));

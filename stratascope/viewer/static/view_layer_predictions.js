@@ -19,11 +19,11 @@
           S.plotlyButtons(heat, name)]),
           S.el('p', {class: 'ss-hint', text: `What the model would predict after «${d.labels[pos]}» (position ${pos}) if it stopped at each depth. Click a row for its bars.`}),
           S.el('div', {class: 'ss-scroll'}, [heat]), bars);
-        const text = labels.map(row => row.map(S.ptext));
+        const text = labels.map(row => row.map(l => S.ptext(S.short(l, 16)))), full = labels.map(row => row.map(S.ptext));
         window.Plotly.newPlot(heat, [{
-          type: 'heatmap', z: probs, x: Array.from({length: k}, (_, i) => i + 1), y: d.depths, text: text,
+          type: 'heatmap', z: probs, x: Array.from({length: k}, (_, i) => i + 1), y: d.depths, text: text, customdata: full,
           texttemplate: '%{text}', textfont: {size: 12}, zmin: 0, zmax: 1, colorscale: 'Blues', reversescale: true, colorbar: {title: {text: 'probability'}},
-          hovertemplate: 'depth %{y}, rank %{x}: %{text}<br>p = %{z:.3f}<extra></extra>'}], {
+          hovertemplate: 'depth %{y}, rank %{x}: %{customdata}<br>p = %{z:.3f}<extra></extra>'}], {
           title: {text: S.ptext(`prompt ${st.prompt}, position ${pos}: «${d.labels[pos]}»`)},
           xaxis: {title: {text: 'rank'}, dtick: 1}, yaxis: {title: {text: 'depth'}, dtick: 1},
           height: Math.max(320, 22 * d.depths.length + 140), width: Math.max(640, 110 * k + 220), margin: {t: 50}},

@@ -3,7 +3,9 @@
 (function () {
   'use strict';
   const S = window.Stratascope;
-  S.rankHeatmap = function (div, z, x, ticktext, y, hover, title, xtitle, name) {
+  S.rankHeatmap = function (div, z, x, labels, y, hover, title, xtitle, name) {
+    const ticktext = labels.map(l => S.ptext(S.short(l, 40)));
+    const bottom = Math.min(260, 40 + 5 * Math.max(...labels.map(l => Math.min(40, l.length))));
     const logz = z.map(row => row.map(r => (r === null ? null : Math.log10(r))));
     const maxlog = Math.max(1, ...logz.flat().filter(v => v !== null));
     const tickvals = [], ticks = [];
@@ -14,8 +16,8 @@
       colorbar: {title: {text: 'rank'}, tickvals: tickvals, ticktext: ticks},
       hovertemplate: '%{customdata}<br>depth %{y}: rank %{text}<extra></extra>'}], {
       title: {text: title}, xaxis: {title: {text: xtitle}, tickvals: x, ticktext: ticktext, tickangle: -45, automargin: true},
-      yaxis: {title: {text: 'depth'}, dtick: 1}, height: Math.max(320, 22 * y.length + 180),
-      width: Math.max(600, 44 * x.length + 220), margin: {t: 50}}, S.plotlyConfig(name));
+      yaxis: {title: {text: 'depth'}, dtick: 1}, height: Math.max(200, 26 * y.length) + bottom + 90,
+      width: Math.max(600, 44 * x.length + 220), margin: {t: 50, b: bottom}}, S.plotlyConfig(name));
   };
   S.views.rankings = {
     render: function (body, ctx) {
@@ -29,7 +31,7 @@
                     S.el('div', {class: 'ss-scroll'}, [div]));
         const x = d.labels.map((_, i) => i);
         const hover = d.depths.map(() => x.map(i => S.ptext(`${i}: «${d.labels[i]}» → «${i + 1 < d.n ? d.labels[i + 1] : ''}»`)));
-        S.rankHeatmap(div, d.target_rank, x, d.labels.map(S.ptext), d.depths, hover,
+        S.rankHeatmap(div, d.target_rank, x, d.labels, d.depths, hover,
                       S.ptext(`prompt ${st.prompt}: rank of the next token`), 'position (token)', name());
       });
     }

@@ -17,7 +17,7 @@
         const x = d.watch.map((_, i) => i);
         const z = d.depths.map((_, di) => x.map(w => d.watch_rank[pos][di][w]));
         const hover = d.depths.map(() => d.watch.map(w => S.ptext(`«${w}»`)));
-        S.rankHeatmap(div, z, x, d.watch.map(S.ptext), d.depths, hover,
+        S.rankHeatmap(div, z, x, d.watch, d.depths, hover,
                       S.ptext(`prompt ${st.prompt}, after position ${pos} «${d.labels[pos]}»`), 'watched token', name());
       });
     }
