@@ -260,3 +260,32 @@ def test_save_buttons_write_files(browser, report_url):
         v.page.click(".ss-save-svg")
     assert re.search(r"<svg", Path(dl.value.path()).read_text()[:500])
     v.done()
+
+
+@pytest.mark.real
+def test_real_smollm2_report_head_view(browser, tmp_path):
+    """SmolLM2 end to end: capture attention, `stratascope report` through the CLI, the head view's
+    lines equal the captured weights above the threshold."""
+    import zarr
+    from click.testing import CliRunner
+
+    import stratascope as ss
+    from stratascope.cli import cli
+
+    store = str(tmp_path / "smol.zarr")
+    ss.capture(model="smollm2", prompts=["The capital of France is", XSS_IMG], out=store, capture=("attention",),
+               layers=[0, 5, 29], device="cpu", progress=False)
+    out = tmp_path / "smol.html"
+    res = CliRunner().invoke(cli, ["report", store, "-o", str(out), "--layers", "5,29"])
+    assert res.exit_code == 0 and res.output.strip() == str(out), res.output
+    g = zarr.open_group(store, mode="r")
+    n = int(g["n_tokens"][0])
+    layer_index = list(g["layer"][:]).index(29)
+    att = g["attention"][:n, layer_index, :, :n]
+    v = Viewer(browser, ("report", out.as_uri()), "head", prompt=0, layer=29)
+    assert v.count(".ss-head-toggle") == 9 and v.count(".ss-tok-q") == n
+    assert v.count(".ss-line") == lines_expected(att)
+    v.done("real_smollm2_head")
+    v = Viewer(browser, ("report", out.as_uri()), "model", prompt=1)
+    assert v.count(".ss-thumb") == 2 * 9
+    v.done()
