@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import subprocess
 import sys
 import time
@@ -158,3 +159,21 @@ def test_large_store_opens_at_once(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cli_view_serves_on_loopback(viewer_store):
+    """`stratascope view` in its own process: prints its URL, answers the page and a slice, stops on SIGINT."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "stratascope", "view", viewer_store.path, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        assert _get(url, "/")[0] == 200 and _get(url, "/api/attention?prompt=0&layer=1")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, MissingArrayError, OutOfRangeError
+from ..errors import MissingArrayError, OutOfRangeError
 from ..store import has_group, open_dataset
 from .render import token_label
 
@@ -185,12 +185,3 @@ def meta(run) -> dict:
             "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": captured_layers(run),
             "methods": attribution_methods(run), "views": views, "min_weight": MIN_WEIGHT}
 
-
-def parse_selection(text: str | None, upper: int, what: str, default: list[int]) -> list[int]:
-    """'0-9' or '0,3,5' within [0, upper); None gives `default`."""
-    from ..capture.config import parse_ranges
-
-    if upper <= 0:
-        raise ConfigError(f"--{what}: this run has no {what}")
-    chosen = parse_ranges(text, upper, what)
-    return default if chosen is None else chosen
