@@ -187,6 +187,47 @@ def demo(out, model, overwrite):
     run_demo(out=out, model=model, overwrite=overwrite, echo=click.echo)
 
 
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("-o", "--out", default="report.html", show_default=True, help="the HTML file to write")
+@click.option("--prompts", default=None, help="prompts to include, e.g. 0-9,12 (default: the first 10)")
+@click.option("--layers", default=None, help="layers for the attention views, e.g. 0-5 (default: all captured)")
+@click.option("--views", default=None, help="comma-separated views (default: every view the run has data for)")
+@friendly
+def report(run_path, out, prompts, layers, views):
+    """Write a self-contained HTML report (opens offline) of a run's views, and print its path."""
+    from .run import open_run
+    from .viewer.report import write_report
+
+    path = write_report(open_run(run_path), out, prompts=prompts, layers=layers, views=views)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless you mean it)")
+@friendly
+def view(run_path, port, host):
+    """Serve a local web app over a run; it reads only the slices shown, so any store size opens at once."""
+    from .run import open_run
+    from .viewer.app import make_server
+
+    try:
+        server = make_server(open_run(run_path), host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}; anyone who can reach it can read this store", err=True)
+    click.echo(f"serving {run_path} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        server.server_close()
+
+
 def main():
     cli(prog_name="stratascope")
 

@@ -104,6 +104,13 @@ class Run:
 
         return factor_activations(self, prompt, job=job)
 
+    @cached_property
+    def view(self):
+        """Views that render inline in Jupyter: run.view.head(prompt=0, layer=3), run.view.rankings(prompt=0)."""
+        from .viewer.notebook import ViewAccessor
+
+        return ViewAccessor(self)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
