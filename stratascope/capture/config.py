@@ -72,6 +72,11 @@ class CaptureConfig:
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"--max-length {self.max_length!r} must be a whole number of at least 1")
 
+    @property
+    def attn_implementation(self) -> str:
+        """Eager attention when its weights, queries or keys are captured (the hooks read them there)."""
+        return "eager" if {"attention", "qk"} & set(self.capture) else "sdpa"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["capture"] = list(self.capture)

@@ -20,12 +20,14 @@ from ..models import find_adapter, load_model
 from ..schemas import META_PREFIX, SCHEMA_VERSION
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
-from .hooks import Recorder
+from .hooks import Recorder, qk_attrs
 from .readout import unembed_hash, vocab_strings, write_readout
+from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
 from .writer import ShardWriter, create_array, prepare_output, remove_store, token_chunk_rows
 
 WINDOW_BYTES = 256 * 2**20  # staging memory for one shard's rows (bounded RAM)
+ACTS = ("hidden", "attention", "mlp", "queries", "keys")  # token-dim arrays in the capture dtype
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Plan:
     offsets: np.ndarray  # each prompt's first row
     lengths: np.ndarray  # each prompt's token count
     zarr_shard_rows: int | None  # rows per Zarr shard object when the sharding codec is on
+    token_types: np.ndarray | None = None  # BERT: token_type_ids of every row (int8, 0 on padding rows)
 
     def shard_tokens(self, shard: Shard) -> int:
         return int(self.lengths[shard.lo:shard.hi].sum())
@@ -120,7 +123,11 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
         widths["attention"] = (len(layers), adapter.n_heads, max_len)
     if "mlp" in cfg.capture:
         widths["mlp"] = (len(layers), adapter.d_mlp)
-    for name in ("hidden", "attention", "mlp"):
+    if "qk" in cfg.capture:
+        widths["queries"] = widths["keys"] = (len(layers), adapter.n_heads, adapter.d_head)
+    if adapter.family == "bert":
+        widths["token_type_ids"], dtypes["token_type_ids"] = (), "int8"
+    for name in ACTS:
         if name in widths:
             dtypes[name] = cfg.dtype
     row_bytes = {n: int(np.prod(w, dtype=np.int64)) * (16 if dtypes[n] == "str" else np.dtype(dtypes[n]).itemsize)
@@ -185,12 +192,18 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     data = read_corpus(corpus, text_column) if corpus is not None else from_prompts(prompts, text_column)
     if not dry_run:
         prepare_output(out, overwrite, resume)
-    loaded = load_model(model, device=cfg.device, attn="eager" if "attention" in cfg.capture else "sdpa")
+    loaded = load_model(model, device=cfg.device, attn=cfg.attn_implementation)
     adapter = find_adapter(loaded.model)
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
-    ids, truncated = tokenize(loaded.tokenizer, data.texts, limit)
+    types = None
+    if adapter.family == "bert":  # segments (a text_pair column) for BertViz's sentence A/B split
+        ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit)
+    else:
+        ids, truncated = tokenize(loaded.tokenizer, data.texts, limit)
     lengths = np.array([len(s) for s in ids], dtype=np.int64)
     plan = make_plan(adapter, cfg, lengths, truncated)
+    if types is not None:
+        plan.token_types = flat_token_types(types, plan.offsets, plan.n_rows)
     if dry_run:
         return plan
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
@@ -256,10 +269,11 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
                   "attn_implementation": loaded.model.config._attn_implementation},
-        "capture": {**cfg.to_dict(), "arrays": [n for n in ("hidden", "attention", "mlp") if n in plan.shapes],
+        "capture": {**cfg.to_dict(), "arrays": [n for n in ACTS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
-                    "truncated_prompts": plan.truncated, "padding": "right, stripped before writing"},
+                    "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
+                    **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {})},
         "corpus": {"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns]},
@@ -299,12 +313,14 @@ class ShardCapturer:
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:
         plan, lengths = self.plan, self.plan.lengths
         stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab)
-        acts = [n for n in ("hidden", "attention", "mlp") if n in plan.shapes]
+        if plan.token_types is not None:
+            stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
+        acts = [n for n in ACTS if n in plan.shapes]
         for n in acts:
             stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
         with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
             for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
-                _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal)
+                _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal, plan)
                 # dtype conversion happens on the device, before the copy to the host
                 tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in rec.stacked().items()})
                 rec.out.clear()
@@ -376,7 +392,7 @@ def _token_table(ids, lengths, offsets, shard: Shard, vocab) -> dict[str, np.nda
     return table
 
 
-def _forward(base, rec: Recorder, ids, batch, device, causal: bool) -> None:
+def _forward(base, rec: Recorder, ids, batch, device, causal: bool, plan: Plan | None = None) -> None:
     """One padded forward of the batch's prompts (right padding: real tokens never see it)."""
     width = max(len(ids[p]) for p in batch)
     input_ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -385,4 +401,10 @@ def _forward(base, rec: Recorder, ids, batch, device, causal: bool) -> None:
         input_ids[b, :len(ids[p])] = torch.tensor(ids[p])
         mask[b, :len(ids[p])] = 1
     kwargs = {"use_cache": False} if causal else {}
+    if plan is not None and plan.token_types is not None:  # BERT segments: sentence A = 0, B = 1
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, p in enumerate(batch):
+            o = int(plan.offsets[p])
+            types[b, :len(ids[p])] = torch.from_numpy(plan.token_types[o:o + len(ids[p])].astype(np.int64))
+        kwargs["token_type_ids"] = types.to(device)
     base(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
