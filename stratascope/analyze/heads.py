@@ -87,8 +87,9 @@ def _profile(scores: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack([first, prev, self_, 1 - first - prev - self_], axis=-1)
 
 
-def _block_top(w, pos, pidx, row, *, causal: bool, n_tokens: np.ndarray, mean: np.ndarray, top: int) -> np.ndarray:
-    """(top, layer, head, 2): the chunk's largest deviations and their token rows (-1 where none)."""
+def _block_top(w, pos, pidx, row, mean, *, causal: bool, n_tokens: np.ndarray, top: int) -> np.ndarray:
+    """(top, layer, head, 2): the chunk's largest deviations and their token rows (-1 where none).
+    mean is the (layer, head, 4) mean profile of the block's layers."""
     out = np.full((top,) + w.shape[1:3] + (2,), -1.0)
     out[..., 0] = -np.inf
     keep = _scored(pos, pidx)
@@ -108,9 +109,11 @@ def label_heads(first: np.ndarray, previous: np.ndarray, self_: np.ndarray, entr
                      list(LABELS[:4]), default=LABELS[4]).astype(str)
 
 
-def _blockwise(fn, att, rows, new: int, out_rows: int, **kwargs):
+def _blockwise(fn, att, rows, new: int, out_rows: int, *extra, **kwargs):
+    """fn over each token chunk (and layer chunk) of attention with its rows' position, prompt_index and
+    row number; `extra` are (array, index) pairs such as the mean profile blocked by layer."""
     pos, pidx, row = rows
-    return da.blockwise(fn, "tlhs", att, "tlhk", pos, "t", pidx, "t", row, "t", new_axes={"s": new},
+    return da.blockwise(fn, "tlhs", att, "tlhk", pos, "t", pidx, "t", row, "t", *extra, new_axes={"s": new},
                         adjust_chunks={"t": out_rows}, concatenate=True, dtype=np.float64, meta=np.empty((0,) * 4),
                         **kwargs)
 
@@ -139,7 +142,8 @@ def summarize_heads(run, top: int = 5, recompute: bool = False, progress: bool =
     means = {name: sums[..., i] / count for i, name in enumerate(STATS) if i}
     mean_profile = _profile(means)
     with _progress(progress):
-        tops = _blockwise(_block_top, att, rows, 2, top, mean=mean_profile, top=top, **common).compute()
+        mean = da.from_array(mean_profile, chunks=(att.chunks[1], -1, -1))
+        tops = _blockwise(_block_top, att, rows, 2, top, mean, "lhp", top=top, **common).compute()
     best = np.argsort(-tops[..., 0], axis=0, kind="stable")[:top]
     deviation = np.take_along_axis(tops[..., 0], best, axis=0)
     token_row = np.take_along_axis(tops[..., 1], best, axis=0).astype(np.int64)
