@@ -30,15 +30,18 @@ def runs(tiny_model_dirs, tmp_path_factory):
     return {f: _capture(tiny_model_dirs, f, root / f"{f}.zarr", prompts=PROMPTS) for f in FAMILIES}
 
 
-@pytest.fixture(scope="module")
-def small_chunks(tiny_model_dirs, tmp_path_factory):
-    """A llama store with one-token chunks and the layer axis split, so every job streams over many blocks."""
+@pytest.fixture(scope="module", params=["split-layers", "padded-shards"])
+def small_chunks(request, tiny_model_dirs, tmp_path_factory):
+    """llama stores the job must stream over in many blocks: one-token chunks with the layer axis split,
+    or two-token chunks in shards padded with masked rows (prompt_index -1)."""
+    split = request.param == "split-layers"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(writer, "CHUNK_BYTES", 512)
+        mp.setattr(writer, "CHUNK_BYTES", 512 if split else 4096)
         run = _capture(tiny_model_dirs, "llama", tmp_path_factory.mktemp("small") / "llama.zarr", prompts=PROMPTS,
-                       capture="attention")
+                       capture="attention", shard_tokens=None if split else 8)
     chunks = run.ds["attention"].data.chunks
-    assert len(chunks[0]) == run.n_tokens and len(chunks[1]) > 1
+    assert len(chunks[0]) > 10 and (len(chunks[1]) > 1) == split
+    assert (run.ds["prompt_index"].values < 0).any() != split
     return run
 
 
@@ -94,7 +97,7 @@ def test_bert_pairs_keep_token_type_ids(tiny_model_dirs, tmp_path):
     records = [{"text": "The nurse said that", "text_pair": "she was tired."},
                {"text": "What is your name?", "text_pair": None},
                {"text": "The keys to the cabinet", "text_pair": "are on the table."}]
-    run = _capture(tiny_model_dirs, "bert", tmp_path / "pairs.zarr", prompts=records)
+    run = _capture(tiny_model_dirs, "bert", tmp_path / "pairs.zarr", prompts=records, shard_tokens=16)
     model, tok = load_reference(tiny_model_dirs["bert"])
     for p, rec in enumerate(records):
         args = (rec["text"], rec["text_pair"]) if rec["text_pair"] else (rec["text"],)
