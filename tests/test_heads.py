@@ -306,3 +306,12 @@ def test_smollm2_heads_over_demo_corpus(tmp_path):
         np.testing.assert_allclose(view.weights.to_numpy(), run.attention(0, layer, head).to_numpy(), atol=1e-5)
     result = CliRunner().invoke(cli, ["heads", run.path])
     assert result.exit_code == 0 and "first-token" in result.output
+
+
+def test_qk_and_segments_on_a_dask_worker(runs, tiny_model_dirs, tmp_path):
+    """Shards captured on a worker process hold the same queries, keys and token types as in-process."""
+    local = runs["bert"]
+    remote = _capture(tiny_model_dirs, "bert", tmp_path / "bert.zarr", prompts=PROMPTS, workers=1)
+    for name in ("queries", "keys", "attention", "token_type_ids"):
+        np.testing.assert_array_equal(remote.ds[name].values, local.ds[name].values, err_msg=name)
+    assert remote.attrs["capture"]["qk"] == local.attrs["capture"]["qk"]
