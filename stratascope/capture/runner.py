@@ -21,6 +21,7 @@ from ..schemas import META_PREFIX, SCHEMA_VERSION
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
 from .hooks import Recorder
+from .labels import token_labels, write_token_labels
 from .readout import unembed_hash, vocab_strings, write_readout
 from .writer import ChunkWriter, create_array, prepare_output, remove_store, token_chunk_rows
 
@@ -180,6 +181,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
     ids, truncated = tokenize(loaded.tokenizer, data.texts, limit)
     lengths = np.array([len(s) for s in ids], dtype=np.int64)
+    labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
     plan = make_plan(adapter, cfg, lengths, truncated)
     if dry_run:
         return plan
@@ -190,7 +192,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     if overwrite:
         remove_store(out)
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
-    root = _create(out, loaded, adapter, cfg, data, plan, lengths, vocab)
+    root = _create(out, loaded, adapter, cfg, data, plan, lengths, vocab, labels)
     started = time.perf_counter()
     _run(loaded, adapter, cfg, plan, ids, lengths, root, np.array(vocab, dtype=object), progress)
     seconds = time.perf_counter() - started
@@ -200,10 +202,12 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     return Run(out)
 
 
-def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, lengths, vocab) -> zarr.Group:
+def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, lengths, vocab,
+            labels: dict | None = None) -> zarr.Group:
     import transformers
     import xarray
 
+    labels = labels or {}
     root = zarr.open_group(out, mode="w")
     root.attrs.update({
         "schema_version": SCHEMA_VERSION,
@@ -219,7 +223,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing"},
         "corpus": {"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
-                   "metadata_columns": [str(c) for c in data.metadata.columns]},
+                   "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
+                   "token_labels": list(labels)},
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "xarray": xarray.__version__, "numpy": np.__version__},
@@ -229,7 +234,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     create_array(root, "prompt_text", (P,), P, "str")[:] = np.array(data.texts, dtype=object)
     create_array(root, "token_offset", (P,), P, "int64")[:] = offsets
     create_array(root, "n_tokens", (P,), P, "int32")[:] = lengths.astype(np.int32)
-    for col in data.metadata.columns:
+    for col in [c for c in data.metadata.columns if str(c) not in labels]:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
     for name, coords in (("depth", plan.depths), ("layer", plan.layers)):
@@ -237,6 +242,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     for name, shape in plan.shapes.items():
         create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name])
     write_readout(root, adapter, loaded.tokenizer, vocab)
+    write_token_labels(root, labels, plan.chunk_rows)
     return root
 
 
