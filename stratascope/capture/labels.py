@@ -4,7 +4,8 @@ A JSONL (or Python list-of-dicts) record gives a token-level label as a field wh
 
     {"text": "The cat sat", "pos": ["DET", "NOUN", "VERB"]}
         one label per whitespace-separated word of the text (``text.split()``); every token
-        whose first non-space character lies in word i gets label i.
+        whose first non-space character lies in word i gets label i (a token of only
+        whitespace, such as BPE's lone "Ġ", takes the label of the word after it).
     {"text": "The cat sat", "pos": {"token": [null, "DET", "NOUN", "VERB"]}}
         one label per token, as the model's tokenizer splits the text with its special tokens
         (so a BOS token takes the first entry); null marks an unlabelled token.
@@ -53,17 +54,16 @@ def _unit_and_values(value, source: str, record: int, field: str) -> tuple[str, 
 
 
 def _word_of_token(text: str, offsets: list[tuple[int, int]]) -> list[int]:
-    """For each token, the index of the whitespace word holding its first non-space character (-1: none)."""
-    spans = [m.span() for m in re.finditer(r"\S+", text)]
-    starts = [s for s, _ in spans]
+    """For each token, the index of the whitespace word holding its first non-space character; a
+    token of only whitespace (BPE's lone "Ġ") joins the word after it; special tokens get -1."""
+    starts = [m.start() for m in re.finditer(r"\S+", text)]
     out = []
     for s, e in offsets:
-        piece = text[s:e]
-        stripped = len(piece) - len(piece.lstrip())
-        if e <= s or stripped == len(piece):  # special token, or only whitespace
+        if e <= s:  # special token: no characters of the text
             out.append(-1)
             continue
-        out.append(bisect.bisect_right(starts, s + stripped) - 1)
+        first = re.compile(r"\S").search(text, s)
+        out.append(-1 if first is None else bisect.bisect_right(starts, first.start()) - 1)
     return out
 
 
