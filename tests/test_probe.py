@@ -171,3 +171,20 @@ def test_probe_job_never_imports_transformers(planted):
             "r.linear_probe('kind', folds=3, depths='3', epochs=5, recompute=True, progress=False); "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")
     subprocess.run([sys.executable, "-c", code, run.path], check=True)
+
+
+def test_prompt_rows_are_last_token_and_mean(planted):
+    from stratascope.analyze.probe_rows import PromptRows
+
+    run, _ = planted
+    prompts = np.array([0, 3, 4, 50, 159])
+    depth_idx = np.array([1, 3])
+    for at in ("last", "mean"):
+        rows = PromptRows(run.ds, prompts, at, depth_idx, progress=False)
+        try:
+            got = np.concatenate([rows.read(b)[1] for b in range(len(rows.blocks))])
+        finally:
+            rows.close()
+        for i, p in enumerate(prompts):
+            h = run.ds["hidden"].isel(token=run.token_slice(int(p))).values[:, depth_idx]
+            np.testing.assert_allclose(got[i], h[-1] if at == "last" else h.mean(0), rtol=1e-5, atol=1e-5)
