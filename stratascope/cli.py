@@ -244,6 +244,41 @@ def view(run_path, port, host):
     finally:
         server.server_close()
 
+@cli.group()
+def probe():
+    """Probes over a stored run: what its hidden states encode, without the model."""
+
+
+@probe.command("linear")
+@click.argument("run_path", metavar="RUN")
+@click.option("--label", required=True, help="a token label (label_<name> array) or a prompt metadata column")
+@click.option("--at", default="last", show_default=True, type=click.Choice(["last", "mean"]),
+              help="prompt labels: the last prompt token, or the mean over the prompt's tokens")
+@click.option("--depths", default=None, help="depths to probe, e.g. 0-30 (default: every captured depth)")
+@click.option("--folds", default=5, show_default=True, type=int, help="cross-validation folds, split by prompt")
+@click.option("--control", default="shuffle", show_default=True, type=click.Choice(["shuffle", "none"]),
+              help="control task: labels shuffled by type (Hewitt & Liang 2019)")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--task", default="auto", show_default=True, type=click.Choice(["auto", "classify", "regress"]))
+@click.option("--group-by", default=None, help="metadata column: prompts sharing a value share a fold")
+@click.option("--control-by", default=None,
+              help="metadata column giving prompt labels' control types (default: the prompt text)")
+@click.option("--epochs", default=None, type=int, help="passes over the rows (default: enough for ~1000 steps)")
+@click.option("--recompute", is_flag=True, help="ignore a stored result with the same parameters")
+@cluster_options
+@friendly
+def probe_linear(run_path, label, at, depths, folds, control, seed, task, group_by, control_by, epochs, recompute):
+    """Train a linear probe for LABEL at every depth; print accuracy (or R²), control and baseline."""
+    from .run import open_run
+
+    res = open_run(run_path).linear_probe(label, at=at, folds=folds, depths=depths, control=control, seed=seed,
+                                          task=task, group_by=group_by, control_by=control_by, epochs=epochs,
+                                          recompute=recompute)
+    a = res.ds.attrs
+    click.echo(f"probe_{label}: {a['task']} over {a['n_rows']} {a['level']} rows, {a['n_groups']} groups, "
+               f"{folds} folds (mean and sd over folds)")
+    click.echo(res.scores.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
 
 def main():
     cli(prog_name="stratascope")

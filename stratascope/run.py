@@ -146,6 +146,16 @@ class Run:
                 "arrays": arrays, "bytes_on_disk": store_bytes(self.path), "created": self.attrs["created"],
                 "schema_version": self.attrs["schema_version"]}
 
+    def linear_probe(self, label: str, at: str = "last", folds: int = 5, depths=None, control: str = "shuffle",
+                     seed: int = 0, **options):
+        """Linear probes for `label` at every depth, cross-validated by prompt, with a control task.
+
+        Returns a ProbeResult; `.scores` is the per-depth table. See stratascope.analyze.probe.
+        """
+        from .analyze.probe import linear_probe
+
+        return linear_probe(self, label, at=at, folds=folds, depths=depths, control=control, seed=seed, **options)
+
 
 def open_run(path: str, allow_incomplete: bool = False) -> Run:
     """Open a stored run lazily; the model is never loaded."""

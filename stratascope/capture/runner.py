@@ -21,6 +21,7 @@ from ..schemas import META_PREFIX, SCHEMA_VERSION
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
 from .hooks import Recorder, qk_attrs
+from .labels import token_labels, write_token_labels
 from .readout import unembed_hash, vocab_strings, write_readout
 from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
@@ -201,6 +202,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     else:
         ids, truncated = tokenize(loaded.tokenizer, data.texts, limit)
     lengths = np.array([len(s) for s in ids], dtype=np.int64)
+    labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
     plan = make_plan(adapter, cfg, lengths, truncated)
     if types is not None:
         plan.token_types = flat_token_types(types, plan.offsets, plan.n_rows)
@@ -217,7 +219,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
                                  "or free disk")
         if overwrite:
             remove_store(out)
-        root = _create(out, loaded, adapter, cfg, data, plan, vocab)
+        root = _create(out, loaded, adapter, cfg, data, plan, vocab, labels)
     todo = [s for s in plan.shards if not completed(root)[s.index]]
     started = time.perf_counter()
     if workers or scheduler:
@@ -255,10 +257,12 @@ def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group:
     return root
 
 
-def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, vocab) -> zarr.Group:
+def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, vocab,
+            labels: dict | None = None) -> zarr.Group:
     import transformers
     import xarray
 
+    labels = labels or {}
     root = zarr.open_group(out, mode="w")
     root.attrs.update({
         "schema_version": SCHEMA_VERSION,
@@ -276,7 +280,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                     **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {})},
         "corpus": {"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
-                   "metadata_columns": [str(c) for c in data.metadata.columns]},
+                   "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
+                   "token_labels": list(labels)},
         "identity": _identity(loaded, adapter, cfg, data),
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
@@ -286,7 +291,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     create_array(root, "prompt_text", (P,), P, "str")[:] = np.array(data.texts, dtype=object)
     create_array(root, "token_offset", (P,), P, "int64")[:] = plan.offsets
     create_array(root, "n_tokens", (P,), P, "int32")[:] = plan.lengths.astype(np.int32)
-    for col in data.metadata.columns:
+    for col in [c for c in data.metadata.columns if str(c) not in labels]:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
     for name, coords in (("depth", plan.depths), ("layer", plan.layers)):
@@ -295,6 +300,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows)
     create_records(root, len(plan.shards))
     write_readout(root, adapter, loaded.tokenizer, vocab)
+    write_token_labels(root, labels, plan)
     return root
 
 

@@ -4,6 +4,7 @@ from .spec import (
     ACTIVATIONS,
     CAPTURE_NAMES,
     DIMS,
+    LABEL_PREFIX,
     META_PREFIX,
     PROMPT_TABLE,
     REQUIRED_ATTRS,
@@ -15,6 +16,6 @@ from .spec import (
 from .validate import parse_schema_version, validate_root
 
 __all__ = [
-    "ACTIVATIONS", "CAPTURE_NAMES", "DIMS", "META_PREFIX", "PROMPT_TABLE", "REQUIRED_ATTRS",
+    "ACTIVATIONS", "CAPTURE_NAMES", "DIMS", "LABEL_PREFIX", "META_PREFIX", "PROMPT_TABLE", "REQUIRED_ATTRS",
     "SCHEMA_VERSION", "TOKEN_TABLE", "VARIABLES", "VariableSpec", "parse_schema_version", "validate_root",
 ]

@@ -61,5 +61,9 @@ CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS}
 # Prompt metadata columns from the corpus are stored as meta_<column> with dims (prompt,).
 META_PREFIX = "meta_"
 
+# Token-level labels from the corpus (a JSONL field holding a list; see capture/labels.py) are
+# stored as label_<field> with dims (token,): text ("" = unlabelled) or float64 (NaN = unlabelled).
+LABEL_PREFIX = "label_"
+
 # Root attrs every store carries.
 REQUIRED_ATTRS = ("schema_version", "model", "capture", "corpus", "software", "created", "complete")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import SchemaError, SchemaVersionError
-from .spec import META_PREFIX, REQUIRED_ATTRS, SCHEMA_VERSION, VARIABLES
+from .spec import LABEL_PREFIX, META_PREFIX, REQUIRED_ATTRS, SCHEMA_VERSION, VARIABLES
 
 
 def parse_schema_version(attrs: Mapping, where: str) -> int:
@@ -39,3 +39,5 @@ def validate_root(attrs: Mapping, arrays: Mapping[str, tuple[tuple[str, ...], st
             raise SchemaError(f"{where}: array '{name}' has dims {tuple(dims)}, schema v1 says {spec.dims}")
         if name.startswith(META_PREFIX) and tuple(dims) != ("prompt",):
             raise SchemaError(f"{where}: metadata array '{name}' has dims {tuple(dims)}, expected ('prompt',)")
+        if name.startswith(LABEL_PREFIX) and tuple(dims) != ("token",):
+            raise SchemaError(f"{where}: token label array '{name}' has dims {tuple(dims)}, expected ('token',)")
