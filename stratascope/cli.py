@@ -35,7 +35,7 @@ def cli():
     """Capture what a transformer computes on a corpus into a Zarr store, and analyse it without the model."""
 
 
-CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
+CAPTURE_HELP = "comma-separated: hidden, attention, mlp, attribution, grad"
 
 
 @cli.command()
@@ -53,15 +53,29 @@ CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
 @click.option("--max-length", default=512, show_default=True, type=int, help="tokens kept per prompt")
 @click.option("--overwrite", is_flag=True, help="replace an existing stratascope store at --out")
 @click.option("--dry-run", is_flag=True, help="print sizes, bytes, chunks and free disk, then stop")
+@click.option("--generate", default=0, show_default=True, type=int,
+              help="extend each prompt by exactly N generated tokens (no stop at EOS), then capture it all")
+@click.option("--sample", is_flag=True, help="sample the generated tokens instead of greedy decoding")
+@click.option("--seed", default=0, show_default=True, type=int, help="sampling seed (per prompt: seed, index)")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="sampling temperature")
+@click.option("--attribution", default="grad_x_input", show_default=True,
+              help="with --capture attribution: grad_x_input, integrated_gradients, gradient_norm (comma-separated)")
+@click.option("--ig-steps", default=32, show_default=True, type=int, help="integrated gradients path steps")
+@click.option("--ig-method", default="gausslegendre", show_default=True,
+              help="gausslegendre, riemann_trapezoid, riemann_middle, riemann_left or riemann_right")
+@click.option("--attribute", default=None, type=click.Choice(["generated", "all"]),
+              help="attribution targets: predictions of generated tokens (default with --generate) or of all")
 @friendly
 def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
-            overwrite, dry_run):
+            overwrite, dry_run, generate, sample, seed, temperature, attribution, ig_steps, ig_method, attribute):
     """Run a corpus through a model and store hidden states, attention and MLP activations."""
     from .capture.runner import capture as run_capture
 
     result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
                          batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
-                         overwrite=overwrite, dry_run=dry_run)
+                         overwrite=overwrite, dry_run=dry_run, generate=generate, sample=sample, seed=seed,
+                         temperature=temperature, attribution=attribution, ig_steps=ig_steps,
+                         ig_method=ig_method, attribute=attribute)
     if dry_run:
         click.echo(result.summary(out))
         return

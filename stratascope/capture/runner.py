@@ -17,15 +17,18 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..errors import ConfigError, DiskSpaceError, OverflowError16
 from ..models import find_adapter, load_model
-from ..schemas import META_PREFIX, SCHEMA_VERSION
+from ..schemas import META_PREFIX, SCHEMA_VERSION, VARIABLES
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
+from .generate import GenerationConfig, generate_window, generated_mask, require_lm
+from .gradients import GradientConfig, gradient_rows, parse_gradient_config, stage_rows
 from .hooks import Recorder
 from .readout import unembed_hash, vocab_strings, write_readout
 from .writer import ChunkWriter, create_array, prepare_output, remove_store, token_chunk_rows
 
 WINDOW_BYTES = 256 * 2**20  # staging memory for one window of prompts (bounded RAM)
 TOKEN_TABLE = ("token_id", "position", "prompt_index", "is_generated", "token_str")
+GRADIENT_ARRAYS = tuple(n for n, v in VARIABLES.items() if v.capture in ("attribution", "grad"))
 
 
 @dataclass
@@ -96,7 +99,8 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[in
     return ids, truncated
 
 
-def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) -> Plan:
+def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int,
+              grads: GradientConfig | None = None) -> Plan:
     L = adapter.n_layers
     layers = parse_ranges(cfg.layers, L, "layers") or list(range(L))
     depths = list(range(L + 1)) if len(layers) == L else sorted({0} | {l + 1 for l in layers})
@@ -114,6 +118,8 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     for name in ("hidden", "attention", "mlp"):
         if name in shapes:
             dtypes[name] = cfg.dtype
+    for name, (tail, dtype) in (grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}).items():
+        shapes[name], dtypes[name] = (n_tokens,) + tail, dtype
     row_bytes = [int(np.prod(s[1:], dtype=np.int64)) * np.dtype(dtypes[n]).itemsize
                  for n, s in shapes.items() if dtypes[n] != "str"]
     return Plan(len(lengths), n_tokens, max_len, layers, depths, shapes, dtypes,
@@ -161,15 +167,21 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
 def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *, corpus: str | None = None,
             capture=("hidden", "attention", "mlp"), layers=None, dtype: str = "float32", batch_size: int = 16,
             device: str = "auto", text_column: str = "text", max_length: int = 512, overwrite: bool = False,
-            dry_run: bool = False, progress: bool = True):
+            dry_run: bool = False, progress: bool = True, generate: int = 0, sample: bool = False, seed: int = 0,
+            temperature: float = 1.0, attribution="grad_x_input", ig_steps: int = 32,
+            ig_method: str = "gausslegendre", attribute: str | None = None):
     """Capture a corpus into a Zarr store at `out` and return the opened Run.
 
     Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
     With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
     Everything is checked (corpus, model, options, disk) before an existing store is replaced.
+    generate=N extends every prompt by exactly N tokens (greedy, or sampled with seed and
+    temperature); capture 'attribution' and 'grad' add gradient arrays (see capture/gradients.py).
     """
     cfg = CaptureConfig(capture=capture, layers=layers, dtype=dtype, batch_size=batch_size, device=device,
                         text_column=text_column, max_length=max_length)
+    gen = GenerationConfig(generate, sample, seed, temperature)
+    grads = parse_gradient_config(cfg.capture, attribution, ig_steps, ig_method, attribute, generate)
     if (prompts is None) == (corpus is None):
         raise ConfigError("give either prompts or a corpus file, not both or neither")
     data = read_corpus(corpus, text_column) if corpus is not None else from_prompts(prompts, text_column)
@@ -177,10 +189,15 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
         prepare_output(out, overwrite)
     loaded = load_model(model, device=cfg.device, attn="eager" if "attention" in cfg.capture else "sdpa")
     adapter = find_adapter(loaded.model)
+    if gen.n_new or grads:
+        require_lm(loaded.model, adapter.causal, "--generate" if gen.n_new else "--capture attribution/grad")
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
-    ids, truncated = tokenize(loaded.tokenizer, data.texts, limit)
-    lengths = np.array([len(s) for s in ids], dtype=np.int64)
-    plan = make_plan(adapter, cfg, lengths, truncated)
+    if gen.n_new >= limit:
+        raise ConfigError(f"--generate {gen.n_new} leaves no room for the prompt within {limit} tokens; "
+                          "generate fewer tokens or raise --max-length")
+    ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - gen.n_new)  # room for the new tokens
+    lengths = np.array([len(s) for s in ids], dtype=np.int64) + gen.n_new
+    plan = make_plan(adapter, cfg, lengths, truncated, grads)
     if dry_run:
         return plan
     free = free_disk(out)
@@ -191,8 +208,9 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
         remove_store(out)
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
     root = _create(out, loaded, adapter, cfg, data, plan, lengths, vocab)
+    _record_extras(root, plan, gen, grads)
     started = time.perf_counter()
-    _run(loaded, adapter, cfg, plan, ids, lengths, root, np.array(vocab, dtype=object), progress)
+    _run(loaded, adapter, cfg, plan, ids, lengths, root, np.array(vocab, dtype=object), progress, gen, grads)
     seconds = time.perf_counter() - started
     root.attrs.update({"complete": True, "timing": {"seconds": seconds, "tokens_per_s": plan.n_tokens / seconds}})
     from ..run import Run
@@ -240,13 +258,25 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     return root
 
 
-def _run(loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, lengths, root, vocab: np.ndarray, progress: bool):
+def _record_extras(root: zarr.Group, plan: Plan, gen: GenerationConfig, grads: GradientConfig | None) -> None:
+    """Generation and gradient settings in the root attrs, and the gradient arrays in capture.arrays."""
+    capture_attrs = dict(root.attrs["capture"])
+    capture_attrs["arrays"] = list(capture_attrs["arrays"]) + [n for n in plan.shapes if n in GRADIENT_ARRAYS]
+    root.attrs.update({"capture": capture_attrs, "generation": gen.to_attrs(),
+                       "gradients": grads.to_attrs() if grads else None})
+
+
+def _run(loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, lengths, root, vocab: np.ndarray, progress: bool,
+         gen: GenerationConfig | None = None, grads: GradientConfig | None = None):
     """Run every window of prompts through the model and hand its rows to the writer."""
     model, device = loaded.model, next(loaded.model.parameters()).device
     base = getattr(model, model.base_model_prefix, model)  # skip the LM head: capture needs no logits
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     acts = [n for n in ("hidden", "attention", "mlp") if n in plan.shapes]
-    row_bytes = sum(int(np.prod(plan.shapes[n][1:])) * np.dtype(plan.dtypes[n]).itemsize for n in acts) + 32
+    grad_arrays = [n for n in plan.shapes if n in GRADIENT_ARRAYS]
+    n_new = gen.n_new if gen else 0
+    row_bytes = sum(int(np.prod(plan.shapes[n][1:])) * np.dtype(plan.dtypes[n]).itemsize
+                    for n in acts + grad_arrays) + 32
     writer = ChunkWriter({n: root[n] for n in plan.shapes}, plan.chunk_rows, plan.n_tokens)
     bar = tqdm(total=plan.n_tokens, unit="tok", unit_scale=True, desc="capture", disable=not progress,
                mininterval=0.5, dynamic_ncols=True)
@@ -255,9 +285,17 @@ def _run(loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, lengths, root, vo
         with torch.inference_mode(), Recorder(adapter, cfg.capture, plan.layers, plan.depths) as rec:
             for lo, hi in _windows(lengths, row_bytes, plan.chunk_rows, cfg.batch_size):
                 w0, w1 = int(offsets[lo]), int(offsets[hi - 1] + lengths[hi - 1])
+                if n_new:  # generated ids join the sequences before their token rows are staged
+                    bar.set_postfix_str(f"generating for prompts {lo}-{hi - 1}", refresh=True)
+                    generate_window(model, ids, lo, hi, gen, device, cfg.batch_size)
+                    rec.out.clear()
                 stage = _token_table(ids, lengths, offsets, lo, hi, vocab)
+                if n_new:
+                    stage["is_generated"] = generated_mask(lengths, lo, hi, n_new)
                 for n in acts:
                     stage[n] = np.zeros((w1 - w0,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
+                for n in grad_arrays:  # NaN marks attribution rows that are not targets
+                    stage[n] = np.full((w1 - w0,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
                 for batch in _batches(lengths, lo, hi, cfg.batch_size):
                     _forward(base, rec, ids, batch, device, adapter.causal)
                     tensors = {n: _to_dtype(t, cfg.dtype, n).cpu().numpy() for n, t in rec.stacked().items()}
@@ -269,6 +307,12 @@ def _run(loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, lengths, root, vo
                                 stage[name][o:o + n, :, :, :n] = values[b, :n, :, :, :n]
                             else:
                                 stage[name][o:o + n] = values[b, :n]
+                    if grads is not None:
+                        for name, per_prompt in gradient_rows(model, adapter, ids, batch, lengths, n_new, grads,
+                                                              plan.depths, device).items():
+                            for p, values in zip(batch, per_prompt):
+                                stage_rows(stage[name], int(offsets[p]) - w0, values)
+                        rec.out.clear()  # the capture hooks also saw the gradient forwards
                     done_prompts += len(batch)
                     bar.update(int(lengths[batch].sum()))
                     bar.set_postfix_str(f"prompts {done_prompts}/{plan.n_prompts}", refresh=False)
