@@ -22,8 +22,8 @@ def friendly(fn):
         except StratascopeError as e:
             raise click.ClickException(str(e)) from e
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; nothing marked complete was lost (an interrupted capture stays "
-                       "marked incomplete: capture again with --overwrite)", err=True)
+            click.echo("\ninterrupted: every shard recorded complete is kept; finish the capture with the "
+                       "same command plus --resume", err=True)
             sys.exit(130)
 
     return wrapper
@@ -36,6 +36,21 @@ def cli():
 
 
 CAPTURE_HELP = "comma-separated: hidden, attention, mlp, attribution, grad"
+
+
+def cluster_options(fn):
+    """--workers/--scheduler for analysis commands: run the job's dask graph on that cluster."""
+
+    @click.option("--workers", type=click.IntRange(1), default=None, help="run on a local dask cluster of N workers")
+    @click.option("--scheduler", default=None, help="run on an existing dask cluster, e.g. tcp://host:8786")
+    @functools.wraps(fn)
+    def wrapper(*args, workers=None, scheduler=None, **kwargs):
+        from .cluster import dask_client
+
+        with dask_client(workers, scheduler):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @cli.command()
@@ -52,7 +67,13 @@ CAPTURE_HELP = "comma-separated: hidden, attention, mlp, attribution, grad"
 @click.option("--text-column", default="text", show_default=True, help="the corpus column holding the prompt")
 @click.option("--max-length", default=512, show_default=True, type=int, help="tokens kept per prompt")
 @click.option("--overwrite", is_flag=True, help="replace an existing stratascope store at --out")
+@click.option("--resume", is_flag=True, help="finish an interrupted capture (same corpus, model and options)")
 @click.option("--dry-run", is_flag=True, help="print sizes, bytes, chunks and free disk, then stop")
+@click.option("--workers", type=click.IntRange(1), default=None, help="run shards on a local dask cluster of N workers")
+@click.option("--scheduler", default=None, help="run shards on an existing dask cluster, e.g. tcp://host:8786")
+@click.option("--shard-tokens", type=click.IntRange(1), default=None,
+              help="tokens per shard (the unit of work and of resume); default: what fits 256 MiB")
+@click.option("--zarr-shards", is_flag=True, help="pack each shard's chunks into one stored object (big runs)")
 @click.option("--generate", default=0, show_default=True, type=int,
               help="extend each prompt by exactly N generated tokens (no stop at EOS), then capture it all")
 @click.option("--sample", is_flag=True, help="sample the generated tokens instead of greedy decoding")
@@ -67,14 +88,16 @@ CAPTURE_HELP = "comma-separated: hidden, attention, mlp, attribution, grad"
               help="attribution targets: predictions of generated tokens (default with --generate) or of all")
 @friendly
 def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
-            overwrite, dry_run, generate, sample, seed, temperature, attribution, ig_steps, ig_method, attribute):
+            overwrite, resume, dry_run, workers, scheduler, shard_tokens, zarr_shards, generate, sample, seed,
+            temperature, attribution, ig_steps, ig_method, attribute):
     """Run a corpus through a model and store hidden states, attention and MLP activations."""
     from .capture.runner import capture as run_capture
 
     result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
                          batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
-                         overwrite=overwrite, dry_run=dry_run, generate=generate, sample=sample, seed=seed,
-                         temperature=temperature, attribution=attribution, ig_steps=ig_steps,
+                         overwrite=overwrite, resume=resume, dry_run=dry_run, workers=workers, scheduler=scheduler,
+                         shard_tokens=shard_tokens, zarr_shards=zarr_shards, generate=generate, sample=sample,
+                         seed=seed, temperature=temperature, attribution=attribution, ig_steps=ig_steps,
                          ig_method=ig_method, attribute=attribute)
     if dry_run:
         click.echo(result.summary(out))
@@ -119,6 +142,45 @@ def info(run_path, as_json):
 
 
 @cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--factors", default=8, show_default=True, type=int, help="number of factors")
+@click.option("--layers", default=None, help="layers to factorize, e.g. 0-5 (default: the first six captured)")
+@click.option("--iterations", default=200, show_default=True, type=int, help="passes over the store")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--negative", default="clip", show_default=True, type=click.Choice(["clip", "shift"]),
+              help="clip: max(0, a) (Ecco); shift: subtract each neuron's corpus minimum")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--top", default=8, show_default=True, type=int, help="top tokens printed per factor")
+@click.option("--factors-from", default=None, metavar="OTHER_RUN",
+              help="instead of fitting, project this run onto the factors stored in OTHER_RUN")
+@cluster_options
+@friendly
+def nmf(run_path, factors, layers, iterations, seed, negative, device, top, factors_from):
+    """Non-negative factors of MLP neuron activations over the whole corpus, out of core."""
+    from .run import open_run
+
+    run = open_run(run_path)
+    if factors_from:
+        res, job = run.nmf_transform(factors_from=open_run(factors_from), device=device), "nmf_transform"
+    else:
+        res, job = run.nmf(factors=factors, layers=layers, iterations=iterations, seed=seed, negative=negative,
+                           device=device), "nmf"
+    layers = [int(v) for v in res["layer"].values]
+    click.echo(f"{job}: {res.sizes['factor']} factors over layers {layers[0]}-{layers[-1]}, "
+               f"relative reconstruction error {float(res['relative_error']):.4f} (stored in analysis/{job})")
+    for f in range(res.sizes["factor"]):
+        click.echo(f"factor {f:<3}" + _token_counts(run.factor_tokens(f, top=top, job=job)["token"]))
+
+
+def _token_counts(tokens) -> str:
+    """'The'x3 ' cat' ...: each distinct token once, in order of weight, with how often it is in the top."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return " ".join(repr(t) + (f"x{n}" if n > 1 else "") for t, n in counts.items())
+
+
+@cli.command()
 def models():
     """List the bundled models and whether each is installed."""
     from .models.load import installed_models
@@ -138,6 +200,47 @@ def demo(out, model, overwrite):
     from .demo import run_demo
 
     run_demo(out=out, model=model, overwrite=overwrite, echo=click.echo)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("-o", "--out", default="report.html", show_default=True, help="the HTML file to write")
+@click.option("--prompts", default=None, help="prompts to include, e.g. 0-9,12 (default: the first 10)")
+@click.option("--layers", default=None, help="layers for the attention views, e.g. 0-5 (default: all captured)")
+@click.option("--views", default=None, help="comma-separated views (default: every view the run has data for)")
+@friendly
+def report(run_path, out, prompts, layers, views):
+    """Write a self-contained HTML report (opens offline) of a run's views, and print its path."""
+    from .run import open_run
+    from .viewer.report import write_report
+
+    path = write_report(open_run(run_path), out, prompts=prompts, layers=layers, views=views)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless you mean it)")
+@friendly
+def view(run_path, port, host):
+    """Serve a local web app over a run; it reads only the slices shown, so any store size opens at once."""
+    from .run import open_run
+    from .viewer.app import make_server
+
+    try:
+        server = make_server(open_run(run_path), host, port)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}; anyone who can reach it can read this store", err=True)
+    click.echo(f"serving {run_path} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        server.server_close()
 
 
 def main():

@@ -110,7 +110,3 @@ def generate_window(model: torch.nn.Module, ids: list[list[int]], lo: int, hi: i
         for p, new in zip(batch, generated):
             ids[p] = list(ids[p]) + new
 
-
-def generated_mask(lengths: np.ndarray, lo: int, hi: int, n_new: int) -> np.ndarray:
-    """is_generated for the rows of prompts lo..hi-1: the last n_new rows of each sequence."""
-    return np.concatenate([np.arange(lengths[p]) >= lengths[p] - n_new for p in range(lo, hi)])

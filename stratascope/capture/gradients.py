@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..schemas import VARIABLES
 from .hooks import Recorder
 
 METHODS = ("grad_x_input", "integrated_gradients", "gradient_norm")
 TARGETS = ("generated", "all")
 DELTA = "attribution_integrated_gradients_delta"
+GRADIENT_ARRAYS = tuple(n for n, v in VARIABLES.items() if v.capture in ("attribution", "grad"))
 GRAD_BYTES = 1 * 2**30  # activation memory one backward may use (CPU; CUDA uses part of free memory)
 
 

@@ -1,0 +1,70 @@
+"""The views: what each shows, which data endpoint feeds it, and when a run can show it.
+
+Adding a view = one entry here (+ a data function in data.py if it needs new data) and one
+JavaScript renderer `static/view_<name>.js` that registers `Stratascope.views.<name>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import data
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    title: str
+    endpoint: str                              # a key of data.ENDPOINTS
+    description: str
+    needs: Callable[[object], str | None]      # run -> None if the view can be shown, else why not
+    plotly: bool = False                       # the renderer draws with plotly.js
+
+    def unavailable(self, run) -> str | None:
+        return self.needs(run)
+
+
+def _always(run) -> None:
+    return None
+
+
+def _needs_attention(run) -> str | None:
+    return None if "attention" in run.ds else "this run has no attention; capture with --capture attention"
+
+
+def _needs_lens(name: str) -> Callable[[object], str | None]:
+    def check(run) -> str | None:
+        return None if data.has_lens(run, name) else f"no {name} in {data.LENS_GROUP}; run the lens job"
+    return check
+
+
+def _needs_attribution(run) -> str | None:
+    return None if data.attribution_methods(run) else "this run has no attribution arrays"
+
+
+VIEWS: dict[str, View] = {v.name: v for v in (
+    View("tokens", "Prompts & tokens", "tokens",
+         "each prompt with its tokens; spaces shown as ␣, generated tokens marked", _always),
+    View("head", "Head view", "attention",
+         "one layer: lines from each token to the tokens it attends to, a colour per head", _needs_attention),
+    View("model", "Model view", "attention",
+         "layers × heads grid of attention thumbnails; click one for the detail", _needs_attention),
+    View("layer_predictions", "Layer predictions", "lens",
+         "top-k tokens of the logit lens at every depth for one position", _needs_lens(data.LENS_TOPK_IDS), True),
+    View("rankings", "Rankings", "lens",
+         "rank of the token that came next, at every depth and position", _needs_lens(data.LENS_TARGET_RANK), True),
+    View("rankings_watch", "Rankings (watch)", "lens",
+         "ranks of watched tokens at every depth for one position", _needs_lens(data.LENS_WATCH_RANK), True),
+    View("saliency", "Saliency", "saliency",
+         "the text shaded by each token's attribution to a chosen prediction", _needs_attribution),
+)}
+
+
+def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[dict]:
+    """Every parameter set of `view`'s endpoint a report over these prompts and layers needs."""
+    if view.endpoint == "attention":
+        return [{"prompt": p, "layer": layer} for p in prompts for layer in layers]
+    if view.endpoint == "saliency":
+        return [{"prompt": p, "method": m} for p in prompts for m in data.attribution_methods(run)]
+    return [{"prompt": p} for p in prompts]

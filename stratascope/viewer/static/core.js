@@ -1,0 +1,250 @@
+/* stratascope viewer core: state in the URL hash, data access (embedded in a report, fetched
+   in the app), safe DOM helpers, SVG/PNG export, and the attention drawing shared by views.
+   Text from the store is only ever set with textContent or setAttribute, never parsed as HTML. */
+(function () {
+  'use strict';
+  const S = window.Stratascope = window.Stratascope || {};
+  S.views = S.views || {};
+  const SVGNS = 'http://www.w3.org/2000/svg';
+
+  function setAttrs(e, attrs) {
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === undefined || v === null) continue;
+      if (k === 'text') e.textContent = String(v);
+      else if (k === 'class') e.setAttribute('class', v);
+      else if (k.startsWith('on')) { if (typeof v === 'function') e.addEventListener(k.slice(2), v); }
+      else e.setAttribute(k, String(v));
+    }
+    return e;
+  }
+  S.el = function (tag, attrs, children) {
+    const e = setAttrs(document.createElement(tag), attrs);
+    for (const c of children || []) if (c) e.appendChild(typeof c === 'string' ? document.createTextNode(c) : c);
+    return e;
+  };
+  S.svg = function (tag, attrs, children) {
+    const e = setAttrs(document.createElementNS(SVGNS, tag), attrs);
+    for (const c of children || []) if (c) e.appendChild(c);
+    return e;
+  };
+  /* Plotly renders a little HTML in its strings; entities keep store text literal there. */
+  S.ptext = s => String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+  S.short = (s, n) => (s.length > n ? s.slice(0, n - 1) + '…' : s);
+
+  const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f',
+                   '#bcbd22', '#17becf', '#393b79', '#ad494a', '#637939', '#8c6d31', '#7b4173', '#3182bd'];
+  S.headColor = h => (h < PALETTE.length ? PALETTE[h] : `hsl(${(h * 137.5) % 360},65%,42%)`);
+
+  /* ---- data: the report looks payloads up, the app fetches them ---- */
+  S.key = (endpoint, params) => endpoint + '?' + Object.keys(params).sort().map(k => k + '=' + params[k]).join('&');
+  const cache = new Map();
+  S.get = function (endpoint, params) {
+    const key = S.key(endpoint, params);
+    if (S.mode === 'report') {
+      if (Object.prototype.hasOwnProperty.call(S.data, key)) return Promise.resolve(S.data[key]);
+      const what = Object.entries(params).map(([k, v]) => k + ' ' + v).join(', ');
+      return Promise.reject(new Error(`${what} is not in this report. ${S.meta.included_note || ''}`));
+    }
+    if (!cache.has(key)) {
+      if (cache.size > 64) cache.delete(cache.keys().next().value);
+      cache.set(key, fetch('/api/' + endpoint + '?' + new URLSearchParams(params)).then(r => r.json().then(j => {
+        if (!r.ok) throw new Error(j.error || ('HTTP ' + r.status));
+        return j;
+      })));
+      cache.get(key).catch(() => cache.delete(key));
+    }
+    return cache.get(key);
+  };
+
+  /* ---- saving: SVG as written, PNG through a canvas; plotly charts through Plotly.downloadImage ---- */
+  function download(href, name) {
+    const a = S.el('a', {href: href, download: name});
+    document.body.appendChild(a); a.click(); a.remove();
+  }
+  function serialize(svg) {
+    const clone = svg.cloneNode(true);
+    clone.setAttribute('xmlns', SVGNS);
+    return new XMLSerializer().serializeToString(clone);
+  }
+  S.saveSvg = (svg, name) => download('data:image/svg+xml;charset=utf-8,' + encodeURIComponent(serialize(svg)), name + '.svg');
+  S.savePng = function (svg, name) {
+    const w = +svg.getAttribute('width'), h = +svg.getAttribute('height'), scale = 2;
+    const img = new Image();
+    img.onload = () => {
+      const c = S.el('canvas', {width: w * scale, height: h * scale});
+      const g = c.getContext('2d');
+      g.fillStyle = '#fff'; g.fillRect(0, 0, c.width, c.height);
+      g.drawImage(img, 0, 0, c.width, c.height);
+      download(c.toDataURL('image/png'), name + '.png');
+    };
+    img.src = 'data:image/svg+xml;charset=utf-8,' + encodeURIComponent(serialize(svg));
+  };
+  S.saveButtons = (getSvg, name) => S.el('span', {class: 'ss-save'}, [
+    S.el('button', {class: 'ss-save-svg', text: 'Save SVG', onclick: () => S.saveSvg(getSvg(), name())}),
+    S.el('button', {class: 'ss-save-png', text: 'Save PNG', onclick: () => S.savePng(getSvg(), name())})]);
+  S.plotlyConfig = name => ({
+    displaylogo: false, responsive: true, toImageButtonOptions: {format: 'png', filename: name, scale: 2},
+    modeBarButtonsToAdd: [{name: 'Download plot as SVG', icon: window.Plotly.Icons.camera,
+                           click: gd => window.Plotly.downloadImage(gd, {format: 'svg', filename: name})}]});
+  S.plotlyButtons = (gd, name) => S.el('span', {class: 'ss-save'}, [
+    S.el('button', {class: 'ss-save-svg', text: 'Save SVG', onclick: () => window.Plotly.downloadImage(gd, {format: 'svg', filename: name()})}),
+    S.el('button', {class: 'ss-save-png', text: 'Save PNG', onclick: () => window.Plotly.downloadImage(gd, {format: 'png', filename: name(), scale: 2})})]);
+  S.fileName = (...parts) => [S.meta.store.replace(/[^\w.-]+/g, '_')].concat(parts).join('_');
+
+  /* ---- controls ---- */
+  S.select = function (cls, label, options, value, onchange) {
+    const sel = S.el('select', {class: cls, 'aria-label': label, onchange: () => onchange(sel.value)});
+    for (const [v, text] of options) sel.appendChild(S.el('option', {value: v, text: text}));
+    sel.value = String(value);
+    return S.el('label', {class: 'ss-control'}, [label + ' ', sel]);
+  };
+  S.positionOptions = d => d.labels.map((l, i) => [i, i + ': ' + S.short(l, 30)]);
+  S.clampPosition = (d, p) => {
+    const v = p === undefined || p === null || p === '' ? d.n - 1 : +p;
+    return v < 0 ? Math.max(0, d.n + v) : Math.min(v, d.n - 1);
+  };
+
+  /* ---- attention lines (head view and model view detail), BertViz style ---- */
+  const ROW = 20, PAD = 10, GAP = 200, CHAR = 7.3;
+  S.attentionSvg = function (d, opts) {
+    // opts: {heads: Set of visible heads, segment: 'all' | 'AA' | 'AB' | 'BA' | 'BB'}; hovering a
+    // label keeps only the lines from (left) or to (right) that token.
+    const width = Math.min(24, Math.max(4, ...d.labels.map(l => l.length))) * CHAR + 12;
+    const W = 2 * width + GAP, H = d.n * ROW + 2 * PAD;
+    const svg = S.svg('svg', {width: W, height: H, class: 'ss-attn-svg', 'font-family': 'DejaVu Sans Mono, Menlo, Consolas, monospace',
+                              'font-size': 12, viewBox: `0 0 ${W} ${H}`});
+    svg.appendChild(S.svg('rect', {x: 0, y: 0, width: W, height: H, fill: '#fff'}));
+    const lines = S.svg('g', {class: 'ss-lines'});
+    svg.appendChild(lines);
+    const y = i => PAD + i * ROW + ROW / 2;
+    let hover = null;
+    const labels = {q: [], k: []};
+    for (const side of ['q', 'k']) {
+      d.labels.forEach((label, i) => {
+        const t = S.svg('text', {x: side === 'q' ? width - 4 : width + GAP + 4, y: y(i) + 4, class: 'ss-tok ss-tok-' + side,
+                                 'text-anchor': side === 'q' ? 'end' : 'start', 'data-i': i, fill: d.generated[i] ? '#8a4b00' : '#222'});
+        t.textContent = S.short(label, 24);
+        t.appendChild(S.svg('title')).textContent = `${i}: ${JSON.stringify(d.tokens[i])}`;
+        t.addEventListener('mouseenter', () => { hover = {side: side, i: i}; draw(); });
+        t.addEventListener('mouseleave', () => { hover = null; draw(); });
+        labels[side].push(t);
+        svg.appendChild(t);
+      });
+    }
+    const seg = d.segments;
+    const keep = (q, k) => {
+      if (hover && ((hover.side === 'q' && q !== hover.i) || (hover.side === 'k' && k !== hover.i))) return false;
+      if (!seg || !opts.segment || opts.segment === 'all') return true;
+      return (seg[q] ? 'B' : 'A') + (seg[k] ? 'B' : 'A') === opts.segment;
+    };
+    function draw() {
+      lines.replaceChildren();
+      for (const side of ['q', 'k']) labels[side].forEach((t, i) => t.setAttribute('font-weight', hover && hover.side === side && hover.i === i ? 'bold' : 'normal'));
+      for (let h = 0; h < d.heads.length; h++) {
+        if (!opts.heads.has(h)) continue;
+        const {q, k, w} = d.heads[h], color = S.headColor(h);
+        for (let j = 0; j < q.length; j++) {
+          if (!keep(q[j], k[j])) continue;
+          lines.appendChild(S.svg('line', {x1: width, y1: y(q[j]), x2: width + GAP, y2: y(k[j]), stroke: color,
+                                           'stroke-width': 2, 'stroke-opacity': w[j], class: 'ss-line',
+                                           'data-h': h, 'data-q': q[j], 'data-k': k[j]}));
+        }
+      }
+    }
+    draw();
+    svg.redraw = draw;
+    return svg;
+  };
+  S.headToggles = function (nHeads, visible, onchange) {
+    const box = S.el('div', {class: 'ss-heads', role: 'group', 'aria-label': 'heads'});
+    for (let h = 0; h < nHeads; h++) {
+      const b = S.el('button', {class: 'ss-head-toggle', 'data-head': h, 'aria-pressed': visible.has(h),
+                                title: 'click: show/hide head ' + h + '; double-click: only this head',
+                                style: `--head:${S.headColor(h)}`, text: 'head ' + h});
+      b.addEventListener('click', () => { visible.has(h) ? visible.delete(h) : visible.add(h); sync(); });
+      b.addEventListener('dblclick', () => { visible.clear(); visible.add(h); sync(); });
+      box.appendChild(b);
+    }
+    const sync = () => { box.querySelectorAll('button').forEach((b, h) => b.setAttribute('aria-pressed', visible.has(h))); onchange(); };
+    return box;
+  };
+
+  /* ---- state and layout ---- */
+  function readHash() {
+    const p = new URLSearchParams(location.hash.slice(1)), st = {};
+    for (const [k, v] of p) st[k] = v;
+    return st;
+  }
+  S.set = function (patch) {
+    Object.assign(S.state, patch);
+    for (const k of Object.keys(S.state)) if (S.state[k] === null || S.state[k] === undefined) delete S.state[k];
+    history.replaceState(null, '', '#' + new URLSearchParams(S.state));
+    render();
+  };
+  /* Keep a setting (e.g. visible heads) in the state and URL without redrawing. */
+  S.remember = function (patch) {
+    Object.assign(S.state, patch);
+    history.replaceState(null, '', '#' + new URLSearchParams(S.state));
+  };
+  let renderCount = 0;
+  function render() {
+    const mine = ++renderCount, st = S.state, view = S.views[st.view];
+    document.querySelectorAll('.ss-tab').forEach(t => t.setAttribute('aria-selected', t.dataset.view === st.view));
+    const promptSel = document.getElementById('ss-prompt');
+    if (promptSel && promptSel.value !== String(st.prompt)) promptSel.value = st.prompt;
+    const box = document.getElementById('ss-view');
+    box.replaceChildren();
+    box.removeAttribute('data-ready');
+    box.setAttribute('data-view', st.view);
+    const info = S.meta.views.find(v => v.name === st.view);
+    if (info) box.appendChild(S.el('p', {class: 'ss-desc', text: info.title + ': ' + info.description}));
+    const body = S.el('div', {class: 'ss-body'});
+    box.appendChild(body);
+    if (!view) { body.appendChild(S.el('p', {class: 'ss-error', text: 'unknown view ' + st.view})); return; }
+    const ctx = {meta: S.meta, state: st, get: S.get, set: S.set, stale: () => mine !== renderCount};
+    Promise.resolve().then(() => view.render(body, ctx)).then(() => {
+      if (mine === renderCount) box.setAttribute('data-ready', '1');
+    }).catch(err => {
+      if (mine !== renderCount) return;
+      body.replaceChildren(S.el('p', {class: 'ss-error', text: String(err && err.message ? err.message : err)}));
+      box.setAttribute('data-ready', 'error');
+    });
+  }
+  function promptControl() {
+    const m = S.meta;
+    if (m.prompt_list) {
+      return S.select('ss-prompt-select', 'Prompt', m.prompt_list.map(p => [p.index, `${p.index}: ${S.short(p.preview, 60)} (${p.n_tokens} tokens)`]),
+                      S.state.prompt, v => S.set({prompt: +v, position: null, target: null}));
+    }
+    const input = S.el('input', {type: 'number', min: 0, max: m.n_prompts - 1, value: S.state.prompt, class: 'ss-prompt-select'});
+    input.addEventListener('change', () => S.set({prompt: Math.max(0, Math.min(m.n_prompts - 1, +input.value || 0)), position: null, target: null}));
+    return S.el('label', {class: 'ss-control'}, [`Prompt (0-${m.n_prompts - 1}) `, input]);
+  }
+  S.boot = function () {
+    S.meta = JSON.parse(document.getElementById('ss-meta').textContent);
+    const dataEl = document.getElementById('ss-data');
+    S.data = dataEl ? JSON.parse(dataEl.textContent) : {};
+    S.mode = S.meta.mode;
+    const available = S.meta.views.filter(v => v.available && S.views[v.name]);
+    const st = Object.assign({}, S.meta.start || {}, readHash());
+    if (!available.some(v => v.name === st.view)) st.view = available.length ? available[0].name : 'tokens';
+    const first = S.meta.prompt_list && S.meta.prompt_list.length ? S.meta.prompt_list[0].index : 0;
+    st.prompt = st.prompt === undefined ? first : +st.prompt;
+    if (st.layer === undefined && S.meta.layers.length) st.layer = S.meta.layers[0];
+    S.state = st;
+    const root = document.getElementById('ss-root');
+    const tabs = S.el('nav', {class: 'ss-tabs', role: 'tablist'});
+    for (const v of S.meta.views) {
+      tabs.appendChild(S.el('button', {class: 'ss-tab', role: 'tab', 'data-view': v.name, text: v.title,
+                                       title: v.available ? v.description : v.reason, disabled: v.available ? null : '',
+                                       onclick: () => S.set({view: v.name})}));
+    }
+    root.append(tabs, S.el('div', {class: 'ss-controls', id: 'ss-controls'}, [promptControl()]),
+                S.el('section', {id: 'ss-view', class: 'ss-view'}));
+    const sel = root.querySelector('.ss-prompt-select');
+    sel.id = 'ss-prompt';
+    render();
+  };
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', () => S.boot());
+  else setTimeout(() => S.boot());
+})();

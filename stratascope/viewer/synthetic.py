@@ -1,0 +1,102 @@
+"""Synthetic data for the viewer's tests and benchmarks, written straight into a store.
+
+The lens and attribution writers use the schema names data.py reads (LENS_*, ATTRIBUTION_PREFIX):
+they stand in for the lens and attribution jobs until those land, so only names may need adjusting.
+`write_large_store` writes a whole capture-shaped store cheaply (attention is written for the first
+rows only; the rest reads as the fill value), to check that the app opens large stores at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from ..schemas import SCHEMA_VERSION
+from . import data
+
+
+def write_lens(path: str, n_tokens: int, depths: list[int], k: int, vocab_size: int, watch: list[str],
+               seed: int = 0) -> xr.Dataset:
+    """An analysis/lens group with random top-k ids/probs, next-token ranks and watch ranks; returned for checks."""
+    rng = np.random.default_rng(seed)
+    D = len(depths)
+    ids = np.stack([rng.choice(vocab_size, size=k, replace=False) for _ in range(n_tokens * D)]).reshape(n_tokens, D, k)
+    probs = np.sort(rng.dirichlet(np.full(4 * k, 0.3), size=(n_tokens, D))[..., :k], axis=-1)[..., ::-1]
+    ranks = rng.integers(0, vocab_size, size=(n_tokens, D))
+    ranks[::7] = -1  # stand-in for last positions (no next token)
+    ds = xr.Dataset({
+        data.LENS_TOPK_IDS: (("token", "depth", "k"), ids.astype(np.int32)),
+        data.LENS_TOPK_PROBS: (("token", "depth", "k"), probs.astype(np.float32)),
+        data.LENS_TARGET_RANK: (("token", "depth"), ranks.astype(np.int32)),
+        data.LENS_WATCH_RANK: (("token", "depth", "watch"),
+                               rng.integers(0, vocab_size, size=(n_tokens, D, len(watch))).astype(np.int32)),
+    }, coords={"depth": np.asarray(depths, dtype=np.int32), data.LENS_WATCH_COORD: np.asarray(watch, dtype=object)})
+    ds.attrs.update({"job": "lens", "synthetic": True})
+    ds.to_zarr(path, group=data.LENS_GROUP, mode="w", zarr_format=3, consolidated=False)
+    return ds
+
+
+def write_attribution(path: str, method: str, n_tokens: int, max_len: int, positions: np.ndarray,
+                      seed: int = 0) -> np.ndarray:
+    """A root array attribution_<method> (token, key): random values on keys <= position, zero after."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(n_tokens, max_len)).astype(np.float32)
+    values[np.arange(max_len)[None, :] > positions[:, None]] = 0
+    group = zarr.open_group(path, mode="r+")
+    arr = group.create_array(data.ATTRIBUTION_PREFIX + method, shape=values.shape, chunks=values.shape,
+                             dtype="float32", dimension_names=("token", "key"), overwrite=True)
+    arr[:] = values
+    return values
+
+
+def write_token_column(path: str, name: str, values: np.ndarray) -> None:
+    """A (token,) array at the root, e.g. token_type_ids for sentence A/B."""
+    group = zarr.open_group(path, mode="r+")
+    arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
+                             dimension_names=("token",), overwrite=True)
+    arr[:] = values
+
+
+def write_large_store(path: str, n_tokens: int = 1_000_000, prompt_len: int = 64, n_layers: int = 2,
+                      n_heads: int = 2, written_rows: int = 4096, chunk_rows: int = 65536) -> None:
+    """A capture-shaped store of `n_tokens` tokens of a tiny config (prompts of `prompt_len` tokens)."""
+    P = n_tokens // prompt_len
+    n_tokens = P * prompt_len
+    root = zarr.open_group(path, mode="w")
+    root.attrs.update({
+        "schema_version": SCHEMA_VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "complete": True, "synthetic": True,
+        "model": {"name": "synthetic-tiny", "family": "llama", "causal": True, "n_layers": n_layers,
+                  "n_heads": n_heads, "d_model": 8, "d_mlp": 16, "d_head": 4, "vocab_size": 256,
+                  "weights_sha256": "0" * 64, "class": "Synthetic"},
+        "capture": {"arrays": ["attention"], "dtype": "float32", "layers": list(range(n_layers)), "depths": []},
+        "corpus": {"sha256": "0" * 64, "n_prompts": P, "n_tokens": n_tokens, "max_len": prompt_len,
+                   "metadata_columns": []},
+        "software": {}})
+
+    def array(name, shape, dtype, dims, chunks=None):
+        kind = str if dtype == "str" else dtype
+        return root.create_array(name, shape=shape, dtype=kind, dimension_names=dims,
+                                 chunks=chunks or (min(chunk_rows, shape[0]),) + tuple(shape[1:]))
+
+    positions = np.tile(np.arange(prompt_len, dtype=np.int32), P)
+    array("token_id", (n_tokens,), "int32", ("token",))[:] = positions % 256
+    array("position", (n_tokens,), "int32", ("token",))[:] = positions
+    array("prompt_index", (n_tokens,), "int32", ("token",))[:] = np.repeat(np.arange(P, dtype=np.int32), prompt_len)
+    array("is_generated", (n_tokens,), "bool", ("token",))[:] = False
+    words = np.array([f" w{i}" for i in range(256)], dtype=object)
+    array("token_str", (n_tokens,), "str", ("token",))[:] = words[positions % 256]
+    array("prompt_text", (P,), "str", ("prompt",))[:] = np.array([f"synthetic prompt {p}" for p in range(P)], dtype=object)
+    array("token_offset", (P,), "int64", ("prompt",))[:] = np.arange(P, dtype=np.int64) * prompt_len
+    array("n_tokens", (P,), "int32", ("prompt",))[:] = np.full(P, prompt_len, dtype=np.int32)
+    array("layer", (n_layers,), "int32", ("layer",))[:] = np.arange(n_layers, dtype=np.int32)
+    att = array("attention", (n_tokens, n_layers, n_heads, prompt_len), "float32", ("token", "layer", "head", "key"),
+                chunks=(4096, n_layers, n_heads, prompt_len))
+    # Causal uniform attention on the first rows; the rest stays unwritten (reads as 0).
+    rows = min(written_rows, n_tokens)
+    pos = positions[:rows]
+    block = (np.arange(prompt_len)[None, :] <= pos[:, None]) / (pos[:, None] + 1.0)
+    att[:rows] = np.broadcast_to(block[:, None, None, :], (rows, n_layers, n_heads, prompt_len)).astype(np.float32)

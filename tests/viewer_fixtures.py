@@ -1,0 +1,85 @@
+"""A small viewer test store: a tiny llama capture (real attention) with XSS prompts, plus synthetic
+lens and attribution results in the schema names the viewer reads; and an app serving it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+XSS_IMG = '<img src=x onerror="window.__pwned=1">'
+XSS_SCRIPT = "<script>window.__pwned=1</script>"
+LONG = ("The keys to the cabinet are on the table and the quick brown fox jumps over the lazy dog "
+        "while the nurse said that she was tired. ") * 3
+VIEWER_PROMPTS = ["The quick brown fox", XSS_IMG, XSS_SCRIPT, "Heathrow airport is located in the city of", LONG]
+WATCH = [" the", XSS_SCRIPT, XSS_IMG, " fox"]
+METHODS = ("grad_x_input", "integrated_gradients")
+
+
+class Store:
+    """The store's path and raw arrays read with zarr directly (independent of stratascope.viewer.data)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        g = zarr.open_group(path, mode="r")
+        self.offsets, self.lengths = g["token_offset"][:], g["n_tokens"][:]
+        self.token_str, self.positions = g["token_str"][:], g["position"][:]
+        self.attention = g["attention"][:]  # token, layer, head, key
+        self.segments = g["token_type_ids"][:]
+        self.vocab = g["readout/vocab_str"][:]
+        lens = zarr.open_group(path, mode="r", path="analysis/lens")
+        self.topk_ids, self.topk_probs = lens["topk_ids"][:], lens["topk_probs"][:]
+        self.target_rank, self.watch_rank = lens["target_rank"][:], lens["watch_rank"][:]
+        self.attribution = {m: g[f"attribution_{m}"][:] for m in METHODS}
+
+    def rows(self, p: int) -> slice:
+        return slice(int(self.offsets[p]), int(self.offsets[p] + self.lengths[p]))
+
+    def n(self, p: int) -> int:
+        return int(self.lengths[p])
+
+    def att(self, p: int, layer: int) -> np.ndarray:
+        """(query, head, key) of prompt p at a layer, keys cut to the prompt."""
+        return self.attention[self.rows(p), layer, :, : self.n(p)]
+
+
+@pytest.fixture(scope="session")
+def viewer_store(tiny_model_dirs, tmp_path_factory) -> Store:
+    import stratascope as ss
+    from stratascope.viewer import synthetic
+
+    path = str(tmp_path_factory.mktemp("viewer") / "run.zarr")
+    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=VIEWER_PROMPTS, out=path, capture=("attention",),
+               batch_size=8, device="cpu", max_length=100, progress=False)
+    g = zarr.open_group(path, mode="r+")
+    offsets, lengths = g["token_offset"][:], g["n_tokens"][:]
+    # Whole payloads as single tokens too (a tokenizer could produce anything): every view must show them as text.
+    tok = g["token_str"][:]
+    tok[offsets[1]], tok[offsets[2]] = XSS_IMG, XSS_SCRIPT
+    tok[offsets[0] + 1] = " quick"  # a leading space, shown as ␣
+    g["token_str"][:] = tok
+    n_tokens, vocab_size = int(lengths.sum()), int(g["readout/vocab_str"].shape[0])
+    segments = np.zeros(n_tokens, dtype=np.int8)  # sentence A/B: the second half of prompt 0 is B
+    segments[offsets[0] + lengths[0] // 2: offsets[0] + lengths[0]] = 1
+    synthetic.write_token_column(path, "token_type_ids", segments)
+    lens = synthetic.write_lens(path, n_tokens, depths=[0, 1, 2, 3], k=5, vocab_size=vocab_size, watch=WATCH)
+    vocab = g["readout/vocab_str"][:]
+    for row in range(offsets[1], offsets[1] + lengths[1]):  # top predictions at prompt 1 are payloads
+        vocab[int(lens["topk_ids"].values[row, 0, 0])] = XSS_IMG
+        vocab[int(lens["topk_ids"].values[row, 1, 0])] = XSS_SCRIPT
+    g["readout/vocab_str"][:] = vocab
+    positions = g["position"][:]
+    for i, method in enumerate(METHODS):
+        synthetic.write_attribution(path, method, n_tokens, int(g["attention"].shape[-1]), positions, seed=i)
+    return Store(path)
+
+
+@pytest.fixture(scope="session")
+def viewer_app(viewer_store):
+    import stratascope as ss
+    from stratascope.viewer.app import serve_in_thread
+
+    server, url = serve_in_thread(ss.open_run(viewer_store.path))
+    yield url
+    server.shutdown()
+    server.server_close()
