@@ -28,6 +28,7 @@ sum_{t<n-1} log p(x[t+1] | x[:t+1]) w.r.t. the residual stream at each captured 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,6 +239,10 @@ def _finish_ig(model, E, ids, targets, ig_sum, rows_out, device) -> list[np.ndar
                            use_cache=False, logits_to_keep=at[None].expand(2, -1)).logits
             logp = torch.log_softmax(logits.float(), dim=-1).gather(2, token[None, :, None].expand(2, -1, 1))[..., 0]
             delta[rs] = (torch.stack(gap) - (logp[0] - logp[1])).cpu().numpy()
+            if not np.isfinite(delta[rs]).all():
+                warnings.warn("integrated gradients gave non-finite values: the gradient at the zero baseline itself "
+                              "can be NaN (riemann_trapezoid and riemann_left evaluate it); use --ig-method "
+                              "gausslegendre or riemann_middle", RuntimeWarning, stacklevel=2)
         deltas.append(delta)
     return deltas
 
