@@ -35,7 +35,7 @@ def cli():
     """Capture what a transformer computes on a corpus into a Zarr store, and analyse it without the model."""
 
 
-CAPTURE_HELP = "comma-separated: hidden, attention, mlp, attribution, grad"
+CAPTURE_HELP = "comma-separated: hidden, attention, mlp, qk (per-head queries and keys), attribution, grad"
 
 
 def cluster_options(fn):
@@ -178,6 +178,23 @@ def _token_counts(tokens) -> str:
     for t in tokens:
         counts[t] = counts.get(t, 0) + 1
     return " ".join(repr(t) + (f"x{n}" if n > 1 else "") for t, n in counts.items())
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--top", default=5, show_default=True, help="rows kept per head where it deviates most from its pattern")
+@click.option("--recompute", is_flag=True, help="compute again even if analysis/heads matches")
+@cluster_options
+@friendly
+def heads(run_path, top, recompute):
+    """Summarize every attention head over the corpus into analysis/heads and print the pattern counts."""
+    from .analyze.heads import heads_frame, summarize_heads, summary_lines
+    from .run import open_run
+
+    frame = heads_frame(summarize_heads(open_run(run_path), top=top, recompute=recompute, progress=True))
+    click.echo(f"wrote {run_path}/analysis/heads")
+    for line in summary_lines(frame):
+        click.echo(line)
 
 
 @cli.command()

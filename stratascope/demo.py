@@ -14,7 +14,7 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
     from .capture.runner import capture
 
     echo(f"capturing the demo corpus with {model} into {out}")
-    run = capture(model=model, corpus=demo_corpus(), out=out, capture=("hidden", "attention", "mlp"),
+    run = capture(model=model, corpus=demo_corpus(), out=out, capture=("hidden", "attention", "mlp", "qk"),
                   overwrite=overwrite)
     info = run.info()
     echo(f"{info['prompts']} prompts, {info['tokens']} tokens, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk")
@@ -24,6 +24,11 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
          f"{float(res['relative_error']):.3f}; top tokens per factor:")
     for f in range(8):
         echo(f"  factor {f}: " + " ".join(repr(t) for t in dict.fromkeys(run.factor_tokens(f, top=12)["token"])))
+    from .analyze.heads import summary_lines
+
+    echo("attention heads over the corpus (analysis/heads):")
+    for line in summary_lines(run.heads(progress=False)):
+        echo("  " + line)
     run_generation_demo(gen_out(out), model, overwrite, echo)
 
 

@@ -74,8 +74,31 @@ class Run:
     def tokens(self, prompt: int) -> pd.DataFrame:
         """The tokens of one prompt: id, text, position, whether generated."""
         rows = self.ds.isel(token=self.token_slice(prompt))
-        return pd.DataFrame({"token_id": rows["token_id"].values, "token": rows["token_str"].values.astype(object),
-                             "position": rows["position"].values, "is_generated": rows["is_generated"].values})
+        frame = pd.DataFrame({"token_id": rows["token_id"].values, "token": rows["token_str"].values.astype(object),
+                              "position": rows["position"].values, "is_generated": rows["is_generated"].values})
+        if "token_type_ids" in rows:  # BERT: sentence A (0) or B (1)
+            frame["token_type"] = rows["token_type_ids"].values
+        return frame
+
+    def heads(self, top: int = 5, recompute: bool = False, progress: bool = False) -> pd.DataFrame:
+        """Every attention head summarized over the corpus (analysis/heads, computed once and reused):
+        entropy, first/previous/self scores, a pattern label, the (prompt, position) rows where it
+        deviates most. The label rule: stratascope.analyze.heads."""
+        from .analyze.heads import heads_frame, summarize_heads
+
+        return heads_frame(summarize_heads(self, top=top, recompute=recompute, progress=progress))
+
+    def attention(self, prompt: int, layer: int, head: int) -> pd.DataFrame:
+        """Attention weights of one head on one prompt: query x key, labelled "position: token"."""
+        from .analyze.views import attention
+
+        return attention(self, prompt, layer, head)
+
+    def qk(self, prompt: int, layer: int, head: int):
+        """Queries, keys, q·k scores and weights of one head on one prompt (the neuron view): an analyze.views.QK."""
+        from .analyze.views import qk
+
+        return qk(self, prompt, layer, head)
 
     @cached_property
     def _tokenizer(self):

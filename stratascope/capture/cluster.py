@@ -32,7 +32,7 @@ def _capturer(out: str, model: str, cfg, plan, ids_by_prompt: dict[int, list[int
             if device in ("cuda", "auto") and torch.cuda.is_available():
                 index = worker.name if isinstance(worker.name, int) else 0
                 device = f"cuda:{index % torch.cuda.device_count()}"
-            loaded = load_model(model, device=device, attn="eager" if "attention" in cfg.capture else "sdpa")
+            loaded = load_model(model, device=device, attn=cfg.attn_implementation)
             vocab = zarr.open_group(out, mode="r")["readout/vocab_str"][:].astype(object)
             _WORKER_STATE[key] = (loaded, find_adapter(loaded.model), np.asarray(vocab, dtype=object))
         loaded, adapter, vocab = _WORKER_STATE[key]

@@ -98,6 +98,11 @@ class CaptureConfig:
         return parse_gradient_config(self.capture, self.attribution, self.ig_steps, self.ig_method, self.attribute,
                                      self.generate)
 
+    @property
+    def attn_implementation(self) -> str:
+        """Eager attention when its weights, queries or keys are captured (the hooks read them there)."""
+        return "eager" if {"attention", "qk"} & set(self.capture) else "sdpa"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["capture"] = list(self.capture)

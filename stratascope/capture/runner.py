@@ -22,12 +22,14 @@ from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
 from .generate import generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
-from .hooks import Recorder
+from .hooks import Recorder, qk_attrs
 from .readout import unembed_hash, vocab_strings, write_readout
+from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
 from .writer import ShardWriter, create_array, prepare_output, remove_store, token_chunk_rows
 
 WINDOW_BYTES = 256 * 2**20  # staging memory for one shard's rows (bounded RAM)
+ACTS = ("hidden", "attention", "mlp", "queries", "keys")  # token-dim arrays in the capture dtype
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Plan:
     offsets: np.ndarray  # each prompt's first row
     lengths: np.ndarray  # each prompt's token count
     zarr_shard_rows: int | None  # rows per Zarr shard object when the sharding codec is on
+    token_types: np.ndarray | None = None  # BERT: token_type_ids of every row (int8, 0 on padding rows)
 
     def shard_tokens(self, shard: Shard) -> int:
         return int(self.lengths[shard.lo:shard.hi].sum())
@@ -122,7 +125,11 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
         widths["attention"] = (len(layers), adapter.n_heads, max_len)
     if "mlp" in cfg.capture:
         widths["mlp"] = (len(layers), adapter.d_mlp)
-    for name in ("hidden", "attention", "mlp"):
+    if "qk" in cfg.capture:
+        widths["queries"] = widths["keys"] = (len(layers), adapter.n_heads, adapter.d_head)
+    if adapter.family == "bert":
+        widths["token_type_ids"], dtypes["token_type_ids"] = (), "int8"
+    for name in ACTS:
         if name in widths:
             dtypes[name] = cfg.dtype
     grads = cfg.gradients
@@ -197,7 +204,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     data = read_corpus(corpus, text_column) if corpus is not None else from_prompts(prompts, text_column)
     if not dry_run:
         prepare_output(out, overwrite, resume)
-    loaded = load_model(model, device=cfg.device, attn="eager" if "attention" in cfg.capture else "sdpa")
+    loaded = load_model(model, device=cfg.device, attn=cfg.attn_implementation)
     adapter = find_adapter(loaded.model)
     n_new = cfg.generate
     if n_new or cfg.gradients:
@@ -206,9 +213,15 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     if n_new >= limit:
         raise ConfigError(f"--generate {n_new} leaves no room for the prompt within {limit} tokens; "
                           "generate fewer tokens or raise --max-length")
-    ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new)  # room for the generated tokens
+    types = None
+    if adapter.family == "bert":  # segments (a text_pair column) for BertViz's sentence A/B split
+        ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit)
+    else:
+        ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new)  # room for the generated tokens
     lengths = np.array([len(s) for s in ids], dtype=np.int64) + n_new  # generated ids join per shard
     plan = make_plan(adapter, cfg, lengths, truncated)
+    if types is not None:
+        plan.token_types = flat_token_types(types, plan.offsets, plan.n_rows)
     if dry_run:
         return plan
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
@@ -274,11 +287,11 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
                   "attn_implementation": loaded.model.config._attn_implementation},
-        "capture": {**cfg.to_dict(), "arrays": [n for n in ("hidden", "attention", "mlp") + GRADIENT_ARRAYS
-                                                if n in plan.shapes],
+        "capture": {**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
-                    "truncated_prompts": plan.truncated, "padding": "right, stripped before writing"},
+                    "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
+                    **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {})},
         "corpus": {"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns]},
@@ -323,18 +336,20 @@ class ShardCapturer:
             generate_window(self.model, self.ids, shard.lo, shard.hi, self.cfg.generation, self.device,
                             self.cfg.batch_size)
         stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab)
+        if plan.token_types is not None:
+            stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
+        acts = [n for n in ACTS if n in plan.shapes]
         if n_new:
             for p in range(shard.lo, shard.hi):
                 end = int(plan.offsets[p] + lengths[p]) - shard.start
                 stage["is_generated"][end - n_new:end] = True
-        acts = [n for n in ("hidden", "attention", "mlp") if n in plan.shapes]
         for n in acts:
             stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
         for n in (n for n in GRADIENT_ARRAYS if n in plan.shapes):  # NaN: attribution rows that are not targets
             stage[n] = np.full((shard.stop - shard.start,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
         with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
             for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
-                _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal)
+                _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal, plan)
                 # dtype conversion happens on the device, before the copy to the host
                 tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in rec.stacked().items()})
                 rec.out.clear()
@@ -412,7 +427,7 @@ def _token_table(ids, lengths, offsets, shard: Shard, vocab) -> dict[str, np.nda
     return table
 
 
-def _forward(base, rec: Recorder, ids, batch, device, causal: bool) -> None:
+def _forward(base, rec: Recorder, ids, batch, device, causal: bool, plan: Plan | None = None) -> None:
     """One padded forward of the batch's prompts (right padding: real tokens never see it)."""
     width = max(len(ids[p]) for p in batch)
     input_ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -421,4 +436,10 @@ def _forward(base, rec: Recorder, ids, batch, device, causal: bool) -> None:
         input_ids[b, :len(ids[p])] = torch.tensor(ids[p])
         mask[b, :len(ids[p])] = 1
     kwargs = {"use_cache": False} if causal else {}
+    if plan is not None and plan.token_types is not None:  # BERT segments: sentence A = 0, B = 1
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, p in enumerate(batch):
+            o = int(plan.offsets[p])
+            types[b, :len(ids[p])] = torch.from_numpy(plan.token_types[o:o + len(ids[p])].astype(np.int64))
+        kwargs["token_type_ids"] = types.to(device)
     base(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)

@@ -30,6 +30,8 @@ TOKEN_TABLE = (
     VariableSpec("prompt_index", ("token",), "int32", None, "the prompt the row belongs to; -1 on masked rows"),
     VariableSpec("is_generated", ("token",), "bool", None, "true for tokens the model generated"),
     VariableSpec("token_str", ("token",), "str", None, "decoded token text, for display"),
+    VariableSpec("token_type_ids", ("token",), "int8", None,
+                 "BERT-family models only: segment of the token (0 = sentence A, 1 = sentence B of a text_pair)"),
 )
 
 PROMPT_TABLE = (
@@ -45,6 +47,10 @@ ACTIVATIONS = (
                  "attention weights of this query token over the positions of its sequence"),
     VariableSpec("mlp", ("token", "layer", "neuron"), None, "mlp",
                  "MLP neuron activations: the input of the MLP output projection"),
+    VariableSpec("queries", ("token", "layer", "head", "d_head"), None, "qk",
+                 "per-head queries as the attention scores use them (after rotary embeddings, if any)"),
+    VariableSpec("keys", ("token", "layer", "head", "d_head"), None, "qk",
+                 "per-head keys as the scores use them (after rotary; repeated to every query head under GQA)"),
 )
 
 # Gradients (float32 whatever --dtype says). Attribution row r: the prediction made at position r

@@ -1,0 +1,106 @@
+"""One head on one prompt, read from the store: the attention matrix (head view) and the
+queries, keys and q·k terms behind it (neuron view)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..errors import OutOfRangeError
+
+
+def token_labels(tokens) -> list[str]:
+    """Unique, readable labels: "3: ␣cat" (position, then the token with spaces and newlines shown)."""
+    shown = (str(t).replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") for t in tokens)
+    return [f"{i}: {t}" for i, t in enumerate(shown)]
+
+
+def layer_index(run, layer: int) -> int:
+    """Index of model layer `layer` along the stored `layer` axis (a capture may hold a subset)."""
+    captured = [int(v) for v in run.ds["layer"].values]
+    if layer not in captured:
+        n = run.attrs["model"]["n_layers"]
+        what = "is out of range" if not 0 <= layer < n else "was not captured"
+        raise OutOfRangeError(f"layer {layer} {what}; this run holds layers {_ranges(captured)}")
+    return captured.index(layer)
+
+
+def check_head(run, head: int) -> int:
+    n = int(run.attrs["model"]["n_heads"])
+    if not 0 <= head < n:
+        raise OutOfRangeError(f"head {head} is out of range; this model has heads 0-{n - 1}")
+    return head
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], values[0]
+    for a, b in zip(values, values[1:] + [None]):
+        if b != a + 1:
+            parts.append(f"{start}-{a}" if a != start else f"{a}")
+            start = b
+    return ", ".join(parts)
+
+
+def _head_rows(run, name: str, prompt: int, layer: int, head: int) -> tuple[np.ndarray, list[str]]:
+    array = run.require(name, "qk" if name in ("queries", "keys") else name)
+    rows = run.token_slice(prompt)
+    li, h = layer_index(run, layer), check_head(run, head)
+    values = array.isel(token=rows, layer=li, head=h).values
+    return values, token_labels(run.ds["token_str"].isel(token=rows).values)
+
+
+def attention(run, prompt: int, layer: int, head: int) -> pd.DataFrame:
+    """Stored attention weights of one head on one prompt: query rows x key columns."""
+    weights, labels = _head_rows(run, "attention", prompt, layer, head)
+    n = len(labels)
+    return pd.DataFrame(weights[:, :n], index=pd.Index(labels, name="query"), columns=pd.Index(labels, name="key"))
+
+
+@dataclass
+class QK:
+    """Queries and keys of one head on one prompt, and how they make the attention weights.
+
+    scores = queries · keysᵀ × scale, with -inf where the mask forbids (future keys of a
+    causal model); weights = softmax(scores) along keys, which equals the stored attention.
+    `terms(q)` gives the elementwise products queries[q] × keys[k] per d_head dimension,
+    whose row sums × scale are scores.loc[q] (the neuron view).
+    """
+
+    layer: int
+    head: int
+    scale: float
+    causal: bool
+    queries: pd.DataFrame  # token x d_head
+    keys: pd.DataFrame  # token x d_head
+    scores: pd.DataFrame  # query x key
+    weights: pd.DataFrame  # query x key
+
+    def terms(self, query: int) -> pd.DataFrame:
+        """key x d_head products queries[query] * keys[key] (future keys too; the mask sets their score to -inf)."""
+        n = len(self.queries)
+        if not -n <= query < n:
+            raise OutOfRangeError(f"query position {query} is out of range; this prompt has positions 0-{n - 1}")
+        products = self.keys.to_numpy() * self.queries.to_numpy()[query]
+        return pd.DataFrame(products, index=self.keys.index, columns=self.keys.columns)
+
+
+def qk(run, prompt: int, layer: int, head: int) -> QK:
+    """Queries, keys, scores and weights of one head on one prompt, from the stored q and k."""
+    q, labels = _head_rows(run, "queries", prompt, layer, head)
+    k, _ = _head_rows(run, "keys", prompt, layer, head)
+    info = run.attrs["capture"]["qk"]
+    scale = float(info["scales"][layer_index(run, layer)])
+    causal = bool(run.attrs["model"]["causal"])
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    scores = q64 @ k64.T * scale
+    if causal:
+        scores = np.where(np.tril(np.ones(scores.shape, dtype=bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    index, dims = pd.Index(labels, name="token"), pd.Index(range(q.shape[1]), name="d_head")
+    qx, kx = pd.Index(labels, name="query"), pd.Index(labels, name="key")
+    return QK(layer=layer, head=head, scale=scale, causal=causal,
+              queries=pd.DataFrame(q, index=index, columns=dims), keys=pd.DataFrame(k, index=index, columns=dims),
+              scores=pd.DataFrame(scores, index=qx, columns=kx), weights=pd.DataFrame(weights, index=qx, columns=kx))
