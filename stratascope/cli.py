@@ -35,7 +35,7 @@ def cli():
     """Capture what a transformer computes on a corpus into a Zarr store, and analyse it without the model."""
 
 
-CAPTURE_HELP = "comma-separated: hidden, attention, mlp, qk (per-head queries and keys)"
+CAPTURE_HELP = "comma-separated: hidden, attention, mlp, qk (per-head queries and keys), attribution, grad"
 
 
 def cluster_options(fn):
@@ -74,16 +74,31 @@ def cluster_options(fn):
 @click.option("--shard-tokens", type=click.IntRange(1), default=None,
               help="tokens per shard (the unit of work and of resume); default: what fits 256 MiB")
 @click.option("--zarr-shards", is_flag=True, help="pack each shard's chunks into one stored object (big runs)")
+@click.option("--generate", default=0, show_default=True, type=int,
+              help="extend each prompt by exactly N generated tokens (no stop at EOS), then capture it all")
+@click.option("--sample", is_flag=True, help="sample the generated tokens instead of greedy decoding")
+@click.option("--seed", default=0, show_default=True, type=int, help="sampling seed (per prompt: seed, index)")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="sampling temperature")
+@click.option("--attribution", default="grad_x_input", show_default=True,
+              help="with --capture attribution: grad_x_input, integrated_gradients, gradient_norm (comma-separated)")
+@click.option("--ig-steps", default=32, show_default=True, type=int, help="integrated gradients path steps")
+@click.option("--ig-method", default="gausslegendre", show_default=True,
+              help="gausslegendre, riemann_trapezoid, riemann_middle, riemann_left or riemann_right")
+@click.option("--attribute", default=None, type=click.Choice(["generated", "all"]),
+              help="attribution targets: predictions of generated tokens (default with --generate) or of all")
 @friendly
 def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
-            overwrite, resume, dry_run, workers, scheduler, shard_tokens, zarr_shards):
+            overwrite, resume, dry_run, workers, scheduler, shard_tokens, zarr_shards, generate, sample, seed,
+            temperature, attribution, ig_steps, ig_method, attribute):
     """Run a corpus through a model and store hidden states, attention and MLP activations."""
     from .capture.runner import capture as run_capture
 
     result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
                          batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
                          overwrite=overwrite, resume=resume, dry_run=dry_run, workers=workers, scheduler=scheduler,
-                         shard_tokens=shard_tokens, zarr_shards=zarr_shards)
+                         shard_tokens=shard_tokens, zarr_shards=zarr_shards, generate=generate, sample=sample,
+                         seed=seed, temperature=temperature, attribution=attribution, ig_steps=ig_steps,
+                         ig_method=ig_method, attribute=attribute)
     if dry_run:
         click.echo(result.summary(out))
         return

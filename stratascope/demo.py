@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 
 def demo_corpus() -> str:
@@ -28,3 +29,25 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
     echo("attention heads over the corpus (analysis/heads):")
     for line in summary_lines(run.heads(progress=False)):
         echo("  " + line)
+    run_generation_demo(gen_out(out), model, overwrite, echo)
+
+
+def gen_out(out: str) -> str:
+    """runs/demo.zarr -> runs/demo-gen.zarr"""
+    path = Path(out)
+    return str(path.with_name(f"{path.name.removesuffix('.zarr')}-gen.zarr"))
+
+
+def run_generation_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
+    """Greedy generation of 5 tokens per prompt, with grad x input attributions of each new token."""
+    from .capture.runner import capture
+
+    echo(f"generating 5 tokens per prompt with attributions into {out}")
+    run = capture(model=model, corpus=demo_corpus(), out=out, capture=("hidden", "attribution"), generate=5,
+                  overwrite=overwrite)
+    for p, text in enumerate(run.prompts["text"]):
+        frame = run.attributions(p)
+        first = frame.iloc[0]
+        source = first.idxmax()[1]
+        echo(f"{text!r} -> {run.generated_text(p)!r}  (first new token {frame.index[0][1]!r}: "
+             f"most attributed to {source!r}, {first.max():.0%})")

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import MissingArrayError, OutOfRangeError
-from .schemas import META_PREFIX
+from .errors import ConfigError, MissingArrayError, OutOfRangeError
+from .schemas import META_PREFIX, VARIABLES
 from .store import open_capture, open_dataset, store_bytes
 
 
@@ -99,6 +99,55 @@ class Run:
         from .analyze.views import qk
 
         return qk(self, prompt, layer, head)
+
+    @cached_property
+    def _tokenizer(self):
+        """The stored tokenizer (the `tokenizers` library, not transformers), or None if none was stored."""
+        blob = self.readout["tokenizer_json"].values.astype(np.uint8).tobytes()
+        if not blob.strip(b"\x00"):
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(blob.decode("utf-8"))
+
+    def generated_text(self, prompt: int) -> str:
+        """The text the model generated after `prompt` ('' if the run generated nothing)."""
+        rows = self.ds.isel(token=self.token_slice(prompt))
+        generated = rows["is_generated"].values
+        if self._tokenizer is None:
+            return "".join(rows["token_str"].values[generated].astype(object))
+        return self._tokenizer.decode(rows["token_id"].values[generated].tolist(), skip_special_tokens=False)
+
+    def attributions(self, prompt: int, method: str = "grad_x_input", normalize: bool = True) -> pd.DataFrame:
+        """Input attributions of one prompt: a row per target token, a column per source token.
+
+        Row t is the prediction of token t (made at position t-1), its columns the tokens
+        0..n-2 of the sequence; sources at or after t are 0. normalize=True scales each row
+        to sum to 1 (what Ecco displays); False gives the stored L2 norms.
+        For integrated_gradients, df.attrs['completeness_gap'] holds each row's delta.
+        """
+        methods = [n[len("attribution_"):] for n in VARIABLES if n.startswith("attribution_") and
+                   not n.endswith("_delta")]
+        if method not in methods:
+            raise ConfigError(f"attribution method {method!r} is unknown; choose from {', '.join(methods)}")
+        array = self.require(f"attribution_{method}", f"attribution --attribution {method}")
+        rows = self.token_slice(prompt)
+        n = rows.stop - rows.start
+        values = array.isel(token=rows, key=slice(0, n)).values
+        targets = np.flatnonzero(~np.isnan(values[:, 0]))  # rows r predicting token r+1
+        tokens = self.ds["token_str"].isel(token=rows).values.astype(object)
+        block = values[targets, :n - 1].astype(np.float64)
+        if normalize:
+            block = block / block.sum(axis=1, keepdims=True)
+        frame = pd.DataFrame(block,
+                             index=pd.MultiIndex.from_arrays([targets + 1, tokens[targets + 1]],
+                                                             names=["position", "target"]),
+                             columns=pd.MultiIndex.from_arrays([np.arange(n - 1), tokens[:n - 1]],
+                                                               names=["position", "source"]))
+        if method == "integrated_gradients" and "attribution_integrated_gradients_delta" in self.ds:
+            delta = self.ds["attribution_integrated_gradients_delta"].isel(token=rows).values[targets]
+            frame.attrs["completeness_gap"] = pd.Series(delta, index=frame.index)
+        return frame
 
     def nmf(self, factors: int = 8, layers=None, iterations: int = 200, seed: int = 0, negative: str = "clip",
             device: str = "cpu", **kwargs) -> xr.Dataset:

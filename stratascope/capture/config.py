@@ -60,6 +60,15 @@ class CaptureConfig:
     max_length: int = 512
     shard_tokens: int | None = None  # rows per shard (None: what fits a 256 MiB staging buffer)
     zarr_shards: bool = False  # pack each shard's chunks into one stored object (Zarr sharding codec)
+    # generation and gradients (capture/generate.py, capture/gradients.py); they travel with the config to workers
+    generate: int = 0
+    sample: bool = False
+    seed: int = 0
+    temperature: float = 1.0
+    attribution: str = "grad_x_input"
+    ig_steps: int = 32
+    ig_method: str = "gausslegendre"
+    attribute: str | None = None
 
     def __post_init__(self):
         self.capture = parse_capture(self.capture)
@@ -71,6 +80,23 @@ class CaptureConfig:
             raise ConfigError(f"--shard-tokens {self.shard_tokens!r} must be a whole number of at least 1")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"--max-length {self.max_length!r} must be a whole number of at least 1")
+        if not isinstance(self.attribution, str):
+            self.attribution = ",".join(self.attribution)
+        self.generation, self.gradients  # noqa: B018 - validate them now, before any model call
+
+    @property
+    def generation(self):
+        from .generate import GenerationConfig
+
+        return GenerationConfig(self.generate, self.sample, self.seed, self.temperature)
+
+    @property
+    def gradients(self):
+        """The GradientConfig, or None when neither attribution nor grad is captured."""
+        from .gradients import parse_gradient_config
+
+        return parse_gradient_config(self.capture, self.attribution, self.ig_steps, self.ig_method, self.attribute,
+                                     self.generate)
 
     @property
     def attn_implementation(self) -> str:

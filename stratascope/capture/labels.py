@@ -122,13 +122,13 @@ def _as_array(values: list) -> np.ndarray:
     return np.array(["" if _missing(v) else str(v) for v in values], dtype=object)
 
 
-def write_token_labels(root, labels: dict[str, np.ndarray], plan) -> None:
-    """Write each label as label_<name> (dim token), chunked like the token table; masked padding
-    rows between shards hold NaN or ''."""
+def write_token_labels(root, labels: dict[str, np.ndarray], plan, n_generated: int = 0) -> None:
+    """Write each label as label_<name> (dim token), chunked like the token table; generated
+    tokens and masked padding rows between shards hold NaN or ''."""
     from ..schemas import LABEL_PREFIX
     from .writer import create_array
 
-    rows = np.concatenate([np.arange(o, o + n) for o, n in zip(plan.offsets, plan.lengths)])
+    rows = np.concatenate([np.arange(o, o + n - n_generated) for o, n in zip(plan.offsets, plan.lengths)])
     for name, values in labels.items():
         kind = "float64" if values.dtype.kind == "f" else "str"
         full = np.full(plan.n_rows, np.nan) if kind == "float64" else np.full(plan.n_rows, "", dtype=object)

@@ -20,6 +20,8 @@ from ..models import find_adapter, load_model
 from ..schemas import META_PREFIX, SCHEMA_VERSION
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
+from .generate import generate_window, require_lm
+from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs
 from .labels import token_labels, write_token_labels
 from .readout import unembed_hash, vocab_strings, write_readout
@@ -131,6 +133,9 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     for name in ACTS:
         if name in widths:
             dtypes[name] = cfg.dtype
+    grads = cfg.gradients
+    for name, (tail, dtype) in (grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}).items():
+        widths[name], dtypes[name] = tail, dtype
     row_bytes = {n: int(np.prod(w, dtype=np.int64)) * (16 if dtypes[n] == "str" else np.dtype(dtypes[n]).itemsize)
                  for n, w in widths.items()}
     chunk_rows = token_chunk_rows([b for n, b in row_bytes.items() if dtypes[n] != "str"], n_tokens)
@@ -174,7 +179,10 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
             capture=("hidden", "attention", "mlp"), layers=None, dtype: str = "float32", batch_size: int = 16,
             device: str = "auto", text_column: str = "text", max_length: int = 512, overwrite: bool = False,
             resume: bool = False, dry_run: bool = False, progress: bool = True, workers: int | None = None,
-            scheduler: str | None = None, shard_tokens: int | None = None, zarr_shards: bool = False):
+            scheduler: str | None = None, shard_tokens: int | None = None, zarr_shards: bool = False,
+            generate: int = 0, sample: bool = False, seed: int = 0, temperature: float = 1.0,
+            attribution="grad_x_input", ig_steps: int = 32, ig_method: str = "gausslegendre",
+            attribute: str | None = None):
     """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return the opened Run.
 
     Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
@@ -182,10 +190,14 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     resume=True finishes an interrupted capture of the same corpus, model and options.
     workers=N runs shards on a local dask cluster; scheduler='tcp://...' on an existing one.
     Everything is checked (corpus, model, options, disk) before an existing store is replaced.
+    generate=N extends every prompt by exactly N tokens (greedy, or sampled with seed and temperature);
+    capture 'attribution' and 'grad' add gradient arrays (capture/generate.py, capture/gradients.py).
     """
     cfg = CaptureConfig(capture=capture, layers=layers, dtype=dtype, batch_size=batch_size, device=device,
                         text_column=text_column, max_length=max_length, shard_tokens=shard_tokens,
-                        zarr_shards=zarr_shards)
+                        zarr_shards=zarr_shards, generate=generate, sample=sample, seed=seed,
+                        temperature=temperature, attribution=attribution, ig_steps=ig_steps, ig_method=ig_method,
+                        attribute=attribute)
     if (prompts is None) == (corpus is None):
         raise ConfigError("give either prompts or a corpus file, not both or neither")
     if overwrite and resume:
@@ -195,14 +207,20 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
         prepare_output(out, overwrite, resume)
     loaded = load_model(model, device=cfg.device, attn=cfg.attn_implementation)
     adapter = find_adapter(loaded.model)
+    n_new = cfg.generate
+    if n_new or cfg.gradients:
+        require_lm(loaded.model, adapter.causal, "--generate" if n_new else "--capture attribution/grad")
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
+    if n_new >= limit:
+        raise ConfigError(f"--generate {n_new} leaves no room for the prompt within {limit} tokens; "
+                          "generate fewer tokens or raise --max-length")
     types = None
     if adapter.family == "bert":  # segments (a text_pair column) for BertViz's sentence A/B split
         ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit)
     else:
-        ids, truncated = tokenize(loaded.tokenizer, data.texts, limit)
-    lengths = np.array([len(s) for s in ids], dtype=np.int64)
+        ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new)  # room for the generated tokens
     labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
+    lengths = np.array([len(s) for s in ids], dtype=np.int64) + n_new  # generated ids join per shard
     plan = make_plan(adapter, cfg, lengths, truncated)
     if types is not None:
         plan.token_types = flat_token_types(types, plan.offsets, plan.n_rows)
@@ -273,7 +291,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
                   "attn_implementation": loaded.model.config._attn_implementation},
-        "capture": {**cfg.to_dict(), "arrays": [n for n in ACTS if n in plan.shapes],
+        "capture": {**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
@@ -283,6 +301,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                    "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
                    "token_labels": list(labels)},
         "identity": _identity(loaded, adapter, cfg, data),
+        "generation": cfg.generation.to_attrs() if cfg.generate else None,
+        "gradients": cfg.gradients.to_attrs() if cfg.gradients else None,
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "xarray": xarray.__version__, "numpy": np.__version__},
@@ -300,7 +320,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows)
     create_records(root, len(plan.shards))
     write_readout(root, adapter, loaded.tokenizer, vocab)
-    write_token_labels(root, labels, plan)
+    write_token_labels(root, labels, plan, cfg.generate)
     return root
 
 
@@ -317,13 +337,22 @@ class ShardCapturer:
         self.base = getattr(self.model, self.model.base_model_prefix, self.model)  # no LM head: no logits needed
 
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:
-        plan, lengths = self.plan, self.plan.lengths
+        plan, lengths, n_new, grads = self.plan, self.plan.lengths, self.cfg.generate, self.cfg.gradients
+        if n_new:  # the generated ids join the shard's sequences before anything is staged
+            generate_window(self.model, self.ids, shard.lo, shard.hi, self.cfg.generation, self.device,
+                            self.cfg.batch_size)
         stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab)
         if plan.token_types is not None:
             stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
         acts = [n for n in ACTS if n in plan.shapes]
+        if n_new:
+            for p in range(shard.lo, shard.hi):
+                end = int(plan.offsets[p] + lengths[p]) - shard.start
+                stage["is_generated"][end - n_new:end] = True
         for n in acts:
             stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
+        for n in (n for n in GRADIENT_ARRAYS if n in plan.shapes):  # NaN: attribution rows that are not targets
+            stage[n] = np.full((shard.stop - shard.start,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
         with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
             for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
                 _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal, plan)
@@ -337,6 +366,12 @@ class ShardCapturer:
                             stage[name][o:o + n, :, :, :n] = values[b, :n, :, :, :n]
                         else:
                             stage[name][o:o + n] = values[b, :n]
+                if grads is not None:
+                    for name, per_prompt in gradient_rows(self.model, self.adapter, self.ids, batch, lengths, n_new,
+                                                          grads, plan.depths, self.device).items():
+                        for p, values in zip(batch, per_prompt):
+                            stage_rows(stage[name], int(plan.offsets[p]) - shard.start, values)
+                    rec.out.clear()  # the capture hooks also saw the gradient forwards
                 if on_batch:
                     on_batch(len(batch), int(lengths[batch].sum()))
         return stage

@@ -53,10 +53,24 @@ ACTIVATIONS = (
                  "per-head keys as the scores use them (after rotary; repeated to every query head under GQA)"),
 )
 
-VARIABLES = {v.name: v for v in TOKEN_TABLE + PROMPT_TABLE + ACTIVATIONS}
+# Gradients (float32 whatever --dtype says). Attribution row r: the prediction made at position r
+# of token r+1, over keys 0..r; rows that are not targets are NaN. See capture/gradients.py.
+GRADIENTS = tuple(
+    VariableSpec(f"attribution_{m}", ("token", "key"), "float32", "attribution",
+                 f"{m} attribution of the log-probability of the next token over input positions")
+    for m in ("grad_x_input", "integrated_gradients", "gradient_norm")
+) + (
+    VariableSpec("attribution_integrated_gradients_delta", ("token",), "float32", "attribution",
+                 "integrated gradients completeness gap: sum of attributions - (score(input) - score(baseline))"),
+    VariableSpec("grad_hidden", ("token", "depth", "d_model"), "float32", "grad",
+                 "gradient of the sequence's summed next-token log-likelihood w.r.t. hidden"),
+)
+
+VARIABLES = {v.name: v for v in TOKEN_TABLE + PROMPT_TABLE + ACTIVATIONS + GRADIENTS}
 
 # --capture names -> the arrays each produces.
 CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS}
+CAPTURE_NAMES.update({"attribution": "attribution_<method>", "grad": "grad_hidden"})
 
 # Prompt metadata columns from the corpus are stored as meta_<column> with dims (prompt,).
 META_PREFIX = "meta_"

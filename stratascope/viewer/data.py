@@ -125,7 +125,8 @@ def lens(run, prompt: int) -> dict:
 
 
 def attribution_methods(run) -> list[str]:
-    return sorted(name[len(ATTRIBUTION_PREFIX):] for name in run.ds.data_vars if name.startswith(ATTRIBUTION_PREFIX))
+    return sorted(name[len(ATTRIBUTION_PREFIX):] for name, v in run.ds.data_vars.items()
+                  if name.startswith(ATTRIBUTION_PREFIX) and "key" in v.dims)  # not the (token,) IG delta
 
 
 def saliency(run, prompt: int, method: str) -> dict:
