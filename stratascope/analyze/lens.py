@@ -368,3 +368,30 @@ def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = 
     out = lens_tokens(run, [_position_row(run, prompt, position)], None, watch=ids, topk=1, norm=norm)
     return pd.DataFrame(out.watch_rank[0], index=pd.Index(captured_depths(run), name="depth"),
                         columns=pd.Index(labels, name="watch"))
+
+
+def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
+    """Lines for `stratascope lens`: per prompt, the last position's top-1 at the last depth and
+    the depth from which the tokens that came next are ranked first; then corpus totals."""
+    depths = [int(d) for d in ds["depth"].values]
+    vocab = run.readout["vocab_str"]
+    lines = [f"lens of {run.n_tokens} tokens at depths {_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
+             f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
+    for p in range(min(run.n_prompts, max_prompts)):
+        rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()
+        top, prob = int(rows.topk_ids[-1, -1, 0]), float(rows.topk_probs[-1, -1, 0])
+        ranks = rows.target_rank.values[:-1]  # (positions with a next token, depth)
+        first = [depths[int(np.argmax(r == 1))] for r in ranks if (r == 1).any()]
+        text = str(run.ds["prompt_text"][p].values)
+        text = text if len(text) <= 40 else text[:39] + "…"
+        reach = (f"next token ranked 1st from depth {int(np.median(first))} (median over {len(first)} of "
+                 f"{len(ranks)} positions)" if first else f"next token never ranked 1st ({len(ranks)} positions)")
+        lines.append(f"  {p:>3} {text!r} -> {str(vocab[top].values)!r} ({prob:.2f}); {reach}")
+    if run.n_prompts > max_prompts:
+        lines.append(f"  ... {run.n_prompts - max_prompts} more prompts")
+    last = ds["target_rank"][:, -1].data
+    scored, hits = dask.compute((last > 0).sum(), (last == 1).sum(), scheduler="threads")
+    if scored:
+        lines.append(f"at depth {depths[-1]} the token that came next is ranked 1st for {int(hits)} of {int(scored)} "
+                     f"tokens ({100 * hits / scored:.1f}%)")
+    return lines

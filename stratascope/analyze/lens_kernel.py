@@ -106,12 +106,11 @@ def _lens_tokens(h, tgt, watch, readout: Readout, k: int, norm: str, final_depth
     top_i = torch.zeros((R, k), dtype=torch.long, device=dev)
     z_buf = torch.empty((R, vb), dtype=torch.float32, device=dev)
     e_buf = torch.empty((R, vb), dtype=torch.float32, device=dev)
-    gt_buf = torch.empty((R, vb), dtype=torch.bool, device=dev)
     ids = torch.cat([row_tgt[:, None], watch[None, :].expand(R, W)], 1)  # (R, 1+W) column owners
     x3 = x.view(tb, D, d).float()
     for v0 in range(0, V, vb):
         v1 = min(V, v0 + vb)
-        z, e, gt = z_buf[:, :v1 - v0], e_buf[:, :v1 - v0], gt_buf[:, :v1 - v0]
+        z, e = z_buf[:, :v1 - v0], e_buf[:, :v1 - v0]
         w = readout.unembed[v0:v1]
         if readout.dtype == torch.float32:
             torch.matmul(x, w.T, out=z)
@@ -120,8 +119,10 @@ def _lens_tokens(h, tgt, watch, readout: Readout, k: int, norm: str, final_depth
         if readout.unembed_bias is not None:
             z += readout.unembed_bias[v0:v1]
         # Ranks: how many logits beat each threshold, not counting the token's own column.
+        # (Comparing into a float buffer and summing floats is ~10x faster on CPU than counting
+        # a bool tensor, and exact: block sums stay far below 2**24.)
         for c in range(1 + W):
-            count[:, c] += torch.count_nonzero(torch.gt(z, thr[:, c:c + 1], out=gt), dim=-1)
+            count[:, c] += torch.gt(z, thr[:, c:c + 1], out=e).sum(-1).long()
         inside = (ids >= v0) & (ids < v1)
         if inside.any():
             r, c = inside.nonzero(as_tuple=True)
