@@ -187,3 +187,14 @@ def test_real_smollm2(tmp_path):
     last = run.token_slice(0).stop - 1
     assert int(ds.watch_rank[last, -1, 0]) == 1
     assert int(ds.topk_ids[last, -1, 0]) == int(pred["token_id"].iloc[0])
+
+
+def test_bfloat16_is_recorded_and_close(captured):
+    family, run, *_ = captured
+    exact = run.lens(topk=3, progress=False).load()
+    fast = run.lens(topk=3, precision="bfloat16", progress=False).load()
+    assert fast.attrs["params"]["precision"] == "bfloat16" and "approximate" in fast.attrs["precision_note"]
+    has_next = exact.target_rank.values > 0
+    assert ((fast.target_rank.values > 0) == has_next).all()
+    # bfloat16 keeps ~3 significant digits: probabilities agree loosely, ranks need not be exact
+    np.testing.assert_allclose(fast.target_prob.values[has_next], exact.target_prob.values[has_next], atol=0.02)

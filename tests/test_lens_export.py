@@ -1,4 +1,8 @@
-"""The lens CLI, the generic export (checked against xarray's own to_dataframe), and bounded memory."""
+"""The lens CLI, the generic export (checked against xarray's own to_dataframe), and bounded memory.
+
+Peak RSS is read from /proc/self/status VmHWM in the child: on Linux ru_maxrss survives exec, so
+a child started from a big parent (pytest) would report the parent's peak.
+"""
 
 import json
 import shutil
@@ -104,10 +108,10 @@ def _tile(src: str, dst: str, reps: int) -> None:
 
 
 def _peak_rss_mib(path: str) -> float:
-    code = ("import resource, stratascope as ss\n"
+    code = ("import stratascope as ss\n"
             f"run = ss.open_run({path!r})\n"
             "run.lens(topk=10, watch=[' was', ' said'], progress=False)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return float(result.stdout.strip().splitlines()[-1])
@@ -124,5 +128,6 @@ def test_memory_stays_bounded(tiny_model_dirs, tmp_path):
     small_rss, big_rss = _peak_rss_mib(base.path), _peak_rss_mib(big.path)
     out_mib = big.lens(topk=10, watch=[" was", " said"], progress=False).nbytes / 2**20
     assert hidden_mib + out_mib > 250  # materializing would show
-    assert big_rss - small_rss < 48, (small_rss, big_rss, hidden_mib, out_mib)
+    # a small constant (two concurrent chunk tasks make the peak vary by ~+-20 MiB run to run)
+    assert big_rss - small_rss < 64, (small_rss, big_rss, hidden_mib, out_mib)
     print(json.dumps({"small_rss_mib": small_rss, "big_rss_mib": big_rss, "big_hidden_mib": hidden_mib}))

@@ -214,6 +214,12 @@ class _ChunkLens:
         self.readout, self.ids, self.topk, self.norm, self.final, self.n_depths = readout, ids, topk, norm, final, n_depths
 
     def __call__(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
+        try:
+            return self._lens(h, target, prompt_index)
+        finally:
+            _release_freed_memory()
+
+    def _lens(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         valid = prompt_index >= 0
         hv = torch.from_numpy(np.ascontiguousarray(h[valid], dtype=np.float32))
         got = _select_depths(lens_rows(hv, self.readout, target[valid], self.ids, self.topk, self.norm,
@@ -227,6 +233,27 @@ class _ChunkLens:
             full[valid] = part
             outs.append(full)
         return tuple(outs)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after each chunk. glibc raises its mmap threshold
+    after large frees, so the chunk-sized temporaries land on the heap and, without this,
+    fragmentation makes the peak RSS creep up with the number of chunks (measured: +40 MiB
+    for a 10x store); with it the peak stays flat."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def lens_params(run, topk: int = 10, watch=(), depths=None, norm: str = "final",
