@@ -198,3 +198,26 @@ def test_bfloat16_is_recorded_and_close(captured):
     assert ((fast.target_rank.values > 0) == has_next).all()
     # bfloat16 keeps ~3 significant digits: probabilities agree loosely, ranks need not be exact
     np.testing.assert_allclose(fast.target_prob.values[has_next], exact.target_prob.values[has_next], atol=0.02)
+
+
+def test_layer_subset_without_final_depth(tiny_model_dirs, tmp_path):
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS[:3], out=str(tmp_path / "sub.zarr"),
+                     capture=("hidden",), layers="0-1", device="cpu", progress=False)
+    assert [int(d) for d in run.ds.depth.values] == [0, 1, 2]  # depth 3 (the model's output) not captured
+    ds = run.lens(topk=2, progress=False).load()
+    assert np.isnan(ds.kl_final.values).all() and "not captured" in ds.attrs["kl_final"]
+    model, tok = load_reference(tiny_model_dirs["llama"])
+    ids, logits, _ = _direct("llama", model, tok, PROMPTS[0])
+    rows = ds.isel(token=run.token_slice(0))
+    np.testing.assert_array_equal(rows.topk_ids.values, torch.topk(logits[:3], 2, dim=-1).indices.permute(1, 0, 2))
+    with pytest.raises(OutOfRangeError, match="depth 3 is out of range; this run holds depths 0-2"):
+        run.layer_predictions(prompt=0, depth=3)
+
+
+def test_empty_rows_give_empty_arrays(captured):
+    family, run, *_ = captured
+    from stratascope.analyze.lens import readout_for
+    from stratascope.analyze.lens_kernel import lens_rows
+
+    out = lens_rows(torch.zeros((0, 4, 32)), readout_for(run), np.zeros(0, dtype=np.int64), [1, 2], 3)
+    assert out.topk_ids.shape == (0, 4, 3) and out.watch_rank.shape == (0, 4, 2)

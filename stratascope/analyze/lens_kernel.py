@@ -79,6 +79,11 @@ def lens_rows(hidden, readout: Readout, targets=None, watch_ids=(), topk: int = 
     tb = max(1, min(n, block_elements // vb // D))
     parts = [_lens_tokens(h[i:i + tb], tgt[i:i + tb], watch, readout, k, norm, final_depth, vb)
              for i in range(0, n, tb)]
+    if not parts:  # no rows (e.g. a chunk of masked rows only)
+        W = len(watch)
+        return LensArrays(*(np.zeros((0, D) + tail, dtype) for tail, dtype in (
+            ((k,), np.int32), ((k,), np.float32), ((), np.int32), ((), np.float32), ((), np.float32),
+            ((), np.float32), ((W,), np.int32), ((W,), np.float32))))
     return LensArrays(*(np.concatenate([p[j] for p in parts]) for j in range(8)))
 
 
