@@ -237,6 +237,29 @@ def report(run_path, out, prompts, layers, views):
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
+@click.option("--topk", default=10, show_default=True, type=int, help="top entries kept per token and depth")
+@click.option("--watch", multiple=True, help='a word whose rank is tracked, e.g. --watch " he" (repeatable)')
+@click.option("--depths", default=None, help="depths to read out, e.g. 0-30 or 0,10,20 (default: all captured)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="bfloat16 is faster where supported; ranks then become approximate")
+@click.option("--norm", default="final", show_default=True, type=click.Choice(["final", "none"]),
+              help="none = Ecco's variant: unembed the raw residual (no final norm) below the last depth")
+@cluster_options
+@friendly
+def lens(run_path, topk, watch, depths, device, precision, norm):
+    """Logit lens of every token at every depth: top-k, rank of the next token, watched tokens, entropy, KL."""
+    from .analyze.lens import run_lens, summary
+    from .run import open_run
+
+    run = open_run(run_path)
+    ds = run_lens(run, topk=topk, watch=list(watch), depths=depths, norm=norm, device=device, precision=precision)
+    for line in summary(run, ds):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless you mean it)")
 @friendly
@@ -293,6 +316,22 @@ def probe_linear(run_path, label, at, depths, folds, control, seed, task, group_
     click.echo(f"probe_{label}: {a['task']} over {a['n_rows']} {a['level']} rows, {a['n_groups']} groups, "
                f"{folds} folds (mean and sd over folds)")
     click.echo(res.scores.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.argument("job")
+@click.option("--format", "fmt", default=None, type=click.Choice(["parquet", "csv"]),
+              help="default: from the -o file name")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="the table to write")
+@friendly
+def export(run_path, job, fmt, out):
+    """Write a stored analysis result (analysis/JOB, e.g. lens) as a tidy parquet or csv table."""
+    from .analyze.export import export_result
+    from .run import open_run
+
+    rows = export_result(open_run(run_path), job, out, fmt)
+    click.echo(f"wrote {rows} rows to {out}")
 
 
 def main():

@@ -183,6 +183,34 @@ class Run:
 
         return ViewAccessor(self)
 
+    # The logit lens (analyze/lens.py): a stored corpus job, and direct one-prompt views.
+    def lens(self, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
+             precision: str = "float32", progress: bool = True) -> xr.Dataset:
+        """Logit lens of every token, stored in analysis/lens (reused for the same parameters)."""
+        from .analyze.lens import run_lens
+
+        return run_lens(self, topk, watch, depths, norm, device, precision, progress)
+
+    def layer_predictions(self, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
+                          norm: str = "final") -> pd.DataFrame:
+        """Top-k tokens (token, prob) the lens reads out at `depth` for one position of one prompt."""
+        from .analyze.lens import layer_predictions
+
+        return layer_predictions(self, prompt, position, depth, topk, norm)
+
+    def rankings(self, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
+        """Depth x position: rank of the token that came next."""
+        from .analyze.lens import rankings
+
+        return rankings(self, prompt, norm)
+
+    def rankings_watch(self, prompt: int = 0, watch=(" he", " she"), position: int = -1,
+                       norm: str = "final") -> pd.DataFrame:
+        """Depth x watch token: rank of each watched token at one position."""
+        from .analyze.lens import rankings_watch
+
+        return rankings_watch(self, prompt, watch, position, norm)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]

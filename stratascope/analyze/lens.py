@@ -1,0 +1,424 @@
+"""The lens job: logit lens, next-token rank trajectories and watched tokens, from the store alone.
+
+`lens_tokens` computes the lens for any rows of a run (the building block other analyses
+reuse); `run_lens` is the corpus job: dask over the hidden array's token chunks, torch
+inside each task (lens_kernel.lens_rows walks the vocabulary in blocks), written to
+analysis/lens and reused when asked again with the same parameters.
+
+Conventions: depths are the captured depth values (0 = embeddings, L = input of the final
+norm). Ranks are 1-based. A token's target is the token that came next in its sequence
+(prompt or generated); the last token of each sequence has none: target_id -1,
+target_rank -1, target_prob NaN. kl_final is KL(p_final || p_depth) in nats against the
+model's output distribution (depth L, normalized); NaN if depth L was not captured.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+import xarray as xr
+
+from ..errors import ConfigError, MissingArrayError, OutOfRangeError
+from .lens_kernel import LensArrays, lens_rows
+from .readout import NORMS, PRECISIONS, Readout, load_readout
+from .results import load_result, save_result
+
+JOB = "lens"
+_FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "kl_final", "watch_rank", "watch_prob")
+_FILL = {"int32": -1, "float32": np.nan}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def require_hidden(run) -> xr.DataArray:
+    if "hidden" not in run.ds:
+        raise MissingArrayError("this run has no hidden states; capture with --capture hidden")
+    return run.ds["hidden"]
+
+
+_READOUTS: dict[tuple, Readout] = {}
+
+
+def readout_for(run, device: str = "cpu", precision: str = "float32") -> Readout:
+    """The run's readout on `device` in `precision`, loaded once per process (it is model-sized;
+    the last two are kept)."""
+    key = (run.path, run.attrs["created"], device, precision)
+    if key not in _READOUTS:
+        readout = load_readout(run, device=device, precision=precision)
+        while len(_READOUTS) >= 2:
+            _READOUTS.pop(next(iter(_READOUTS)))
+        _READOUTS[key] = readout
+    return _READOUTS[key]
+
+
+def captured_depths(run) -> list[int]:
+    return [int(d) for d in run.ds["depth"].values]
+
+
+def parse_depths(run, depths) -> list[int]:
+    """Depth values from None (all captured), a string like '0-5,10', an int or a list of ints."""
+    have = captured_depths(run)
+    if depths is None:
+        return have
+    if isinstance(depths, str):
+        wanted: list[int] = []
+        for part in filter(None, (p.strip() for p in depths.split(","))):
+            try:
+                lo, _, hi = part.partition("-")
+                wanted += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            except ValueError as e:
+                raise ConfigError(f"--depths {depths!r}: '{part}' is not a depth or a range like 0-30") from e
+    else:
+        wanted = [int(d) for d in np.atleast_1d(depths)]
+    L = int(run.attrs["model"]["n_layers"])
+    out = []
+    for d in wanted:
+        d = d + L + 1 if d < 0 else d
+        if d not in have:
+            raise OutOfRangeError(f"depth {d} is out of range; this run holds depths {_ranges(have)}")
+        if d not in out:
+            out.append(d)
+    if not out:
+        raise ConfigError(f"--depths {depths!r} selects no depth; this run holds depths {_ranges(have)}")
+    return out
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def watch_ids(run, watch) -> tuple[list[str], list[int]]:
+    """(labels, ids) for watch words, tokenized with the run's stored tokenizer.json (the
+    `tokenizers` package, not transformers). An int is taken as a vocabulary id. A word that
+    is several tokens is watched through its first token, with a warning saying so."""
+    words = [watch] if isinstance(watch, (str, int)) else list(watch or [])
+    labels, ids = [], []
+    tokenizer, vocab = None, None
+    V = int(run.attrs["model"]["vocab_size"])
+    for w in words:
+        if isinstance(w, (int, np.integer)):
+            if not 0 <= int(w) < V:
+                raise OutOfRangeError(f"watch id {w} is out of range; the vocabulary has ids 0-{V - 1}")
+            vocab = vocab if vocab is not None else run.readout["vocab_str"].values
+            label, tid = str(vocab[int(w)]), int(w)
+        else:
+            tokenizer = tokenizer or _tokenizer(run)
+            pieces = tokenizer.encode(str(w), add_special_tokens=False)
+            if not pieces.ids:
+                raise ConfigError(f"watch word {w!r} tokenizes to nothing; give a non-empty word")
+            if len(pieces.ids) > 1:
+                warnings.warn(f"watch word {w!r} is {len(pieces.ids)} tokens {pieces.tokens}; "
+                              f"watching its first token {pieces.tokens[0]!r}", stacklevel=3)
+            label, tid = str(w), int(pieces.ids[0])
+        if tid not in ids:
+            labels.append(label)
+            ids.append(tid)
+    return labels, ids
+
+
+def _tokenizer(run):
+    from tokenizers import Tokenizer
+
+    blob = bytes(np.asarray(run.readout["tokenizer_json"].values, dtype=np.uint8))
+    if not blob.strip(b"\x00"):
+        raise MissingArrayError(f"{run.path} stored no tokenizer.json; give watch tokens as vocabulary ids")
+    return Tokenizer.from_str(blob.decode("utf-8"))
+
+
+def _check(norm: str, precision: str, topk: int) -> None:
+    if norm not in NORMS:
+        raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORMS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if int(topk) < 1:
+        raise ConfigError(f"--topk {topk} must be at least 1")
+
+
+def _plan_depths(run, depths: list[int]) -> tuple[list[int], int | None]:
+    """Depth indexes to compute (the chosen ones, then depth L if captured and not chosen) and
+    the position of depth L among them (the KL reference), or None."""
+    have = captured_depths(run)
+    L = int(run.attrs["model"]["n_layers"])
+    idx = [have.index(d) for d in depths]
+    if L not in have:
+        return idx, None
+    if L in depths:
+        return idx, depths.index(L)
+    return idx + [have.index(L)], len(idx)
+
+
+def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarray,
+               next_prompt: np.ndarray) -> np.ndarray:
+    """The id of the token that came next in the same sequence, or -1 (last token, masked row)."""
+    same = (next_prompt == prompt_index) & (prompt_index >= 0)
+    return np.where(same, next_id, -1).astype(np.int32)
+
+
+# ---------------------------------------------------------------- rows
+
+
+def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "final", device: str = "cpu",
+                precision: str = "float32") -> LensArrays:
+    """The lens of selected token rows of `run` (a slice or an index array), computed now.
+
+    Returns LensArrays with axes (row, depth, k|watch) for the chosen depths, in that order.
+    `watch` holds words or ids (see watch_ids). This is the function other analyses build on.
+    """
+    _check(norm, precision, topk)
+    hidden = require_hidden(run)
+    readout = readout_for(run, device, precision)
+    depths = parse_depths(run, depths)
+    idx, final = _plan_depths(run, depths)
+    _, ids = watch_ids(run, watch)
+    n = run.n_tokens
+    if isinstance(rows, slice):
+        rows = np.arange(*rows.indices(n))
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise OutOfRangeError(f"token rows must lie in 0-{n - 1}")
+    table = run.ds[["token_id", "prompt_index"]]
+    here = table.isel(token=rows)
+    ahead = table.isel(token=np.minimum(rows + 1, n - 1))
+    last = rows + 1 >= n
+    tid, pidx = here["token_id"].values, here["prompt_index"].values
+    nid = np.where(last, -1, ahead["token_id"].values)
+    npr = np.where(last, -2, ahead["prompt_index"].values)
+    h = np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)
+    out = lens_rows(torch.from_numpy(h), readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
+    return _select_depths(out, len(depths))
+
+
+def _select_depths(out: LensArrays, n_depths: int) -> LensArrays:
+    return LensArrays(*(getattr(out, f)[:, :n_depths] for f in _FIELDS))
+
+
+# ---------------------------------------------------------------- the job
+
+
+class _ChunkLens:
+    """The dask task: lens of one token chunk; masked rows (prompt_index < 0) are filled, not computed."""
+
+    def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int):
+        self.readout, self.ids, self.topk, self.norm, self.final, self.n_depths = readout, ids, topk, norm, final, n_depths
+
+    def __call__(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
+        try:
+            return self._lens(h, target, prompt_index)
+        finally:
+            _release_freed_memory()
+
+    def _lens(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
+        valid = prompt_index >= 0
+        hv = torch.from_numpy(np.ascontiguousarray(h[valid], dtype=np.float32))
+        got = _select_depths(lens_rows(hv, self.readout, target[valid], self.ids, self.topk, self.norm,
+                                       self.final), self.n_depths)
+        if valid.all():
+            return tuple(getattr(got, f) for f in _FIELDS)
+        outs = []
+        for f in _FIELDS:
+            part = getattr(got, f)
+            full = np.full((len(h),) + part.shape[1:], _FILL[str(part.dtype)], dtype=part.dtype)
+            full[valid] = part
+            outs.append(full)
+        return tuple(outs)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after each chunk. glibc raises its mmap threshold
+    after large frees, so the chunk-sized temporaries land on the heap and, without this,
+    fragmentation makes the peak RSS creep up with the number of chunks (measured: +40 MiB
+    for a 10x store); with it the peak stays flat."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def lens_params(run, topk: int = 10, watch=(), depths=None, norm: str = "final",
+                precision: str = "float32") -> dict:
+    """The parameters that decide the lens result (the device does not)."""
+    _check(norm, precision, topk)
+    labels, ids = watch_ids(run, watch)
+    return {"topk": int(topk), "watch": labels, "watch_ids": ids, "depths": parse_depths(run, depths),
+            "norm": norm, "precision": precision}
+
+
+def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
+    """The lens of every token as a lazy Dataset (nothing is computed until it is written)."""
+    hidden = require_hidden(run)
+    readout = readout_for(run, device, params["precision"])
+    depths, ids, k = params["depths"], params["watch_ids"], min(params["topk"], readout.vocab_size)
+    idx, final = _plan_depths(run, depths)
+    hid = hidden.data[:, idx, :]
+    tid, pidx = run.ds["token_id"].data, run.ds["prompt_index"].data
+    tail = da.from_array(np.array([-1], dtype=np.int32))
+    nid = da.concatenate([tid[1:], tail]).rechunk(tid.chunks)
+    npr = da.concatenate([pidx[1:], tail - 1]).rechunk(pidx.chunks)
+    target = da.map_blocks(targets_of, tid, pidx, nid, npr, dtype=np.int32).rechunk((hid.chunks[0],))
+    pidx = pidx.rechunk((hid.chunks[0],))
+    task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths))
+    D, W = len(depths), len(ids)
+    token = dask.base.tokenize(run.path, run.attrs["created"], json.dumps(params, sort_keys=True), device)
+    shapes = {"topk_ids": (D, k), "topk_probs": (D, k), "target_rank": (D,), "target_prob": (D,),
+              "entropy": (D,), "kl_final": (D,), "watch_rank": (D, W), "watch_prob": (D, W)}
+    dtypes = {f: np.int32 if f.endswith(("_ids", "_rank")) else np.float32 for f in _FIELDS}
+    columns: dict[str, list] = {f: [] for f in _FIELDS}
+    blocks = zip(hid.to_delayed().ravel(), target.to_delayed().ravel(), pidx.to_delayed().ravel())
+    for i, (hb, tb, pb) in enumerate(blocks):
+        n = hid.chunks[0][i]
+        parts = dask.delayed(task, name=f"lens-fn-{token}", pure=True, nout=len(_FIELDS))(
+            hb, tb, pb, dask_key_name=f"lens-{token}-{i}")
+        for f, part in zip(_FIELDS, parts):
+            columns[f].append(da.from_delayed(part, (n,) + shapes[f], dtype=dtypes[f]))
+    dims = {"topk_ids": ("token", "depth", "k"), "topk_probs": ("token", "depth", "k"),
+            "watch_rank": ("token", "depth", "watch"), "watch_prob": ("token", "depth", "watch")}
+    data = {f: (dims.get(f, ("token", "depth")), da.concatenate(columns[f])) for f in _FIELDS
+            if W or not f.startswith("watch")}
+    data["target_id"] = (("token",), target)
+    coords = {"depth": np.array(depths, dtype=np.int32), "k": np.arange(k, dtype=np.int32)}
+    if W:
+        coords.update(watch=np.array(params["watch"], dtype=object), watch_id=("watch", np.array(ids, dtype=np.int32)))
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(_describe(run, params, final is not None, device))
+    return ds
+
+
+def _describe(run, params: dict, has_final: bool, device: str) -> dict:
+    L = int(run.attrs["model"]["n_layers"])
+    variant = ("final norm, then unembedding, at every depth" if params["norm"] == "final" else
+               f"Ecco's variant: unembedding of the raw residual at depths < {L}; depth {L} normalized "
+               "(as in Hugging Face's last hidden state)")
+    return {"norm_variant": variant, "device": device,
+            "precision_note": ("float32: ranks exact up to ties within rounding" if params["precision"] == "float32"
+                               else "bfloat16 matmul: ranks and probabilities are approximate"),
+            "rank": "1-based: 1 + number of vocabulary entries with a strictly larger logit",
+            "no_next_token": "the last token of each sequence: target_id -1, target_rank -1, target_prob NaN",
+            "entropy_unit": "nats",
+            "kl_final": (f"KL(p_depth{L} || p_depth) in nats, p_depth{L} the model's output distribution"
+                         if has_final else f"NaN: depth {L} was not captured")}
+
+
+def run_lens(run, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
+             precision: str = "float32", progress: bool = True) -> xr.Dataset:
+    """The lens of every token, stored in analysis/lens; reused if it was computed with these parameters."""
+    params = lens_params(run, topk, watch, depths, norm, precision)
+    require_hidden(run)
+    stored = load_result(run, JOB, params)
+    if stored is not None:
+        return stored
+    ds = lens_dataset(run, params, device)
+    with dask.config.set(scheduler="threads", num_workers=2), _progress(progress):
+        return save_result(run, JOB, ds, params)
+
+
+def _progress(on: bool):
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(minimum=2.0)
+
+
+# ---------------------------------------------------------------- one prompt (Ecco's views)
+# These compute the one prompt's rows directly from the stored hidden states and readout
+# (milliseconds): they never read or write analysis/lens, so they do not depend on its parameters.
+
+
+def _position_row(run, prompt: int, position: int) -> int:
+    rows = run.token_slice(prompt)
+    n = rows.stop - rows.start
+    if not -n <= position < n:
+        raise OutOfRangeError(f"position {position} is out of range; prompt {run.prompt_index(prompt)} "
+                              f"has positions 0-{n - 1}")
+    return rows.start + position % n
+
+
+def layer_predictions(run, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
+                      norm: str = "final"):
+    """The top-k tokens the lens reads out at one depth (default: the last captured) for one position."""
+    import pandas as pd
+
+    depth = captured_depths(run)[-1] if depth is None else depth
+    out = lens_tokens(run, [_position_row(run, prompt, position)], [depth], topk=topk, norm=norm)
+    ids = out.topk_ids[0, 0]
+    vocab = run.readout["vocab_str"].isel(vocab=ids).values
+    return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "token": vocab.astype(object), "token_id": ids,
+                         "prob": out.topk_probs[0, 0]})
+
+
+def rankings(run, prompt: int = 0, norm: str = "final"):
+    """Depth x position: the rank of the token that actually came next (Ecco's rankings).
+    The last position has no next token, so it is not a column."""
+    import pandas as pd
+
+    rows = run.token_slice(prompt)
+    out = lens_tokens(run, rows, None, topk=1, norm=norm)
+    tokens = run.tokens(prompt)
+    n = len(tokens) - 1
+    df = pd.DataFrame(out.target_rank[:n].T, index=pd.Index(captured_depths(run), name="depth"),
+                      columns=pd.Index(tokens["position"].values[:n], name="position"))
+    df.attrs.update(tokens=list(tokens["token"][:n]), next_tokens=list(tokens["token"][1:]))
+    return df
+
+
+def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = -1, norm: str = "final"):
+    """Depth x watch token: the rank of each watched token at one position (Ecco's rankings_watch)."""
+    import pandas as pd
+
+    labels, ids = watch_ids(run, watch)
+    if not ids:
+        raise ConfigError("give at least one watch word")
+    out = lens_tokens(run, [_position_row(run, prompt, position)], None, watch=ids, topk=1, norm=norm)
+    return pd.DataFrame(out.watch_rank[0], index=pd.Index(captured_depths(run), name="depth"),
+                        columns=pd.Index(labels, name="watch"))
+
+
+def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
+    """Lines for `stratascope lens`: per prompt, the last position's top-1 at the last depth and
+    the depth from which the tokens that came next are ranked first; then corpus totals."""
+    depths = [int(d) for d in ds["depth"].values]
+    vocab = run.readout["vocab_str"]
+    lines = [f"lens of {run.n_tokens} tokens at depths {_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
+             f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
+    for p in range(min(run.n_prompts, max_prompts)):
+        rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()
+        top, prob = int(rows.topk_ids[-1, -1, 0]), float(rows.topk_probs[-1, -1, 0])
+        ranks = rows.target_rank.values[:-1]  # (positions with a next token, depth)
+        first = [depths[int(np.argmax(r == 1))] for r in ranks if (r == 1).any()]
+        text = str(run.ds["prompt_text"][p].values)
+        text = text if len(text) <= 40 else text[:39] + "…"
+        reach = (f"next token ranked 1st from depth {int(np.median(first))} (median over {len(first)} of "
+                 f"{len(ranks)} positions)" if first else f"next token never ranked 1st ({len(ranks)} positions)")
+        lines.append(f"  {p:>3} {text!r} -> {str(vocab[top].values)!r} ({prob:.2f}); {reach}")
+    if run.n_prompts > max_prompts:
+        lines.append(f"  ... {run.n_prompts - max_prompts} more prompts")
+    last = ds["target_rank"][:, -1].data
+    scored, hits = dask.compute((last > 0).sum(), (last == 1).sum(), scheduler="threads")
+    if scored:
+        lines.append(f"at depth {depths[-1]} the token that came next is ranked 1st for {int(hits)} of {int(scored)} "
+                     f"tokens ({100 * hits / scored:.1f}%)")
+    return lines
