@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/capture.py
+	cd benchmarks && for b in capture scale; do ../$(BIN)/python $$b.py; done
 
 clean:
 	rm -rf $(VENV) runs

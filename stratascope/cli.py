@@ -22,8 +22,8 @@ def friendly(fn):
         except StratascopeError as e:
             raise click.ClickException(str(e)) from e
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; nothing marked complete was lost (an interrupted capture stays "
-                       "marked incomplete: capture again with --overwrite)", err=True)
+            click.echo("\ninterrupted: every shard recorded complete is kept; finish the capture with the "
+                       "same command plus --resume", err=True)
             sys.exit(130)
 
     return wrapper
@@ -36,6 +36,21 @@ def cli():
 
 
 CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
+
+
+def cluster_options(fn):
+    """--workers/--scheduler for analysis commands: run the job's dask graph on that cluster."""
+
+    @click.option("--workers", type=click.IntRange(1), default=None, help="run on a local dask cluster of N workers")
+    @click.option("--scheduler", default=None, help="run on an existing dask cluster, e.g. tcp://host:8786")
+    @functools.wraps(fn)
+    def wrapper(*args, workers=None, scheduler=None, **kwargs):
+        from .cluster import dask_client
+
+        with dask_client(workers, scheduler):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @cli.command()
@@ -52,16 +67,23 @@ CAPTURE_HELP = "comma-separated: hidden, attention, mlp"
 @click.option("--text-column", default="text", show_default=True, help="the corpus column holding the prompt")
 @click.option("--max-length", default=512, show_default=True, type=int, help="tokens kept per prompt")
 @click.option("--overwrite", is_flag=True, help="replace an existing stratascope store at --out")
+@click.option("--resume", is_flag=True, help="finish an interrupted capture (same corpus, model and options)")
 @click.option("--dry-run", is_flag=True, help="print sizes, bytes, chunks and free disk, then stop")
+@click.option("--workers", type=click.IntRange(1), default=None, help="run shards on a local dask cluster of N workers")
+@click.option("--scheduler", default=None, help="run shards on an existing dask cluster, e.g. tcp://host:8786")
+@click.option("--shard-tokens", type=click.IntRange(1), default=None,
+              help="tokens per shard (the unit of work and of resume); default: what fits 256 MiB")
+@click.option("--zarr-shards", is_flag=True, help="pack each shard's chunks into one stored object (big runs)")
 @friendly
 def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
-            overwrite, dry_run):
+            overwrite, resume, dry_run, workers, scheduler, shard_tokens, zarr_shards):
     """Run a corpus through a model and store hidden states, attention and MLP activations."""
     from .capture.runner import capture as run_capture
 
     result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
                          batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
-                         overwrite=overwrite, dry_run=dry_run)
+                         overwrite=overwrite, resume=resume, dry_run=dry_run, workers=workers, scheduler=scheduler,
+                         shard_tokens=shard_tokens, zarr_shards=zarr_shards)
     if dry_run:
         click.echo(result.summary(out))
         return
@@ -102,6 +124,45 @@ def info(run_path, as_json):
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_info(summary)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--factors", default=8, show_default=True, type=int, help="number of factors")
+@click.option("--layers", default=None, help="layers to factorize, e.g. 0-5 (default: the first six captured)")
+@click.option("--iterations", default=200, show_default=True, type=int, help="passes over the store")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--negative", default="clip", show_default=True, type=click.Choice(["clip", "shift"]),
+              help="clip: max(0, a) (Ecco); shift: subtract each neuron's corpus minimum")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--top", default=8, show_default=True, type=int, help="top tokens printed per factor")
+@click.option("--factors-from", default=None, metavar="OTHER_RUN",
+              help="instead of fitting, project this run onto the factors stored in OTHER_RUN")
+@cluster_options
+@friendly
+def nmf(run_path, factors, layers, iterations, seed, negative, device, top, factors_from):
+    """Non-negative factors of MLP neuron activations over the whole corpus, out of core."""
+    from .run import open_run
+
+    run = open_run(run_path)
+    if factors_from:
+        res, job = run.nmf_transform(factors_from=open_run(factors_from), device=device), "nmf_transform"
+    else:
+        res, job = run.nmf(factors=factors, layers=layers, iterations=iterations, seed=seed, negative=negative,
+                           device=device), "nmf"
+    layers = [int(v) for v in res["layer"].values]
+    click.echo(f"{job}: {res.sizes['factor']} factors over layers {layers[0]}-{layers[-1]}, "
+               f"relative reconstruction error {float(res['relative_error']):.4f} (stored in analysis/{job})")
+    for f in range(res.sizes["factor"]):
+        click.echo(f"factor {f:<3}" + _token_counts(run.factor_tokens(f, top=top, job=job)["token"]))
+
+
+def _token_counts(tokens) -> str:
+    """'The'x3 ' cat' ...: each distinct token once, in order of weight, with how often it is in the top."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return " ".join(repr(t) + (f"x{n}" if n > 1 else "") for t, n in counts.items())
 
 
 @cli.command()

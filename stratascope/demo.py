@@ -18,3 +18,8 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
     info = run.info()
     echo(f"{info['prompts']} prompts, {info['tokens']} tokens, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk")
     echo(str(run))
+    res = run.nmf(factors=8, layers=range(0, 6), progress=False)
+    echo(f"NMF: 8 factors of MLP neurons in layers 0-5, relative reconstruction error "
+         f"{float(res['relative_error']):.3f}; top tokens per factor:")
+    for f in range(8):
+        echo(f"  factor {f}: " + " ".join(repr(t) for t in dict.fromkeys(run.factor_tokens(f, top=12)["token"])))

@@ -59,3 +59,7 @@ class DiskSpaceError(StratascopeError, OSError):
 
 class OverflowError16(StratascopeError, OverflowError):
     """A value does not fit in float16."""
+
+
+class ResumeMismatchError(StratascopeError, ValueError):
+    """--resume was asked for a store written from another corpus, model or options."""

@@ -105,6 +105,33 @@ class Run:
 
         return rankings_watch(self, prompt, watch, position, norm)
 
+    def nmf(self, factors: int = 8, layers=None, iterations: int = 200, seed: int = 0, negative: str = "clip",
+            device: str = "cpu", **kwargs) -> xr.Dataset:
+        """Non-negative factors of the MLP activations of `layers` (default: the first six captured),
+        stored in analysis/nmf; see stratascope.analyze.nmf."""
+        from .analyze.nmf import nmf
+
+        return nmf(self, factors=factors, layers=layers, iterations=iterations, seed=seed, negative=negative,
+                   device=device, **kwargs)
+
+    def nmf_transform(self, factors_from: "Run", device: str = "cpu", **kwargs) -> xr.Dataset:
+        """This run's token weights on the factors another run's nmf stored (analysis/nmf_transform)."""
+        from .analyze.nmf import nmf_transform
+
+        return nmf_transform(self, factors_from, device=device, **kwargs)
+
+    def factor_tokens(self, factor: int, top: int = 20, job: str = "nmf") -> pd.DataFrame:
+        """The tokens weighing most on an NMF factor: token text, prompt, position, weight."""
+        from .analyze.nmf import factor_tokens
+
+        return factor_tokens(self, factor, top=top, job=job)
+
+    def factor_activations(self, prompt: int, job: str = "nmf") -> pd.DataFrame:
+        """Position x factor weights of one prompt, with a token column (for colouring its text)."""
+        from .analyze.nmf import factor_activations
+
+        return factor_activations(self, prompt, job=job)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]

@@ -50,7 +50,8 @@ def open_capture(path: str, allow_incomplete: bool = False) -> tuple[dict, xr.Da
     validate_root(attrs, {name: (v.dims, str(v.dtype)) for name, v in ds.variables.items()}, str(path))
     if not attrs.get("complete") and not allow_incomplete:
         raise IncompleteRunError(
-            f"the capture that wrote {path} did not finish; capture again with --overwrite"
+            f"the capture that wrote {path} did not finish; finish it with the same capture command "
+            "plus --resume (or start over with --overwrite)"
         )
     return attrs, ds
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
 from ..schemas import CAPTURE_NAMES
@@ -58,7 +58,8 @@ class CaptureConfig:
     device: str = "auto"
     text_column: str = "text"
     max_length: int = 512
-    extra: dict = field(default_factory=dict)
+    shard_tokens: int | None = None  # rows per shard (None: what fits a 256 MiB staging buffer)
+    zarr_shards: bool = False  # pack each shard's chunks into one stored object (Zarr sharding codec)
 
     def __post_init__(self):
         self.capture = parse_capture(self.capture)
@@ -66,6 +67,8 @@ class CaptureConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not supported; use float16 or float32")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size!r} must be a whole number of at least 1")
+        if self.shard_tokens is not None and (not isinstance(self.shard_tokens, int) or self.shard_tokens < 1):
+            raise ConfigError(f"--shard-tokens {self.shard_tokens!r} must be a whole number of at least 1")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"--max-length {self.max_length!r} must be a whole number of at least 1")
 

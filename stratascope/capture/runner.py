@@ -15,17 +15,17 @@ import zarr
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..errors import ConfigError, DiskSpaceError, OverflowError16
+from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
 from ..models import find_adapter, load_model
 from ..schemas import META_PREFIX, SCHEMA_VERSION
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
 from .hooks import Recorder
 from .readout import unembed_hash, vocab_strings, write_readout
-from .writer import ChunkWriter, create_array, prepare_output, remove_store, token_chunk_rows
+from .shards import Shard, completed, create_records, plan_shards
+from .writer import ShardWriter, create_array, prepare_output, remove_store, token_chunk_rows
 
-WINDOW_BYTES = 256 * 2**20  # staging memory for one window of prompts (bounded RAM)
-TOKEN_TABLE = ("token_id", "position", "prompt_index", "is_generated", "token_str")
+WINDOW_BYTES = 256 * 2**20  # staging memory for one shard's rows (bounded RAM)
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Plan:
     """Everything known before the first model call: sizes, chunks, bytes."""
 
     n_prompts: int
-    n_tokens: int
+    n_tokens: int  # real tokens
+    n_rows: int  # size of the token dimension: real tokens + masked padding at shard ends
     max_len: int
     layers: list[int]
     depths: list[int]
@@ -41,6 +42,13 @@ class Plan:
     dtypes: dict[str, str]
     chunk_rows: int
     truncated: int
+    shards: list[Shard]
+    offsets: np.ndarray  # each prompt's first row
+    lengths: np.ndarray  # each prompt's token count
+    zarr_shard_rows: int | None  # rows per Zarr shard object when the sharding codec is on
+
+    def shard_tokens(self, shard: Shard) -> int:
+        return int(self.lengths[shard.lo:shard.hi].sum())
 
     def bytes_per_array(self) -> dict[str, int]:
         out = {}
@@ -59,7 +67,9 @@ class Plan:
         free = free_disk(out)
         lines = [f"prompts {self.n_prompts}, tokens {self.n_tokens}, longest sequence {self.max_len}"
                  + (f", {self.truncated} prompts truncated to --max-length" if self.truncated else ""),
-                 f"token chunk {self.chunk_rows} rows", f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
+                 f"token chunk {self.chunk_rows} rows, {len(self.shards)} shards, "
+                 f"{self.n_rows - self.n_tokens} padding rows"
+                 + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""), f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
         counts = self.chunk_counts()
         for name, nbytes in self.bytes_per_array().items():
             lines.append(f"{name:<14}{str(self.shapes[name]):<28}{_human(nbytes):>14}{counts[name]:>9}")
@@ -101,39 +111,33 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     layers = parse_ranges(cfg.layers, L, "layers") or list(range(L))
     depths = list(range(L + 1)) if len(layers) == L else sorted({0} | {l + 1 for l in layers})
     n_tokens, max_len = int(lengths.sum()), int(lengths.max())
-    shapes = {"token_id": (n_tokens,), "position": (n_tokens,), "prompt_index": (n_tokens,),
-              "is_generated": (n_tokens,), "token_str": (n_tokens,)}
+    widths = {"token_id": (), "position": (), "prompt_index": (), "is_generated": (), "token_str": ()}
     dtypes = {"token_id": "int32", "position": "int32", "prompt_index": "int32", "is_generated": "bool",
               "token_str": "str"}
     if "hidden" in cfg.capture:
-        shapes["hidden"] = (n_tokens, len(depths), adapter.d_model)
+        widths["hidden"] = (len(depths), adapter.d_model)
     if "attention" in cfg.capture:
-        shapes["attention"] = (n_tokens, len(layers), adapter.n_heads, max_len)
+        widths["attention"] = (len(layers), adapter.n_heads, max_len)
     if "mlp" in cfg.capture:
-        shapes["mlp"] = (n_tokens, len(layers), adapter.d_mlp)
+        widths["mlp"] = (len(layers), adapter.d_mlp)
     for name in ("hidden", "attention", "mlp"):
-        if name in shapes:
+        if name in widths:
             dtypes[name] = cfg.dtype
-    row_bytes = [int(np.prod(s[1:], dtype=np.int64)) * np.dtype(dtypes[n]).itemsize
-                 for n, s in shapes.items() if dtypes[n] != "str"]
-    return Plan(len(lengths), n_tokens, max_len, layers, depths, shapes, dtypes,
-                token_chunk_rows(row_bytes, n_tokens), truncated)
-
-
-def _windows(lengths: np.ndarray, row_bytes: int, chunk_rows: int, batch_size: int):
-    """Contiguous runs of prompts whose staging buffers fit in WINDOW_BYTES."""
-    budget = max(chunk_rows, WINDOW_BYTES // max(row_bytes, 1))
-    start, tokens = 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (tokens + n > budget):
-            yield start, i
-            start, tokens = i, 0
-        tokens += int(n)
-    yield start, len(lengths)
+    row_bytes = {n: int(np.prod(w, dtype=np.int64)) * (16 if dtypes[n] == "str" else np.dtype(dtypes[n]).itemsize)
+                 for n, w in widths.items()}
+    chunk_rows = token_chunk_rows([b for n, b in row_bytes.items() if dtypes[n] != "str"], n_tokens)
+    if cfg.shard_tokens:  # a chunk never spans two shards
+        chunk_rows = min(chunk_rows, 1 << (cfg.shard_tokens.bit_length() - 1))
+    target = cfg.shard_tokens or max(chunk_rows, WINDOW_BYTES // sum(row_bytes.values()))
+    zarr_rows = max(chunk_rows, target // chunk_rows * chunk_rows) if cfg.zarr_shards else None
+    shards, offsets, n_rows = plan_shards(lengths, zarr_rows or chunk_rows, target)
+    shapes = {n: (n_rows,) + w for n, w in widths.items()}
+    return Plan(len(lengths), n_tokens, n_rows, max_len, layers, depths, shapes, dtypes, chunk_rows, truncated,
+                shards, offsets, lengths, zarr_rows)
 
 
 def _batches(lengths: np.ndarray, lo: int, hi: int, batch_size: int):
-    """Length-bucketed batches: sort the window's prompts by length so padding stays small."""
+    """Length-bucketed batches: sort the shard's prompts by length so padding stays small."""
     order = lo + np.argsort(-lengths[lo:hi], kind="stable")
     for i in range(0, len(order), batch_size):
         yield order[i:i + batch_size]
@@ -161,20 +165,26 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
 def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *, corpus: str | None = None,
             capture=("hidden", "attention", "mlp"), layers=None, dtype: str = "float32", batch_size: int = 16,
             device: str = "auto", text_column: str = "text", max_length: int = 512, overwrite: bool = False,
-            dry_run: bool = False, progress: bool = True):
-    """Capture a corpus into a Zarr store at `out` and return the opened Run.
+            resume: bool = False, dry_run: bool = False, progress: bool = True, workers: int | None = None,
+            scheduler: str | None = None, shard_tokens: int | None = None, zarr_shards: bool = False):
+    """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return the opened Run.
 
     Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
     With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
+    resume=True finishes an interrupted capture of the same corpus, model and options.
+    workers=N runs shards on a local dask cluster; scheduler='tcp://...' on an existing one.
     Everything is checked (corpus, model, options, disk) before an existing store is replaced.
     """
     cfg = CaptureConfig(capture=capture, layers=layers, dtype=dtype, batch_size=batch_size, device=device,
-                        text_column=text_column, max_length=max_length)
+                        text_column=text_column, max_length=max_length, shard_tokens=shard_tokens,
+                        zarr_shards=zarr_shards)
     if (prompts is None) == (corpus is None):
         raise ConfigError("give either prompts or a corpus file, not both or neither")
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume contradict each other; choose one")
     data = read_corpus(corpus, text_column) if corpus is not None else from_prompts(prompts, text_column)
     if not dry_run:
-        prepare_output(out, overwrite)
+        prepare_output(out, overwrite, resume)
     loaded = load_model(model, device=cfg.device, attn="eager" if "attention" in cfg.capture else "sdpa")
     adapter = find_adapter(loaded.model)
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
@@ -183,24 +193,56 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     plan = make_plan(adapter, cfg, lengths, truncated)
     if dry_run:
         return plan
-    free = free_disk(out)
-    if free is not None and plan.total_bytes() > free:
-        raise DiskSpaceError(f"the capture needs up to {_human(plan.total_bytes())} but {out} has "
-                             f"{_human(free)} free; capture fewer arrays or layers, use --dtype float16, or free disk")
-    if overwrite:
-        remove_store(out)
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
-    root = _create(out, loaded, adapter, cfg, data, plan, lengths, vocab)
+    if resume:
+        root = _reopen_for_resume(out, loaded, adapter, cfg, data, plan)
+    else:
+        free = free_disk(out)
+        if free is not None and plan.total_bytes() > free:
+            raise DiskSpaceError(f"the capture needs up to {_human(plan.total_bytes())} but {out} has "
+                                 f"{_human(free)} free; capture fewer arrays or layers, use --dtype float16, "
+                                 "or free disk")
+        if overwrite:
+            remove_store(out)
+        root = _create(out, loaded, adapter, cfg, data, plan, vocab)
+    todo = [s for s in plan.shards if not completed(root)[s.index]]
     started = time.perf_counter()
-    _run(loaded, adapter, cfg, plan, ids, lengths, root, np.array(vocab, dtype=object), progress)
+    if workers or scheduler:
+        from .cluster import run_on_cluster
+
+        del loaded  # workers load their own copy
+        run_on_cluster(out, model, cfg, plan, ids, todo, workers=workers, scheduler=scheduler, progress=progress)
+    else:
+        _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
     seconds = time.perf_counter() - started
-    root.attrs.update({"complete": True, "timing": {"seconds": seconds, "tokens_per_s": plan.n_tokens / seconds}})
+    tokens = sum(plan.shard_tokens(s) for s in todo)
+    root.attrs.update({"complete": bool(completed(root).all()),
+                       "timing": {"seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+                                  "workers": workers or (scheduler and "cluster") or "in-process"}})
     from ..run import Run
 
     return Run(out)
 
 
-def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, lengths, vocab) -> zarr.Group:
+def _identity(loaded, adapter, cfg: CaptureConfig, data: Corpus) -> dict:
+    """What must match for a resume to continue a store: corpus, weights, options."""
+    return {"corpus_sha256": data.fingerprint(), "weights_sha256": unembed_hash(adapter, loaded.model),
+            "capture": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
+
+
+def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group:
+    root = zarr.open_group(out, mode="r+")
+    stored, now = root.attrs.get("identity"), _identity(loaded, adapter, cfg, data)
+    if stored != now:
+        what = [k for k in now if (stored or {}).get(k) != now[k]] or ["store layout"]
+        raise ResumeMismatchError(
+            f"cannot resume {out}: its {' and '.join(w.replace('_sha256', '') for w in what)} differ from this "
+            "command's; rerun with the original corpus, model and options, or use --overwrite (nothing was changed)"
+        )
+    return root
+
+
+def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, vocab) -> zarr.Group:
     import transformers
     import xarray
 
@@ -216,63 +258,88 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                   "attn_implementation": loaded.model.config._attn_implementation},
         "capture": {**cfg.to_dict(), "arrays": [n for n in ("hidden", "attention", "mlp") if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
+                    "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing"},
         "corpus": {"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns]},
+        "identity": _identity(loaded, adapter, cfg, data),
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "xarray": xarray.__version__, "numpy": np.__version__},
     })
     P = plan.n_prompts
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     create_array(root, "prompt_text", (P,), P, "str")[:] = np.array(data.texts, dtype=object)
-    create_array(root, "token_offset", (P,), P, "int64")[:] = offsets
-    create_array(root, "n_tokens", (P,), P, "int32")[:] = lengths.astype(np.int32)
+    create_array(root, "token_offset", (P,), P, "int64")[:] = plan.offsets
+    create_array(root, "n_tokens", (P,), P, "int32")[:] = plan.lengths.astype(np.int32)
     for col in data.metadata.columns:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
     for name, coords in (("depth", plan.depths), ("layer", plan.layers)):
         create_array(root, name, (len(coords),), len(coords), "int32", (name,))[:] = np.array(coords, dtype=np.int32)
     for name, shape in plan.shapes.items():
-        create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name])
+        create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows)
+    create_records(root, len(plan.shards))
     write_readout(root, adapter, loaded.tokenizer, vocab)
     return root
 
 
-def _run(loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, lengths, root, vocab: np.ndarray, progress: bool):
-    """Run every window of prompts through the model and hand its rows to the writer."""
-    model, device = loaded.model, next(loaded.model.parameters()).device
-    base = getattr(model, model.base_model_prefix, model)  # skip the LM head: capture needs no logits
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    acts = [n for n in ("hidden", "attention", "mlp") if n in plan.shapes]
-    row_bytes = sum(int(np.prod(plan.shapes[n][1:])) * np.dtype(plan.dtypes[n]).itemsize for n in acts) + 32
-    writer = ChunkWriter({n: root[n] for n in plan.shapes}, plan.chunk_rows, plan.n_tokens)
-    bar = tqdm(total=plan.n_tokens, unit="tok", unit_scale=True, desc="capture", disable=not progress,
-               mininterval=0.5, dynamic_ncols=True)
-    done_prompts = 0
+class ShardCapturer:
+    """Runs one shard's prompts through the model and returns its rows, padding included.
+
+    `ids` maps prompt index -> token ids (a list, or a dict holding only some prompts).
+    """
+
+    def __init__(self, loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, vocab: np.ndarray):
+        self.model, self.adapter, self.cfg, self.plan, self.ids, self.vocab = \
+            loaded.model, adapter, cfg, plan, ids, vocab
+        self.device = next(loaded.model.parameters()).device
+        self.base = getattr(self.model, self.model.base_model_prefix, self.model)  # no LM head: no logits needed
+
+    def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:
+        plan, lengths = self.plan, self.plan.lengths
+        stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab)
+        acts = [n for n in ("hidden", "attention", "mlp") if n in plan.shapes]
+        for n in acts:
+            stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
+        with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
+            for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
+                _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal)
+                # dtype conversion happens on the device, before the copy to the host
+                tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in rec.stacked().items()})
+                rec.out.clear()
+                for b, p in enumerate(batch):
+                    n, o = int(lengths[p]), int(plan.offsets[p]) - shard.start
+                    for name, values in tensors.items():
+                        if name == "attention":
+                            stage[name][o:o + n, :, :, :n] = values[b, :n, :, :, :n]
+                        else:
+                            stage[name][o:o + n] = values[b, :n]
+                if on_batch:
+                    on_batch(len(batch), int(lengths[batch].sum()))
+        return stage
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy a batch's tensors to the host; from a GPU into pinned buffers with non-blocking
+    copies and a single synchronization, so the copies run back to back."""
+    if not tensors or next(iter(tensors.values())).device.type != "cuda":
+        return {n: t.cpu().numpy() for n, t in tensors.items()}
+    host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in tensors.items()}
+    for n, t in tensors.items():
+        host[n].copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return {n: h.numpy() for n, h in host.items()}
+
+
+def _run(capturer: ShardCapturer, root: zarr.Group, todo: list[Shard], progress: bool) -> None:
+    """In-process: compute shard after shard while the writer thread writes the previous one."""
+    plan = capturer.plan
+    bar = progress_bar(plan, todo, progress)
+    writer = ShardWriter(root)
     try:
-        with torch.inference_mode(), Recorder(adapter, cfg.capture, plan.layers, plan.depths) as rec:
-            for lo, hi in _windows(lengths, row_bytes, plan.chunk_rows, cfg.batch_size):
-                w0, w1 = int(offsets[lo]), int(offsets[hi - 1] + lengths[hi - 1])
-                stage = _token_table(ids, lengths, offsets, lo, hi, vocab)
-                for n in acts:
-                    stage[n] = np.zeros((w1 - w0,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
-                for batch in _batches(lengths, lo, hi, cfg.batch_size):
-                    _forward(base, rec, ids, batch, device, adapter.causal)
-                    tensors = {n: _to_dtype(t, cfg.dtype, n).cpu().numpy() for n, t in rec.stacked().items()}
-                    rec.out.clear()
-                    for b, p in enumerate(batch):
-                        n, o = int(lengths[p]), int(offsets[p]) - w0
-                        for name, values in tensors.items():
-                            if name == "attention":
-                                stage[name][o:o + n, :, :, :n] = values[b, :n, :, :, :n]
-                            else:
-                                stage[name][o:o + n] = values[b, :n]
-                    done_prompts += len(batch)
-                    bar.update(int(lengths[batch].sum()))
-                    bar.set_postfix_str(f"prompts {done_prompts}/{plan.n_prompts}", refresh=False)
-                writer.put(w0, stage)
+        for shard in todo:
+            writer.put(shard, capturer(shard, on_batch=lambda n, t: _advance(bar, n, t, plan)))
         writer.close()
     except BaseException:
         writer.abort()
@@ -281,13 +348,32 @@ def _run(loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, lengths, root, vo
         bar.close()
 
 
-def _token_table(ids, lengths, offsets, lo, hi, vocab) -> dict[str, np.ndarray]:
-    token_id = np.concatenate([np.asarray(ids[p], dtype=np.int32) for p in range(lo, hi)])
-    position = np.concatenate([np.arange(lengths[p], dtype=np.int32) for p in range(lo, hi)])
-    prompt = np.concatenate([np.full(lengths[p], p, dtype=np.int32) for p in range(lo, hi)])
-    return {"token_id": token_id, "position": position, "prompt_index": prompt,
-            "is_generated": np.zeros(len(token_id), dtype=bool),
-            "token_str": vocab[np.clip(token_id, 0, len(vocab) - 1)]}
+def progress_bar(plan: Plan, todo: list[Shard], enabled: bool):
+    """Tokens done, tokens/s, and prompts done, for the shards still to capture."""
+    bar = tqdm(total=sum(plan.shard_tokens(s) for s in todo), unit="tok", unit_scale=True, desc="capture",
+               disable=not enabled, mininterval=0.5, dynamic_ncols=True)
+    bar.prompts = plan.n_prompts - sum(s.hi - s.lo for s in todo)
+    return bar
+
+
+def _advance(bar, prompts: int, tokens: int, plan: Plan) -> None:
+    bar.prompts += prompts
+    bar.update(tokens)
+    bar.set_postfix_str(f"prompts {bar.prompts}/{plan.n_prompts}", refresh=False)
+
+
+def _token_table(ids, lengths, offsets, shard: Shard, vocab) -> dict[str, np.ndarray]:
+    """The token-table rows of a shard; padding rows keep token_id/position/prompt_index -1."""
+    rows = shard.stop - shard.start
+    table = {"token_id": np.full(rows, -1, dtype=np.int32), "position": np.full(rows, -1, dtype=np.int32),
+             "prompt_index": np.full(rows, -1, dtype=np.int32), "is_generated": np.zeros(rows, dtype=bool)}
+    for p in range(shard.lo, shard.hi):
+        o, n = int(offsets[p]) - shard.start, int(lengths[p])
+        table["token_id"][o:o + n] = ids[p]
+        table["position"][o:o + n] = np.arange(n)
+        table["prompt_index"][o:o + n] = p
+    table["token_str"] = np.where(table["token_id"] >= 0, vocab[np.clip(table["token_id"], 0, len(vocab) - 1)], "")
+    return table
 
 
 def _forward(base, rec: Recorder, ids, batch, device, causal: bool) -> None:

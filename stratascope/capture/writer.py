@@ -1,13 +1,8 @@
-"""Creating the store's arrays and writing token rows through a background thread.
-
-Blocks of rows arrive in token order. The writer keeps the rows of a not-yet-full chunk
-back until the next block completes it, so every chunk is compressed and written once.
-"""
+"""Creating the store's arrays, and writing finished shards from a background thread."""
 
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 from pathlib import Path
 
@@ -15,7 +10,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from ..errors import StoreExistsError
+from ..errors import StoreExistsError, StoreNotFoundError
 from ..schemas import VARIABLES
 
 CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
@@ -23,8 +18,14 @@ CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
 FLOAT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
+def _fs(path: str):
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(str(path))
+
+
 def is_store(path: str | Path) -> bool:
-    """True if `path` holds a Zarr group written by stratascope."""
+    """True if `path` (a directory or fsspec URL) holds a Zarr group written by stratascope."""
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception:  # noqa: BLE001 - anything unreadable is not one of ours
@@ -32,23 +33,26 @@ def is_store(path: str | Path) -> bool:
     return "schema_version" in group.attrs
 
 
-def prepare_output(path: str, overwrite: bool) -> None:
-    """Refuse an existing output unless overwrite; never delete something that is not a store."""
-    p = Path(path)
-    if "://" in path or not p.exists():
+def prepare_output(path: str, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an existing output unless overwrite or resume; never delete something that is not a store."""
+    fs, root = _fs(path)
+    if not fs.exists(root):
+        if resume:
+            raise StoreNotFoundError(f"{path} does not exist, so there is nothing to resume; drop --resume")
         return
-    if not is_store(p):
+    if not is_store(path):
         raise StoreExistsError(
             f"{path} exists and is not a stratascope store; choose another --out (nothing was deleted)"
         )
-    if not overwrite:
-        raise StoreExistsError(f"{path} already holds a stratascope store; pass --overwrite to replace it")
+    if not (overwrite or resume):
+        raise StoreExistsError(f"{path} already holds a stratascope store; pass --overwrite to replace it "
+                               "or --resume to finish an interrupted capture")
 
 
 def remove_store(path: str) -> None:
-    p = Path(path)
-    if p.exists() and is_store(p):
-        shutil.rmtree(p)
+    fs, root = _fs(path)
+    if fs.exists(root) and is_store(path):
+        fs.rm(root, recursive=True)
 
 
 def token_chunk_rows(row_bytes: list[int], n_rows: int) -> int:
@@ -62,56 +66,54 @@ def token_chunk_rows(row_bytes: list[int], n_rows: int) -> int:
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
-                 dims: tuple[str, ...] | None = None) -> zarr.Array:
+                 dims: tuple[str, ...] | None = None, shard_rows: int | None = None) -> zarr.Array:
+    """Create one array; with shard_rows, Zarr's sharding codec packs that many rows of chunks
+    into one stored object (so a big run is not millions of small files)."""
     dims = dims or VARIABLES[name].dims
     chunks = (min(chunk_rows, shape[0]),) + tuple(shape[1:])
+    shards = {"shards": (shard_rows,) + tuple(shape[1:])} if shard_rows else {}
     if dtype == "str":
-        return group.create_array(name, shape=shape, chunks=chunks, dtype=str, dimension_names=dims)
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=str, dimension_names=dims, **shards)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-    if len(shape) > 1 and row_bytes > CHUNK_BYTES:  # a very wide row: split its second axis too
+    if len(shape) > 1 and row_bytes > CHUNK_BYTES and not shard_rows:  # a very wide row: split its second axis
         per_item = row_bytes // shape[1]
         chunks = (1, max(1, CHUNK_BYTES // per_item)) + tuple(shape[2:])
     fill = False if dtype == "bool" else 0
     codecs = [FLOAT_CODEC] if np.dtype(dtype).kind == "f" else "auto"
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
-                              compressors=codecs, fill_value=fill)
+                              compressors=codecs, fill_value=fill, **shards)
 
 
-class ChunkWriter:
-    """Writes contiguous row blocks to token-dimension arrays from a background thread."""
+class ShardWriter:
+    """Writes finished shards from a background thread, so compression and I/O overlap the
+    next shard's compute. A shard is recorded complete only after all its rows are written."""
 
-    def __init__(self, arrays: dict[str, zarr.Array], chunk_rows: int, n_rows: int, max_queue: int = 2):
-        self.arrays, self.chunk_rows, self.n_rows = arrays, chunk_rows, n_rows
+    def __init__(self, root: zarr.Group, max_queue: int = 2):
+        self.root = root
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
-        self._expected = 0  # next row the caller must send
-        self._carry_start, self._carry = 0, None
         self._thread = threading.Thread(target=self._run, name="stratascope-writer", daemon=True)
         self._thread.start()
 
-    def put(self, start: int, block: dict[str, np.ndarray]) -> None:
-        if self._error is not None:
-            raise self._error
-        if start != self._expected:
-            raise ValueError(f"writer expected rows from {self._expected}, got {start}")
-        self._expected = start + len(next(iter(block.values())))
+    def put(self, shard, stage: dict[str, np.ndarray]) -> None:
         while True:  # wait for space without blocking Ctrl-C forever
+            if self._error is not None:
+                raise self._error
             try:
-                self._queue.put((start, block), timeout=0.5)
+                self._queue.put((shard, stage), timeout=0.5)
                 return
             except queue.Full:
-                if self._error is not None:
-                    raise self._error
+                pass
 
     def close(self) -> None:
-        """Flush everything and wait; re-raise the writer's error if it had one."""
+        """Write everything queued and wait; re-raise the writer's error if it had one."""
         self._queue.put(None)
         self._thread.join()
         if self._error is not None:
             raise self._error
 
     def abort(self) -> None:
-        """Stop after the block in hand; what is not written stays at the fill value."""
+        """Drop what is queued and stop; shards not written stay recorded incomplete."""
         self._error = self._error or KeyboardInterrupt()
         try:
             while True:
@@ -119,31 +121,14 @@ class ChunkWriter:
         except queue.Empty:
             pass
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
 
     def _run(self) -> None:
-        try:
-            while (item := self._queue.get()) is not None:
-                if self._error is not None:
-                    continue
-                self._write(*item)
-            if self._carry is not None and self._error is None:
-                self._flush(self._carry_start, self._carry, len(next(iter(self._carry.values()))))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self._error = e
+        from .shards import write_shard
 
-    def _write(self, start: int, block: dict[str, np.ndarray]) -> None:
-        if self._carry is not None:
-            block = {k: np.concatenate([self._carry[k], v]) for k, v in block.items()}
-            start = self._carry_start
-        end = start + len(next(iter(block.values())))
-        cut = end if end == self.n_rows else (end // self.chunk_rows) * self.chunk_rows
-        if cut > start:
-            self._flush(start, block, cut - start)
-        rest = end - max(cut, start)
-        self._carry = {k: v[len(v) - rest:] for k, v in block.items()} if rest else None
-        self._carry_start = max(cut, start)
-
-    def _flush(self, start: int, block: dict[str, np.ndarray], n: int) -> None:
-        for name, values in block.items():
-            self.arrays[name][start:start + n] = values[:n]
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    write_shard(self.root, *item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = e

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,17 @@ def _auto_class(config):
     return transformers.AutoModel
 
 
-def _load_dir(path: Path, attn: str, **kw):
+def _quiet_transformers():
+    """Our own bar reports progress; transformers' per-load bars and notices are noise here."""
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def _load_dir(path: Path, attn: str, **kw):
+    transformers = _quiet_transformers()
 
     config = transformers.AutoConfig.from_pretrained(path, **kw)
     cls = _auto_class(config)
@@ -96,10 +106,11 @@ def _load_dir(path: Path, attn: str, **kw):
 
 def _smollm2_cached(gguf: Path, attn: str):
     """Dequantize the GGUF once and keep safetensors in the cache; later loads take ~1 s."""
-    import transformers
+    transformers = _quiet_transformers()
 
     target = cache_dir() / f"smollm2-{gguf.stat().st_size}"
     if not (target / "config.json").exists():
+        print(f"dequantizing {gguf.name} once (about 15 s); later loads read {target}", file=sys.stderr)
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # transformers refuses to save a model still marked as GGUF-quantized; it is plain float32 now.
