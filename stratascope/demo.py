@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 
 def demo_corpus() -> str:
@@ -23,3 +24,18 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
          f"{float(res['relative_error']):.3f}; top tokens per factor:")
     for f in range(8):
         echo(f"  factor {f}: " + " ".join(repr(t) for t in dict.fromkeys(run.factor_tokens(f, top=12)["token"])))
+    run_bias_demo(str(Path(out).with_name("bias.zarr")), model=model, overwrite=overwrite, echo=echo)
+
+
+def run_bias_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
+    """The bias probe on the built-in occupation corpus, stored beside the demo store (reused if there)."""
+    from .analyze.bias import bias_probe
+    from .run import open_run
+
+    echo(f"bias probe on the built-in occupation corpus with {model} into {out}")
+    if Path(out).exists() and not overwrite:
+        res = open_run(out).bias()
+    else:
+        res = bias_probe(model=model, out=out, overwrite=overwrite)
+    for line in res.summary():
+        echo(line)
