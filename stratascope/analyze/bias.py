@@ -172,7 +172,8 @@ def bias_table(run, pairs=None, strict: bool = False, device: str = "cpu", progr
          "occupation": (("prompt",), obj(prompts["occupation"])), "template": (("prompt",), obj(prompts["template"]))},
         coords={"prompt": prompts["prompt"].to_numpy(np.int64), "depth": np.array(params["depths"], dtype=np.int32),
                 "pair": obj(pair_label(p) for p in params["pairs"]),
-                "female": ("pair", obj(p[0] for p in params["pairs"])), "male": ("pair", obj(p[1] for p in params["pairs"])),
+                "female": ("pair", obj(p[0] for p in params["pairs"])),
+                "male": ("pair", obj(p[1] for p in params["pairs"])),
                 "female_id": ("pair", np.array([i[0] for i in ids], dtype=np.int32)),
                 "male_id": ("pair", np.array([i[1] for i in ids], dtype=np.int32))})
     ds.attrs.update({

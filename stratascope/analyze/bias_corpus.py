@@ -81,7 +81,8 @@ def check_occupations(frame: pd.DataFrame, source: str = "<occupations>") -> pd.
     frame["occupation"] = pd.Series(names, dtype=object)
     repeated = frame["occupation"][frame["occupation"].duplicated()]
     if len(repeated):
-        raise CorpusError(f"occupations {source}: {repeated.iloc[0]!r} appears more than once; keep one row per occupation")
+        raise CorpusError(f"occupations {source}: {repeated.iloc[0]!r} appears more than once; "
+                          "keep one row per occupation")
     if len(frame) == 0:
         raise CorpusError(f"occupations {source} is empty: give at least one occupation")
     return frame
@@ -104,7 +105,8 @@ def check_template(template: str, where: str) -> str:
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     except ValueError as e:
-        raise CorpusError(f"{where}: {template!r} is not a valid template ({e}); write literal braces as {{{{ }}}}") from e
+        raise CorpusError(f"{where}: {template!r} is not a valid template ({e}); "
+                          "write literal braces as {{ }}") from e
     unknown = fields - PLACEHOLDERS
     if unknown:
         raise CorpusError(f"{where}: {template!r} has the placeholder {{{sorted(unknown)[0]}}}; only {{occupation}}, "
@@ -125,7 +127,8 @@ def read_templates(path: str | Path) -> list[str]:
     out = [check_template(line, f"templates {path}, line {n}") for n, line in enumerate(lines, 1)
            if line.strip() and not line.lstrip().startswith("#")]
     if not out:
-        raise CorpusError(f"templates {path} holds no template; write one per line, e.g. 'The {{occupation}} said that'")
+        raise CorpusError(f"templates {path} holds no template; "
+                          "write one per line, e.g. 'The {occupation} said that'")
     return out
 
 
