@@ -24,4 +24,11 @@ def open_run(path: str, allow_incomplete: bool = False):
     return _open_run(path, allow_incomplete=allow_incomplete)
 
 
-__all__ = ["__version__", "capture", "open_run"]
+def bias_probe(*args, **kwargs):
+    """Capture the occupation corpus with a model and run the bias probe; see stratascope.analyze.bias.bias_probe."""
+    from .analyze.bias import bias_probe as _bias_probe
+
+    return _bias_probe(*args, **kwargs)
+
+
+__all__ = ["__version__", "bias_probe", "capture", "open_run"]

@@ -219,6 +219,55 @@ def demo(out, model, overwrite):
     run_demo(out=out, model=model, overwrite=overwrite, echo=click.echo)
 
 
+@cli.group()
+def probe():
+    """Probes over a stored run: what its hidden states encode, without the model."""
+
+
+@probe.command("bias")
+@click.option("--model", default=None, help="capture the occupation corpus with this model (default: smollm2)")
+@click.option("--out", default=None, help="the store to capture the occupation corpus into")
+@click.option("--run", "run_path", default=None, metavar="RUN", help="probe an existing run with occupation metadata")
+@click.option("--corpus", default=None, type=click.Choice(["builtin", "professions"]),
+              help="built-in occupations: builtin = 60 Winogender + BLS share of women (default); "
+                   "professions = Bolukbasi et al.'s 320 with stereotype scores (positive = male)")
+@click.option("--occupations", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="CSV: an occupation column and numeric statistic columns (with --run: the statistics)")
+@click.option("--templates", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="text file, one template per line, each with {occupation} (and optionally {a}/{A})")
+@click.option("--pairs", multiple=True, help='female/male words, e.g. --pairs " she/ he" (repeatable; default: '
+                                              'she/he, her/his, her/him)')
+@click.option("--statistic", default=None, help="numeric column to correlate with (default: bls_pct_female)")
+@click.option("--strict", is_flag=True, help="refuse pair words that are several tokens (default: use the first)")
+@click.option("--overwrite", is_flag=True, help="replace an existing store at --out")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
+@click.option("--top", default=5, show_default=True, type=int, help="female/male-leaning occupations printed")
+@friendly
+def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
+               device, top):
+    """Gender bias at every depth: log p(she) - log p(he) after occupation prompts, vs. labour statistics."""
+    from .analyze.bias import bias_probe
+    from .errors import ConfigError
+    from .run import open_run
+
+    if run_path:
+        given = [f for f, v in (("--out", out), ("--model", model), ("--templates", templates), ("--corpus", corpus))
+                 if v]
+        if given:
+            raise ConfigError(f"{given[0]} builds and captures a corpus; with --run the run's own prompts are probed")
+        res = open_run(run_path).bias(pairs=list(pairs), strict=strict, statistic=statistic, occupations=occupations,
+                                      device="cpu" if device == "auto" else device)
+    elif not out:
+        raise ConfigError("give --out STORE to capture the occupation corpus, or --run RUN to probe an existing run")
+    else:
+        res = bias_probe(model=model or "smollm2", out=out, occupations=occupations, templates=templates,
+                         pairs=list(pairs), strict=strict, overwrite=overwrite, corpus=corpus or "builtin",
+                         statistic=statistic, device=device, dtype=dtype)
+    for line in res.summary(top):
+        click.echo(line)
+
+
 @cli.command()
 @click.argument("run_path", metavar="RUN")
 @click.option("-o", "--out", default="report.html", show_default=True, help="the HTML file to write")
@@ -281,11 +330,6 @@ def view(run_path, port, host):
         click.echo("stopped")
     finally:
         server.server_close()
-
-@cli.group()
-def probe():
-    """Probes over a stored run: what its hidden states encode, without the model."""
-
 
 @probe.command("linear")
 @click.argument("run_path", metavar="RUN")

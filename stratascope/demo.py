@@ -30,6 +30,7 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
     for line in summary_lines(run.heads(progress=False)):
         echo("  " + line)
     run_generation_demo(gen_out(out), model, overwrite, echo)
+    run_bias_demo(str(Path(out).with_name("bias.zarr")), model=model, overwrite=overwrite, echo=echo)
 
 
 def gen_out(out: str) -> str:
@@ -51,3 +52,17 @@ def run_generation_demo(out: str, model: str = "smollm2", overwrite: bool = Fals
         source = first.idxmax()[1]
         echo(f"{text!r} -> {run.generated_text(p)!r}  (first new token {frame.index[0][1]!r}: "
              f"most attributed to {source!r}, {first.max():.0%})")
+
+
+def run_bias_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
+    """The bias probe on the built-in occupation corpus, stored beside the demo store (reused if there)."""
+    from .analyze.bias import bias_probe
+    from .run import open_run
+
+    echo(f"bias probe on the built-in occupation corpus with {model} into {out}")
+    if Path(out).exists() and not overwrite:
+        res = open_run(out).bias()
+    else:
+        res = bias_probe(model=model, out=out, overwrite=overwrite)
+    for line in res.summary():
+        echo(line)

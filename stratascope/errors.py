@@ -63,3 +63,7 @@ class OverflowError16(StratascopeError, OverflowError):
 
 class ResumeMismatchError(StratascopeError, ValueError):
     """--resume was asked for a store written from another corpus, model or options."""
+
+
+class MissingMetadataError(StratascopeError, LookupError):
+    """An analysis needs corpus metadata (a prompt column) this run does not carry."""

@@ -211,6 +211,15 @@ class Run:
 
         return rankings_watch(self, prompt, watch, position, norm)
 
+    def bias(self, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
+             device: str = "cpu", progress: bool = True):
+        """Bias probe over the prompts with occupation metadata: log p(female) - log p(male) and ranks at
+        every depth, and their correlation with `statistic` (analysis/bias); see stratascope.analyze.bias."""
+        from .analyze.bias import bias
+
+        return bias(self, pairs=pairs, strict=strict, statistic=statistic, occupations=occupations, device=device,
+                    progress=progress)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
