@@ -12,13 +12,15 @@
       return ctx.get('qk', {prompt: st.prompt, layer: layer, head: head}).then(d => {
         if (ctx.stale()) return;
         let query = S.clampPosition(d, st.query);
-        const n = d.n, dh = d.d_head, cw = Math.max(2, Math.min(6, Math.floor(300 / dh)));
+        const n = d.n, dh = d.d_head, cw = Math.max(2, Math.min(18, Math.floor(300 / dh)));
         const band = dh * cw;
         const labelW = Math.min(24, Math.max(4, ...d.labels.map(l => l.length))) * CHAR + 30;
         const xQ = labelW + GAP, xK = xQ + band + GAP, xP = xK + band + GAP, xS = xP + band + GAP, xW = xS + NUM + GAP;
         const W = xW + BAR + 60, H = TOP + n * ROW + PAD + 40;
         const svg = S.svg('svg', {width: W, height: H, class: 'ss-nv-svg', 'font-family': S.TEXT_FONT, 'font-size': 12});
         svg.appendChild(S.svg('rect', {width: W, height: H, fill: '#fff'}));
+        const hl = S.svg('rect', {x: 2, y: 0, width: W - 4, height: ROW, fill: '#fff6d5', class: 'ss-nv-sel', 'pointer-events': 'none'});
+        svg.appendChild(hl);  // under the labels, so it never takes their hover
         [[xQ, 'query q'], [xK, 'key k'], [xP, 'q × k (elementwise)'], [xS, 'q·k × scale'], [xW, 'softmax']].forEach(([x, t]) =>
           svg.appendChild(S.svg('text', {x: x, y: TOP - 10, 'font-family': 'sans-serif', 'font-weight': 'bold', text: t})));
         const y = i => TOP + i * ROW;
@@ -39,7 +41,7 @@
           }
           svg.appendChild(g);
         });
-        const dyn = S.svg('g', {class: 'ss-nv-dyn'});
+        const dyn = S.svg('g', {class: 'ss-nv-dyn', 'pointer-events': 'none'});
         svg.appendChild(dyn);
         const legend = S.legend(svg, PAD, H - 26, [[0, S.diverging(-1, 1)], [0.5, '#fff'], [1, S.diverging(1, 1)]], '');
         const caption = S.el('p', {class: 'ss-caption'});
@@ -53,7 +55,7 @@
           const top = Math.max(...scores), ex = scores.map(s => (s === -Infinity ? 0 : Math.exp(s - top)));
           const total = ex.reduce((a, b) => a + b, 0), weights = ex.map(e => e / total);
           const pmax = Math.max(1e-12, ...prods.filter((_, j) => seen(j)).flat().map(Math.abs));
-          dyn.appendChild(S.svg('rect', {x: 2, y: y(i), width: W - 4, height: ROW, fill: '#fff6d5', class: 'ss-nv-sel'}));
+          hl.setAttribute('y', y(i));
           for (let c = 0; c < dh; c++) {
             dyn.appendChild(S.svg('rect', {x: xQ + c * cw, y: y(i) + 2, width: cw, height: ROW - 4, class: 'ss-nv-q', fill: S.diverging(q[c], kmax)}));
           }

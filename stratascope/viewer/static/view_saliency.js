@@ -38,7 +38,10 @@
           rects.push(r); texts.push(t);
           svg.appendChild(g);
         });
-        const legend = S.legend(svg, 8, H - 28, [[0, S.diverging(-1, 1)], [0.5, '#fff'], [1, S.diverging(1, 1)]], '');
+        // Stored attributions are L2 norms (>= 0): a one-sided scale unless some method gives signed values.
+        const signed = d.rows.some(r => r && r.some(v => v < 0));
+        const legend = S.legend(svg, 8, H - 28, signed ? [[0, S.diverging(-1, 1)], [0.5, '#fff'], [1, S.diverging(1, 1)]]
+                                                       : [[0, '#fff'], [1, S.diverging(1, 1)]], '');
         const caption = S.el('p', {class: 'ss-caption'});
         function shade(t) {
           const vals = d.rows[t - 1];
@@ -51,7 +54,8 @@
             rects[j].setAttribute('data-value', before ? vals[j] : '');
             texts[j].setAttribute('fill', before || j === t ? '#111' : '#bbb');
           });
-          legend.caption.textContent = `share of the attribution: −${max.toPrecision(3)} · 0 · +${max.toPrecision(3)} (darkest)`;
+          legend.caption.textContent = signed ? `share of the attribution: −${max.toPrecision(3)} · 0 · +${max.toPrecision(3)}`
+                                              : `share of the attribution: 0 … ${max.toPrecision(3)}`;
           const gap = d.delta && d.delta[t - 1] !== null && d.delta[t - 1] !== undefined ? `; completeness gap ${d.delta[t - 1].toPrecision(3)}` : '';
           caption.textContent = `Attribution (${d.method}) of the prediction of token ${t} «${d.labels[t]}» (made at position ${t - 1}) ` +
             `over tokens 0-${t - 1}, each as a share of the row's total ${d.row_sum[t - 1].toPrecision(4)}${gap}.`;
