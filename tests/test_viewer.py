@@ -247,3 +247,22 @@ def test_cli_view_serves_on_loopback(viewer_store):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_report_holds_few_neuron_layers_unless_asked(viewer_store, monkeypatch):
+    """q and k of every head are large: without --layers a report holds only `report_layers` layers of
+    the neuron view (evenly spread) and says so; --layers holds exactly those asked for."""
+    import dataclasses
+
+    from stratascope.viewer import registry, report
+
+    run = ss.open_run(viewer_store.path)
+    monkeypatch.setitem(registry.VIEWS, "neuron", dataclasses.replace(registry.VIEWS["neuron"], report_layers=2))
+    monkeypatch.setattr(report, "VIEWS", registry.VIEWS)
+    html = report.build_report(run, prompts="0", views="neuron", progress=False)
+    keys = set(re.findall(r'"(qk\?[^"]+)"', html))
+    assert keys == {f"qk?head={h}\\u0026layer={layer}\\u0026prompt=0" for h in range(4) for layer in (0, 2)}
+    assert "neuron view holds layers 0,2" in html
+    html = report.build_report(run, prompts="0", layers="1", views="neuron", progress=False)
+    assert set(re.findall(r'"(qk\?[^"]+)"', html)) == {f"qk?head={h}\\u0026layer=1\\u0026prompt=0" for h in range(4)}
+    assert registry.spread(list(range(30)), 3) == [0, 14, 29] and registry.spread([4, 5], 3) == [4, 5]

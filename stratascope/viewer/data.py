@@ -44,9 +44,28 @@ def _rounded(values: np.ndarray, decimals: int = 4) -> list:
     return np.where(np.isfinite(a), a, None).tolist()
 
 
+def _cached(run, key: tuple, make: Callable, size: int = 16):
+    """A small per-run LRU of slices: a report asks for the same prompt (and layer) once per head or view."""
+    cache = run.__dict__.setdefault("_viewer_cache", {}).setdefault(key[0], {})  # one LRU per kind
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    value = make()
+    cache[key] = value
+    while len(cache) > size:
+        cache.pop(next(iter(cache)))
+    return value
+
+
 def _prompt_rows(run, prompt: int) -> tuple[slice, dict]:
     """The row slice of a prompt and its token labels (shared by every view)."""
-    sl = run.token_slice(prompt)
+    p = run.prompt_index(prompt)
+    sl = _cached(run, ("slice", p), lambda: run.token_slice(p), size=64)
+    sl2, info = _cached(run, ("rows", sl.start, sl.stop), lambda: _read_prompt_rows(run, prompt, sl))
+    return sl2, dict(info)
+
+
+def _read_prompt_rows(run, prompt: int, sl: slice) -> tuple[slice, dict]:
     rows = run.ds.isel(token=sl)
     raw = [str(t) for t in rows["token_str"].values]
     info = {"prompt": run.prompt_index(prompt), "n": len(raw), "tokens": raw,
@@ -188,8 +207,10 @@ def qk(run, prompt: int, layer: int, head: int) -> dict:
     _check_head(run, queries, head)
     sl, info = _prompt_rows(run, prompt)
     li = captured_layers(run).index(layer)
-    q = queries.isel(token=sl, layer=li, head=head).values.astype(np.float64)
-    k = keys.isel(token=sl, layer=li, head=head).values.astype(np.float64)
+    # Every head of the layer is read at once and kept: the report (and a head selector) asks for the next.
+    q_all, k_all = _cached(run, ("qk", sl.start, sl.stop, li), lambda: (
+        queries.isel(token=sl, layer=li).values, keys.isel(token=sl, layer=li).values), size=4)
+    q, k = q_all[:, head].astype(np.float64), k_all[:, head].astype(np.float64)
     qk_attrs = run.attrs["capture"].get("qk") or {}
     scales = qk_attrs.get("scales") or []
     scale = float(scales[li]) if li < len(scales) else float(q.shape[1]) ** -0.5

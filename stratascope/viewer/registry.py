@@ -20,6 +20,7 @@ class View:
     description: str
     needs: Callable[[object], str | None]      # run -> None if the view can be shown, else why not
     plotly: bool = False                       # the renderer draws with plotly.js
+    report_layers: int | None = None           # a report without --layers holds at most this many layers of it
 
     def unavailable(self, run) -> str | None:
         return self.needs(run)
@@ -70,7 +71,7 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          "the text shaded by each token's attribution to a chosen prediction", _needs_attribution),
     View("neuron", "Neuron view", "qk",
          "one head: the query, the keys and their elementwise products as colour bands, q·k and the softmax",
-         _needs_qk),
+         _needs_qk, report_layers=3),  # q and k of every head are d_head numbers per token each: keep reports small
     View("heads_map", "Heads map", "heads",
          "layers × heads coloured by pattern label or score; click a head for its lines", _needs_result(
              data.HEADS_GROUP, "`stratascope heads`"), True),
@@ -78,6 +79,13 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          "the text coloured by each NMF factor's activation; factor picker, top tokens per factor",
          _needs_result(data.NMF_GROUP, "`stratascope nmf`")),
 )}
+
+
+def spread(values: list[int], n: int) -> list[int]:
+    """At most n of values, evenly spaced, first and last included."""
+    if len(values) <= n:
+        return list(values)
+    return sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)}) if n > 1 else values[:1]
 
 
 def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[dict]:

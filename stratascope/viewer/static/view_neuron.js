@@ -8,7 +8,9 @@
   const ROW = 18, PAD = 10, TOP = 40, CHAR = 7.3, GAP = 14, NUM = 70, BAR = 120;
   S.views.neuron = {
     render: function (body, ctx) {
-      const st = ctx.state, layer = +st.layer, head = st.head === undefined ? 0 : +st.head;
+      const st = ctx.state, head = st.head === undefined ? 0 : +st.head;
+      const layers = (ctx.meta.view_layers || {}).neuron || ctx.meta.layers;  // a report may hold fewer layers here
+      const layer = layers.includes(+st.layer) ? +st.layer : layers[0];
       return ctx.get('qk', {prompt: st.prompt, layer: layer, head: head}).then(d => {
         if (ctx.stale()) return;
         let query = S.clampPosition(d, st.query);
@@ -79,7 +81,7 @@
         }
         draw(query);
         body.append(S.el('div', {class: 'ss-row'}, [
-          S.select('ss-layer', 'Layer', ctx.meta.layers.map(l => [l, 'layer ' + l]), layer, v => ctx.set({layer: +v})),
+          S.select('ss-layer', 'Layer', layers.map(l => [l, 'layer ' + l]), layer, v => ctx.set({layer: +v})),
           S.select('ss-head', 'Head', Array.from({length: d.n_heads}, (_, h) => [h, 'head ' + h]), head, v => ctx.set({head: +v})),
           S.select('ss-query', 'Query', S.positionOptions(d), query, v => ctx.set({query: +v})),
           S.saveButtons(() => svg, () => S.fileName('neuron', 'p' + st.prompt, 'L' + layer, 'H' + head, 'q' + query))]),
