@@ -398,3 +398,54 @@ def test_real_smollm2_report_head_view(browser, tmp_path):
     v = Viewer(browser, ("report", out.as_uri()), "model", prompt=1)
     assert v.count(".ss-thumb") == 2 * 9
     v.done()
+
+
+@pytest.mark.real
+def test_real_smollm2_neuron_heads_nmf(browser, tmp_path):
+    """SmolLM2 end to end through the CLI: capture attention, qk and mlp, run the heads and nmf jobs,
+    `stratascope report`; the neuron view's softmax equals the captured attention (GQA keys, rotary),
+    the heads map shows analysis/heads, the NMF view the stored token weights."""
+    import json
+
+    import zarr
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    store = str(tmp_path / "smol.zarr")
+    runner = CliRunner()
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in ["The capital of France is", XSS_IMG]))
+    res = runner.invoke(cli, ["capture", "--model", "smollm2", "--corpus", str(corpus), "--out", store,
+                              "--capture", "attention,qk,mlp", "--layers", "0,5,29", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for args in (["heads", store], ["nmf", store, "--factors", "4", "--layers", "0,5", "--iterations", "20"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "smol.html"
+    res = runner.invoke(cli, ["report", store, "-o", str(out), "--views", "neuron,heads_map,nmf,head"])
+    assert res.exit_code == 0 and res.stdout.strip() == str(out), res.output  # (the progress bar is on stderr)
+    g = zarr.open_group(store, mode="r")
+    n = int(g["n_tokens"][0])
+    li = list(g["layer"][:]).index(29)
+    att = g["attention"][:n, li, :, :n]
+    v = Viewer(browser, ("report", out.as_uri()), "neuron", prompt=0, layer=29, head=4)
+    assert v.count(".ss-nv-k") == n * 64 and v.count(".ss-nv-tok") == n
+    got = v.page.eval_on_selector_all(".ss-nv-w", "es => es.map(e => +e.dataset.value)")
+    np.testing.assert_allclose(got, att[n - 1, 4], atol=3e-3)
+    v.page.click('.ss-nv-tok[data-i="2"]')
+    v.wait()
+    got = v.page.eval_on_selector_all(".ss-nv-w", "es => es.map(e => +e.dataset.value)")
+    np.testing.assert_allclose(got, att[2, 4], atol=3e-3)
+    v.done("real_smollm2_neuron")
+    v = Viewer(browser, ("report", out.as_uri()), "heads_map")
+    labels = zarr.open_group(store, mode="r", path="analysis/heads")["label"][:]
+    plot = _plot(v, ".ss-heads-map")
+    order = v.page.evaluate("() => document.querySelector('.ss-heads-map').data[0].colorbar.ticktext")
+    assert [[order[i] for i in row] for row in plot["z"]] == [[str(x) for x in row] for row in labels]
+    v.done("real_smollm2_heads_map")
+    v = Viewer(browser, ("report", out.as_uri()), "nmf", prompt=0, factor=1)
+    w = zarr.open_group(store, mode="r", path="analysis/nmf")["token_factor"][:n]
+    values = v.page.eval_on_selector_all(".ss-nmf-box", "es => es.map(e => +e.dataset.value)")
+    np.testing.assert_allclose(values, w[:, 1], atol=1e-4)
+    v.done("real_smollm2_nmf")
