@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 import stratascope as ss
 from stratascope.cli import cli
+from stratascope.errors import OutOfRangeError
 from stratascope.viewer import data, render
 from viewer_fixtures import XSS_IMG, XSS_SCRIPT, viewer_app, viewer_store  # noqa: F401 - fixtures
 
@@ -56,11 +57,76 @@ def test_lens_and_saliency_slices(viewer_store):
     d = data.lens(run, p)
     assert d["topk_labels"][0][0][0] == XSS_IMG.replace(" ", "␣")
     np.testing.assert_allclose(d["topk_probs"], s.topk_probs[rows], atol=1e-4)
-    ranks = s.target_rank[rows].T
-    assert d["target_rank"] == [[None if r < 0 else int(r) + 1 for r in row] for row in ranks]
-    sal = data.saliency(run, p, "grad_x_input")
-    a = s.attribution["grad_x_input"][rows, : s.n(p)]
-    np.testing.assert_allclose(np.array(sal["rows"]) * np.array(sal["row_max"])[:, None], a, atol=2e-3 * np.abs(a).max())
+    ranks = s.target_rank[rows].T  # the lens job's ranks are 1-based, -1 on the last token
+    assert (ranks[:, -1] == -1).all() and (ranks[:, :-1] >= 1).all()
+    assert d["target_rank"] == [[None if r < 0 else int(r) for r in row] for row in ranks]
+    assert d["watch_rank"][0][0] == s.watch_rank[rows][0][0].tolist()
+    for method in ("grad_x_input", "integrated_gradients"):
+        sal = data.saliency(run, p, method)
+        a = s.attribution[method][rows, : s.n(p)].astype(np.float64)
+        assert sal["targets"] == [t + 1 for t in range(s.n(p)) if not np.isnan(a[t, 0])]
+        for t in sal["targets"]:  # row t-1 over keys 0..t-1, scaled to sum to 1 (as Ecco and run.attributions)
+            np.testing.assert_allclose(sal["rows"][t - 1], a[t - 1, :t] / a[t - 1, :t].sum(), atol=1e-4)
+            np.testing.assert_allclose(sal["row_sum"][t - 1], a[t - 1, :t].sum(), rtol=1e-5)
+    assert data.attribution_methods(run) == ["grad_x_input", "integrated_gradients"]  # not the IG delta
+    only_last = data.saliency(run, 3, "grad_x_input")  # prompt 3 attributes its last 3 predictions only
+    assert only_last["targets"] == [s.n(3) - 3, s.n(3) - 2, s.n(3) - 1]
+    assert only_last["rows"][0] is None
+    ig = data.saliency(run, 3, "integrated_gradients")
+    assert ig["delta"][s.n(3) - 2] == pytest.approx(0.01) and ig["delta"][0] is None
+
+
+def test_qk_slice_reproduces_the_stored_attention(viewer_store):
+    """Queries and keys sent to the neuron view give back the captured attention: softmax(q·kᵀ × scale)
+    computed here with numpy over the payload equals the model's own weights."""
+    run = ss.open_run(viewer_store.path)
+    s = viewer_store
+    for p, layer, head in ((0, 0, 0), (3, 2, 3), (1, 1, 2)):
+        d = data.qk(run, p, layer, head)
+        rows = s.rows(p)
+        np.testing.assert_allclose(d["q"], s.queries[rows, layer, head], atol=6e-5)
+        np.testing.assert_allclose(d["k"], s.keys[rows, layer, head], atol=6e-5)
+        scores = np.array(d["q"]) @ np.array(d["k"]).T * d["scale"]
+        scores[np.triu(np.ones_like(scores, dtype=bool), 1)] = -np.inf
+        w = np.exp(scores - scores.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        np.testing.assert_allclose(w, s.att(p, layer)[:, head], atol=2e-3)
+        assert d["scale"] == s.qk_scales[layer] and d["causal"] and len(d["labels"]) == s.n(p)
+    with pytest.raises(OutOfRangeError, match="head 9"):
+        data.qk(run, 0, 0, 9)
+
+
+def test_heads_slice_equals_the_heads_job(viewer_store):
+    run = ss.open_run(viewer_store.path)
+    d = data.heads(run)
+    raw = viewer_store.heads
+    assert d["labels"] == [[str(x) for x in row] for row in raw["label"]]
+    for name in data.HEADS_SCORES:
+        np.testing.assert_allclose(d["scores"][name], raw[name], atol=6e-5)
+    assert d["layers"] == [0, 1, 2] and d["heads"] == [0, 1, 2, 3] and "previous-token" in d["rule"]
+
+
+def test_nmf_slice_and_top_tokens(viewer_store):
+    run = ss.open_run(viewer_store.path)
+    s, p = viewer_store, 4
+    d = data.nmf(run, p)
+    np.testing.assert_allclose(d["weights"], s.token_factor[s.rows(p)], atol=6e-5)
+    assert d["n_factors"] == 3 and d["layers"] == [0, 1, 2]
+    for f in range(3):  # the corpus's largest weights of each factor, by a plain numpy sort
+        w = np.where(s.prompt_index >= 0, s.token_factor[:, f], -np.inf)
+        order = np.argsort(-w, kind="stable")[: data.NMF_TOP]
+        order = order[w[order] > 0]
+        assert [(t["prompt"], t["position"]) for t in d["top"][f]] == [
+            (int(s.prompt_index[r]), int(s.positions[r])) for r in order]
+        np.testing.assert_allclose([t["weight"] for t in d["top"][f]], w[order], atol=6e-5)
+        assert [t["token"] for t in d["top"][f]] == [str(s.token_str[r]) for r in order]
+    old = data.NMF_SCAN_ROWS
+    try:  # streaming in small row blocks gives the same ranking
+        data.NMF_SCAN_ROWS = 7
+        run2 = ss.open_run(s.path)
+        assert data.nmf(run2, p)["top"] == d["top"]
+    finally:
+        data.NMF_SCAN_ROWS = old
 
 
 def _get(url: str, path: str) -> tuple[int, str, bytes]:
@@ -91,7 +157,11 @@ def test_app_path_traversal_is_404_json(viewer_app, path):
     ("/api/attention?prompt=0", 400), ("/api/attention?prompt=0&layer=0&x=1", 400),
     ("/api/attention?prompt=0&prompt=1&layer=0", 400), ("/api/attention?prompt=1e3&layer=0", 400),
     ("/api/attention?prompt=100000000000000000000&layer=0", 400), ("/api/tokens?prompt=5", 404),
-    ("/api/saliency?prompt=0&method=nope", 404), ("/api/nope?prompt=0", 404), ("/api/", 404)])
+    ("/api/saliency?prompt=0&method=nope", 404), ("/api/nope?prompt=0", 404), ("/api/", 404),
+    ("/api/saliency?prompt=0&method=integrated_gradients_delta", 404),
+    ("/api/qk?prompt=0&layer=0&head=4", 404), ("/api/qk?prompt=0&layer=3&head=0", 404),
+    ("/api/qk?prompt=0&layer=0", 400), ("/api/qk?prompt=0&layer=0&head=-1", 404),
+    ("/api/heads?prompt=0", 400), ("/api/nmf?prompt=5", 404), ("/api/nmf?prompt=x", 400)])
 def test_app_bad_requests_are_4xx_json(viewer_app, query, status):
     got, kind, body = _get(viewer_app, query)
     assert got == status and kind == "application/json"
@@ -177,3 +247,22 @@ def test_cli_view_serves_on_loopback(viewer_store):
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "Traceback" not in err
+
+
+def test_report_holds_few_neuron_layers_unless_asked(viewer_store, monkeypatch):
+    """q and k of every head are large: without --layers a report holds only `report_layers` layers of
+    the neuron view (evenly spread) and says so; --layers holds exactly those asked for."""
+    import dataclasses
+
+    from stratascope.viewer import registry, report
+
+    run = ss.open_run(viewer_store.path)
+    monkeypatch.setitem(registry.VIEWS, "neuron", dataclasses.replace(registry.VIEWS["neuron"], report_layers=2))
+    monkeypatch.setattr(report, "VIEWS", registry.VIEWS)
+    html = report.build_report(run, prompts="0", views="neuron", progress=False)
+    keys = set(re.findall(r'"(qk\?[^"]+)"', html))
+    assert keys == {f"qk?head={h}\\u0026layer={layer}\\u0026prompt=0" for h in range(4) for layer in (0, 2)}
+    assert "neuron view holds layers 0,2" in html
+    html = report.build_report(run, prompts="0", layers="1", views="neuron", progress=False)
+    assert set(re.findall(r'"(qk\?[^"]+)"', html)) == {f"qk?head={h}\\u0026layer=1\\u0026prompt=0" for h in range(4)}
+    assert registry.spread(list(range(30)), 3) == [0, 14, 29] and registry.spread([4, 5], 3) == [4, 5]

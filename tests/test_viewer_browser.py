@@ -19,7 +19,8 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-VIEWS = ("tokens", "head", "model", "layer_predictions", "rankings", "rankings_watch", "saliency")
+VIEWS = ("tokens", "head", "model", "layer_predictions", "rankings", "rankings_watch", "saliency", "neuron",
+         "heads_map", "nmf")
 
 
 def label(s: str) -> str:
@@ -84,10 +85,13 @@ class Viewer:
         self.page.select_option(selector, str(value))
         self.wait()
 
+    def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}_{self.kind}.png"), full_page=True)
+
     def done(self, shot: str | None = None) -> None:
         if shot:
-            ARTIFACTS.mkdir(exist_ok=True)
-            self.page.screenshot(path=str(ARTIFACTS / f"{shot}_{self.kind}.png"), full_page=True)
+            self.shot(shot)
         assert self.page.evaluate("window.__pwned") is None
         assert self.count("#ss-view img, #ss-view script, #ss-view iframe") == 0
         assert self.errors == []
@@ -191,9 +195,10 @@ def test_rankings_view(browser, target, viewer_store):
     s, p = viewer_store, 0
     v = Viewer(browser, target, "rankings", prompt=p)
     ranks = s.target_rank[s.rows(p)].T  # depth, token
-    assert _plot(v)["text"] == [["" if r < 0 else str(r + 1) for r in row] for row in ranks]
+    assert _plot(v)["text"] == [["" if r < 0 else str(r) for r in row] for row in ranks]  # stored 1-based
+    assert all(row[-1] == "" for row in _plot(v)["text"])  # the last token has no next token
     v.choose("#ss-prompt", 3)
-    assert _plot(v)["text"] == [["" if r < 0 else str(r + 1) for r in row] for row in s.target_rank[s.rows(3)].T]
+    assert _plot(v)["text"] == [["" if r < 0 else str(r) for r in row] for row in s.target_rank[s.rows(3)].T]
     v.done("rankings")
 
 
@@ -201,12 +206,12 @@ def test_rankings_watch_view(browser, target, viewer_store):
     s, p = viewer_store, 3
     v = Viewer(browser, target, "rankings_watch", prompt=p, position=2)
     w = s.watch_rank[s.rows(p)]
-    assert _plot(v)["text"] == [[str(r + 1) for r in row] for row in w[2]]
+    assert _plot(v)["text"] == [[str(r) for r in row] for row in w[2]]
     ticks = v.page.evaluate("() => document.querySelector('.ss-heat').layout.xaxis.ticktext")
     assert ticks == [ptext(label(x)) for x in WATCH]
     assert "<script>window.__pwned=1</script>" in v.text()
     v.choose(".ss-position", 5)
-    assert _plot(v)["text"] == [[str(r + 1) for r in row] for row in w[5]]
+    assert _plot(v)["text"] == [[str(r) for r in row] for row in w[5]]
     v.done("rankings_watch")
 
 
@@ -215,22 +220,123 @@ def test_saliency_view(browser, target, viewer_store):
     v = Viewer(browser, target, "saliency", prompt=p)
     n = s.n(p)
     assert v.count(".ss-sal-tok") == n
-    a = s.attribution["grad_x_input"][s.rows(p), :n]
+    a = s.attribution["grad_x_input"][s.rows(p), :n].astype(np.float64)
+    targets = [r + 1 for r in range(n) if not np.isnan(a[r, 0])]
+    assert v.count(".ss-target-ok") == len(targets) == 3  # only attributed predictions can be chosen
 
-    def shown(t):
+    def shown(t):  # the target token t: row t-1 of the stored array over keys 0..t-1, as shares of its sum
+        assert v.page.get_attribute(".ss-sal-svg", "data-target") == str(t)
         values = v.page.eval_on_selector_all(".ss-sal-box", "es => es.map(e => e.dataset.value)")
-        expect = np.round(a[t, : t + 1] / np.abs(a[t]).max(), 3)
-        np.testing.assert_allclose([float(x) for x in values[: t + 1]], expect, atol=1.5e-3)
-        assert all(x == "" for x in values[t + 1:])
+        expect = a[t - 1, :t] / a[t - 1, :t].sum()
+        np.testing.assert_allclose([float(x) for x in values[:t]], expect, atol=1.5e-4)
+        assert all(x == "" for x in values[t:])
 
-    shown(n - 1)
-    v.page.click('.ss-sal-tok[data-i="4"]')  # click: that token's prediction becomes the target
+    shown(targets[-1])  # default: the last attributed prediction
+    v.page.click(f'.ss-sal-tok[data-i="{targets[0]}"]')  # click: that token's prediction becomes the target
     v.wait()
-    assert v.page.get_attribute(".ss-sal-svg", "data-target") == "4"
-    shown(4)
+    shown(targets[0])
+    v.page.click('.ss-sal-tok[data-i="1"]')  # not a target: nothing changes
+    assert v.page.get_attribute(".ss-sal-svg", "data-target") == str(targets[0])
     v.choose(".ss-method", "integrated_gradients")
-    assert v.page.get_attribute(".ss-sal-svg", "data-target") == "4"
+    a = s.attribution["integrated_gradients"][s.rows(p), :n].astype(np.float64)
+    shown(targets[0])
+    assert "completeness gap" in v.text()
     v.done("saliency")
+
+
+def softmax_rows(q: np.ndarray, k: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    scores = q.astype(np.float64) @ k.astype(np.float64).T * scale
+    scores[np.triu(np.ones_like(scores, dtype=bool), 1)] = -np.inf
+    w = np.exp(scores - scores.max(1, keepdims=True))
+    return scores, w / w.sum(1, keepdims=True)
+
+
+def test_neuron_view(browser, target, viewer_store):
+    s, p, layer, head = viewer_store, 0, 1, 2
+    v = Viewer(browser, target, "neuron", prompt=p, layer=layer, head=head)
+    n, rows = s.n(p), s.rows(p)
+    q, k = s.queries[rows, layer, head], s.keys[rows, layer, head]
+    dh = q.shape[1]
+    assert v.count(".ss-nv-tok") == n and v.count(".ss-nv-k") == n * dh and v.count(".ss-nv-p") == n * dh
+    assert v.count(".ss-nv-q") == dh
+
+    def check(query, q, k, att):
+        assert v.page.get_attribute(".ss-nv-svg", "data-query") == str(query)
+        scores, w = softmax_rows(q, k, s.qk_scales[layer])
+        got = v.page.eval_on_selector_all(".ss-nv-w", "es => es.map(e => +e.dataset.value)")
+        np.testing.assert_allclose(got, w[query], atol=1e-3)
+        np.testing.assert_allclose(got, att[query], atol=2e-3)  # = the attention the model computed
+        sc = v.page.eval_on_selector_all(".ss-nv-score", "es => es.map(e => e.dataset.value)")
+        assert all(x == "" for x in sc[query + 1:])  # future keys are masked
+        np.testing.assert_allclose([float(x) for x in sc[: query + 1]], scores[query, : query + 1], atol=2e-3)
+        fills = v.page.eval_on_selector_all(".ss-nv-q", "es => es.map(e => e.getAttribute('fill'))")
+        assert [f.startswith("rgba(230,85,13") for f in fills] == list(q[query] >= 0)  # orange = positive
+
+    check(n - 1, q, k, s.att(p, layer)[:, head])
+    v.page.hover('.ss-nv-tok[data-i="2"]')  # hover previews a query
+    check(2, q, k, s.att(p, layer)[:, head])
+    v.page.click('.ss-nv-tok[data-i="3"]')  # click keeps it
+    v.wait()
+    check(3, q, k, s.att(p, layer)[:, head])
+    v.choose(".ss-head", 0)  # head selector: new q and k, the query stays
+    check(3, s.queries[rows, layer, 0], s.keys[rows, layer, 0], s.att(p, layer)[:, 0])
+    v.choose(".ss-layer", 2)
+    check(3, s.queries[rows, 2, 0], s.keys[rows, 2, 0], s.att(p, 2)[:, 0])
+    v.done("neuron")
+
+
+def test_heads_map_view(browser, target, viewer_store):
+    s = viewer_store
+    v = Viewer(browser, target, "heads_map")
+    labels = [[str(x) for x in row] for row in s.heads["label"]]
+    plot = _plot(v, ".ss-heads-map")
+    names = v.page.evaluate("() => document.querySelector('.ss-heads-map').layout.title.text")
+    assert "label" in names and np.array(plot["z"]).shape == (3, 4)
+    order = v.page.evaluate("() => document.querySelector('.ss-heads-map').data[0].colorbar.ticktext")
+    assert [[order[i] for i in row] for row in plot["z"]] == labels
+    v.shot("heads_map")
+    v.choose(".ss-score", "previous_token")  # score picker
+    np.testing.assert_allclose(_plot(v, ".ss-heads-map")["z"], s.heads["previous_token"], atol=1e-4)
+    v.choose(".ss-score", "entropy")
+    np.testing.assert_allclose(_plot(v, ".ss-heads-map")["z"], s.heads["entropy"], atol=1e-4)
+    v.shot("heads_map_entropy")
+    # click the cell of layer 2, head 1: the head view opens on layer 2 with only head 1 shown
+    xy = v.page.evaluate("""() => { const gd = document.querySelector('.ss-heads-map'), L = gd._fullLayout;
+        const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+        return [r.left + L.xaxis.d2p(1), r.top + L.yaxis.d2p(2)]; }""")
+    v.page.mouse.click(*xy)
+    v.wait()
+    assert v.page.get_attribute("#ss-view", "data-view") == "head"
+    pressed = v.page.eval_on_selector_all(".ss-head-toggle", "es => es.map(e => e.getAttribute('aria-pressed'))")
+    assert pressed == ["false", "true", "false", "false"]
+    assert v.page.eval_on_selector(".ss-layer select, select.ss-layer", "e => e.value") == "2"
+    assert v.count(".ss-line") == lines_expected(s.att(0, 2), heads=[1])
+    v.done("heads_map_clicked")
+
+
+def test_nmf_view(browser, target, viewer_store):
+    s, p = viewer_store, 4
+    v = Viewer(browser, target, "nmf", prompt=p)
+    w = s.token_factor[s.rows(p)]
+    assert v.count(".ss-nmf-tok") == s.n(p) and v.count(".ss-factor") == 3 + 1
+
+    def values():
+        return np.array(v.page.eval_on_selector_all(".ss-nmf-box", "es => es.map(e => +e.dataset.value)"))
+
+    np.testing.assert_allclose(values(), w[:, 0], atol=1e-4)
+    top = v.page.eval_on_selector_all(".ss-top-row td:nth-child(3)", "es => es.map(e => +e.textContent)")
+    valid = np.where(s.prompt_index >= 0, s.token_factor[:, 0], -np.inf)
+    order = np.argsort(-valid, kind="stable")[:12]
+    assert top == [int(s.prompt_index[r]) for r in order if valid[r] > 0]
+    v.page.click('.ss-factor[data-factor="2"]')  # factor picker
+    v.wait()
+    np.testing.assert_allclose(values(), w[:, 2], atol=1e-4)
+    assert v.page.get_attribute('.ss-factor[data-factor="2"]', "aria-pressed") == "true"
+    v.page.click('.ss-factor[data-factor="all"]')
+    v.wait()
+    np.testing.assert_allclose(values(), w.max(1), atol=1e-4)
+    assert v.count(".ss-top-row") == 0
+    v.done("nmf")
 
 
 @pytest.mark.parametrize("view", VIEWS)
@@ -241,6 +347,9 @@ def test_xss_prompt_shows_as_text(browser, target, view):
             v.page.click('.ss-thumb[data-layer="0"][data-head="0"]')
         if view == "rankings_watch":
             needle = "<script>window.__pwned=1</script>"
+        if view == "heads_map":  # no prompt text in it: the payload as a top token of the NMF view instead
+            v.done()
+            break
         assert needle in v.text()
         v.done()
 
@@ -289,3 +398,54 @@ def test_real_smollm2_report_head_view(browser, tmp_path):
     v = Viewer(browser, ("report", out.as_uri()), "model", prompt=1)
     assert v.count(".ss-thumb") == 2 * 9
     v.done()
+
+
+@pytest.mark.real
+def test_real_smollm2_neuron_heads_nmf(browser, tmp_path):
+    """SmolLM2 end to end through the CLI: capture attention, qk and mlp, run the heads and nmf jobs,
+    `stratascope report`; the neuron view's softmax equals the captured attention (GQA keys, rotary),
+    the heads map shows analysis/heads, the NMF view the stored token weights."""
+    import json
+
+    import zarr
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    store = str(tmp_path / "smol.zarr")
+    runner = CliRunner()
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in ["The capital of France is", XSS_IMG]))
+    res = runner.invoke(cli, ["capture", "--model", "smollm2", "--corpus", str(corpus), "--out", store,
+                              "--capture", "attention,qk,mlp", "--layers", "0,5,29", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for args in (["heads", store], ["nmf", store, "--factors", "4", "--layers", "0,5", "--iterations", "20"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "smol.html"
+    res = runner.invoke(cli, ["report", store, "-o", str(out), "--views", "neuron,heads_map,nmf,head"])
+    assert res.exit_code == 0 and res.stdout.strip() == str(out), res.output  # (the progress bar is on stderr)
+    g = zarr.open_group(store, mode="r")
+    n = int(g["n_tokens"][0])
+    li = list(g["layer"][:]).index(29)
+    att = g["attention"][:n, li, :, :n]
+    v = Viewer(browser, ("report", out.as_uri()), "neuron", prompt=0, layer=29, head=4)
+    assert v.count(".ss-nv-k") == n * 64 and v.count(".ss-nv-tok") == n
+    got = v.page.eval_on_selector_all(".ss-nv-w", "es => es.map(e => +e.dataset.value)")
+    np.testing.assert_allclose(got, att[n - 1, 4], atol=3e-3)
+    v.page.click('.ss-nv-tok[data-i="2"]')
+    v.wait()
+    got = v.page.eval_on_selector_all(".ss-nv-w", "es => es.map(e => +e.dataset.value)")
+    np.testing.assert_allclose(got, att[2, 4], atol=3e-3)
+    v.done("real_smollm2_neuron")
+    v = Viewer(browser, ("report", out.as_uri()), "heads_map")
+    labels = zarr.open_group(store, mode="r", path="analysis/heads")["label"][:]
+    plot = _plot(v, ".ss-heads-map")
+    order = v.page.evaluate("() => document.querySelector('.ss-heads-map').data[0].colorbar.ticktext")
+    assert [[order[i] for i in row] for row in plot["z"]] == [[str(x) for x in row] for row in labels]
+    v.done("real_smollm2_heads_map")
+    v = Viewer(browser, ("report", out.as_uri()), "nmf", prompt=0, factor=1)
+    w = zarr.open_group(store, mode="r", path="analysis/nmf")["token_factor"][:n]
+    values = v.page.eval_on_selector_all(".ss-nmf-box", "es => es.map(e => +e.dataset.value)")
+    np.testing.assert_allclose(values, w[:, 1], atol=1e-4)
+    v.done("real_smollm2_nmf")

@@ -1,5 +1,6 @@
-"""A small viewer test store: a tiny llama capture (real attention) with XSS prompts, plus synthetic
-lens and attribution results in the schema names the viewer reads; and an app serving it."""
+"""A small viewer test store: a tiny llama capture (real attention, queries/keys and MLP activations)
+with XSS prompts, the real heads and NMF jobs run on it, plus synthetic lens and attribution results
+laid out as the lens job and the attribution capture write them; and an app serving it."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class Store:
         self.topk_ids, self.topk_probs = lens["topk_ids"][:], lens["topk_probs"][:]
         self.target_rank, self.watch_rank = lens["target_rank"][:], lens["watch_rank"][:]
         self.attribution = {m: g[f"attribution_{m}"][:] for m in METHODS}
+        self.queries, self.keys = g["queries"][:], g["keys"][:]  # token, layer, head, d_head
+        self.qk_scales = dict(g.attrs)["capture"]["qk"]["scales"]
+        heads = zarr.open_group(path, mode="r", path="analysis/heads")
+        self.heads = {name: heads[name][:] for name in ("label", "first_token", "previous_token", "self",
+                                                         "entropy_norm", "entropy")}
+        self.token_factor = zarr.open_group(path, mode="r", path="analysis/nmf")["token_factor"][:]
+        self.prompt_index = g["prompt_index"][:]
 
     def rows(self, p: int) -> slice:
         return slice(int(self.offsets[p]), int(self.offsets[p] + self.lengths[p]))
@@ -49,7 +57,7 @@ def viewer_store(tiny_model_dirs, tmp_path_factory) -> Store:
     from stratascope.viewer import synthetic
 
     path = str(tmp_path_factory.mktemp("viewer") / "run.zarr")
-    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=VIEWER_PROMPTS, out=path, capture=("attention",),
+    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=VIEWER_PROMPTS, out=path, capture=("attention", "qk", "mlp"),
                batch_size=8, device="cpu", max_length=100, progress=False)
     g = zarr.open_group(path, mode="r+")
     offsets, lengths = g["token_offset"][:], g["n_tokens"][:]
@@ -62,15 +70,26 @@ def viewer_store(tiny_model_dirs, tmp_path_factory) -> Store:
     segments = np.zeros(n_tokens, dtype=np.int8)  # sentence A/B: the second half of prompt 0 is B
     segments[offsets[0] + lengths[0] // 2: offsets[0] + lengths[0]] = 1
     synthetic.write_token_column(path, "token_type_ids", segments)
-    lens = synthetic.write_lens(path, n_tokens, depths=[0, 1, 2, 3], k=5, vocab_size=vocab_size, watch=WATCH)
+    lens = synthetic.write_lens(path, g["token_id"][:], g["prompt_index"][:], depths=[0, 1, 2, 3], k=5,
+                                vocab_size=vocab_size, watch=WATCH)
     vocab = g["readout/vocab_str"][:]
     for row in range(offsets[1], offsets[1] + lengths[1]):  # top predictions at prompt 1 are payloads
         vocab[int(lens["topk_ids"].values[row, 0, 0])] = XSS_IMG
         vocab[int(lens["topk_ids"].values[row, 1, 0])] = XSS_SCRIPT
     g["readout/vocab_str"][:] = vocab
     positions = g["position"][:]
+    # Targets as `--attribute all` makes them (every position but each prompt's last), except prompt 3
+    # where only the last 3 predictions are targets (as with --generate 3).
+    last = np.append(g["prompt_index"][1:] != g["prompt_index"][:-1], True)
+    targets = ~last
+    targets[offsets[3]: offsets[3] + lengths[3] - 4] = False
     for i, method in enumerate(METHODS):
-        synthetic.write_attribution(path, method, n_tokens, int(g["attention"].shape[-1]), positions, seed=i)
+        synthetic.write_attribution(path, method, n_tokens, int(g["attention"].shape[-1]), positions, targets, seed=i)
+    delta = np.where(targets, 0.01, np.nan).astype(np.float32)  # the (token,) IG gap: not a method of its own
+    synthetic.write_token_column(path, "attribution_integrated_gradients_delta", delta)
+    run = ss.open_run(path)
+    run.heads(top=2)
+    run.nmf(factors=3, layers="0-2", iterations=30, progress=False)
     return Store(path)
 
 

@@ -23,18 +23,49 @@ MIN_WEIGHT = 0.01
 LENS_GROUP = "analysis/lens"
 LENS_TOPK_IDS = "topk_ids"          # (token, depth, k) int: top-k vocabulary ids of the lens
 LENS_TOPK_PROBS = "topk_probs"      # (token, depth, k) float: their probabilities
-LENS_TARGET_RANK = "target_rank"    # (token, depth) int: rank of the next token (0 = top); -1 on a last position
-LENS_WATCH_RANK = "watch_rank"      # (token, depth, watch) int: ranks of the watched tokens
-LENS_WATCH_COORD = "watch"          # coordinate of the watch dim holding the watched strings (or attrs["watch"])
-LENS_RANK_BASE = 0                  # stored ranks count from 0 (the top token); views show 1 for the top
-ATTRIBUTION_PREFIX = "attribution_"  # root arrays attribution_<method> (token, key)
+LENS_TARGET_RANK = "target_rank"    # (token, depth) int: rank of the next token (1 = top); -1 on a last position
+LENS_WATCH_RANK = "watch_rank"      # (token, depth, watch) int: ranks of the watched tokens (1 = top)
+LENS_WATCH_COORD = "watch"          # coordinate of the watch dim holding the watched words
+LENS_RANK_BASE = 1                  # the lens job stores 1-based ranks (1 + entries with a larger logit)
+# root arrays attribution_<method> (token, key): row r = attribution of the prediction made at position r
+# (of token r+1) over keys 0..r, L2 norms (>= 0); rows that are not targets are NaN.
+ATTRIBUTION_PREFIX = "attribution_"
 TOKEN_TYPE_IDS = "token_type_ids"   # optional (token,) array: sentence A/B of an encoder input
+HEADS_GROUP = "analysis/heads"      # (layer, head): entropy, entropy_norm, first_token, previous_token, self, label
+HEADS_SCORES = ("first_token", "previous_token", "self", "entropy_norm", "entropy")
+NMF_GROUP = "analysis/nmf"          # token_factor (token, factor) float32 >= 0; factor coordinate
+NMF_WEIGHTS = "token_factor"
 # ------------------------------------------------------------------------------------------------
+
+
+def _rounded(values: np.ndarray, decimals: int = 4) -> list:
+    """A nested list of rounded floats, None where a value is not finite (JSON has no NaN)."""
+    a = np.round(np.asarray(values, dtype=np.float64), decimals)
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
+def _cached(run, key: tuple, make: Callable, size: int = 16):
+    """A small per-run LRU of slices: a report asks for the same prompt (and layer) once per head or view."""
+    cache = run.__dict__.setdefault("_viewer_cache", {}).setdefault(key[0], {})  # one LRU per kind
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    value = make()
+    cache[key] = value
+    while len(cache) > size:
+        cache.pop(next(iter(cache)))
+    return value
 
 
 def _prompt_rows(run, prompt: int) -> tuple[slice, dict]:
     """The row slice of a prompt and its token labels (shared by every view)."""
-    sl = run.token_slice(prompt)
+    p = run.prompt_index(prompt)
+    sl = _cached(run, ("slice", p), lambda: run.token_slice(p), size=64)
+    sl2, info = _cached(run, ("rows", sl.start, sl.stop), lambda: _read_prompt_rows(run, prompt, sl))
+    return sl2, dict(info)
+
+
+def _read_prompt_rows(run, prompt: int, sl: slice) -> tuple[slice, dict]:
     rows = run.ds.isel(token=sl)
     raw = [str(t) for t in rows["token_str"].values]
     info = {"prompt": run.prompt_index(prompt), "n": len(raw), "tokens": raw,
@@ -130,8 +161,9 @@ def attribution_methods(run) -> list[str]:
 
 
 def saliency(run, prompt: int, method: str) -> dict:
-    """One prompt's attributions: row t attributes the prediction made at token t over keys 0..t,
-    scaled by the row's largest magnitude (sent as row_max) so values lie in [-1, 1]."""
+    """One prompt's attributions, as Ecco shows them: `targets` are the positions t of predicted tokens
+    whose stored row t-1 is a target row (not NaN); rows[t-1] is that row over keys 0..t-1 scaled to
+    sum to 1 (sum of |values|, sent as row_sum so the stored values can be recovered); None elsewhere."""
     methods = attribution_methods(run)
     if method not in methods:
         if not methods:
@@ -140,10 +172,124 @@ def saliency(run, prompt: int, method: str) -> dict:
     sl, info = _prompt_rows(run, prompt)
     n = info["n"]
     a = run.ds[ATTRIBUTION_PREFIX + method].isel(token=sl, key=slice(0, n)).values.astype(np.float64)
-    a = np.nan_to_num(a)
-    row_max = np.abs(a).max(axis=1)
-    scaled = np.round(a / np.where(row_max > 0, row_max, 1)[:, None], 3)
-    return {**info, "method": method, "methods": methods, "rows": scaled.tolist(), "row_max": row_max.tolist()}
+    is_target = ~np.isnan(a[:, 0])
+    is_target[n - 1:] = False  # the last token predicts nothing inside the sequence
+    rows, sums = [], []
+    for r in range(n):
+        if not is_target[r]:
+            rows.append(None)
+            sums.append(None)
+            continue
+        row = np.nan_to_num(a[r, : r + 1])
+        total = float(np.abs(row).sum())
+        rows.append(np.round(row / (total if total > 0 else 1.0), 4).tolist())
+        sums.append(total)
+    out = {**info, "method": method, "methods": methods, "rows": rows, "row_sum": sums,
+           "targets": [int(r) + 1 for r in np.flatnonzero(is_target)]}
+    delta = ATTRIBUTION_PREFIX + method + "_delta"
+    if delta in run.ds:
+        d = run.ds[delta].isel(token=sl).values.astype(np.float64)
+        out["delta"] = [float(d[r]) if is_target[r] and np.isfinite(d[r]) else None for r in range(n)]
+    return out
+
+
+def _check_head(run, array, head: int) -> None:
+    n_heads = int(array.sizes["head"])
+    if not 0 <= head < n_heads:
+        raise OutOfRangeError(f"head {head} is out of range; this model has heads 0-{n_heads - 1}")
+
+
+def qk(run, prompt: int, layer: int, head: int) -> dict:
+    """One head on one prompt for the neuron view: queries and keys (token x d_head, as the scores use
+    them), the scale and mask; the browser forms q×k, q·k·scale and the softmax for the chosen query."""
+    queries, keys = run.require("queries", "qk"), run.require("keys", "qk")
+    _check_layer(run, layer)
+    _check_head(run, queries, head)
+    sl, info = _prompt_rows(run, prompt)
+    li = captured_layers(run).index(layer)
+    # Every head of the layer is read at once and kept: the report (and a head selector) asks for the next.
+    q_all, k_all = _cached(run, ("qk", sl.start, sl.stop, li), lambda: (
+        queries.isel(token=sl, layer=li).values, keys.isel(token=sl, layer=li).values), size=4)
+    q, k = q_all[:, head].astype(np.float64), k_all[:, head].astype(np.float64)
+    qk_attrs = run.attrs["capture"].get("qk") or {}
+    scales = qk_attrs.get("scales") or []
+    scale = float(scales[li]) if li < len(scales) else float(q.shape[1]) ** -0.5
+    return {**info, "layer": layer, "head": head, "n_heads": int(queries.sizes["head"]), "d_head": int(q.shape[1]),
+            "scale": scale, "causal": bool(run.attrs["model"].get("causal", True)),
+            "q": _rounded(q), "k": _rounded(k)}
+
+
+def heads(run) -> dict:
+    """The heads job's summary (analysis/heads): per (layer, head) its scores and pattern label."""
+    if not has_group(run.path, HEADS_GROUP):
+        raise MissingArrayError(f"{run.path} has no head summaries; run `stratascope heads` first")
+    ds = open_dataset(run.path, HEADS_GROUP)
+    from ..analyze.heads import LABELS  # dask/xarray only: no torch
+
+    labels = [[str(x) for x in row] for row in ds["label"].values]
+    order = list(LABELS) + sorted({x for row in labels for x in row} - set(LABELS))
+    out = {"layers": [int(v) for v in ds["layer"].values], "heads": [int(v) for v in ds["head"].values],
+           "labels": labels, "label_names": order, "rule": str(ds.attrs.get("rule", "")),
+           "scores": {name: _rounded(ds[name].values) for name in HEADS_SCORES if name in ds}}
+    if "n_rows" in ds:
+        out["n_rows"] = int(ds["n_rows"].values.max())
+    if "top_prompt" in ds:  # (layer, head, rank): where each head deviates most from its mean pattern
+        out["top_prompt"] = ds["top_prompt"].values.astype(int).tolist()
+        out["top_position"] = ds["top_position"].values.astype(int).tolist()
+    return out
+
+
+NMF_TOP = 12           # top tokens shown per factor
+NMF_SCAN_ROWS = 65536  # rows of token_factor read at a time when ranking the whole corpus
+
+
+def _nmf_dataset(run):
+    if not has_group(run.path, NMF_GROUP):
+        raise MissingArrayError(f"{run.path} has no NMF factors; run `stratascope nmf` first")
+    return open_dataset(run.path, NMF_GROUP)
+
+
+def _nmf_top(run, ds) -> list[list[dict]]:
+    """Per factor, the corpus's NMF_TOP tokens with the largest weight, streaming over row blocks
+    (masked rows skipped); computed once per run object and result."""
+    stamp = str(ds.attrs.get("created", ""))
+    cached = getattr(run, "_viewer_nmf_top", None)
+    if cached and cached[0] == stamp:
+        return cached[1]
+    w, pidx = ds[NMF_WEIGHTS], run.ds["prompt_index"]
+    n, k = w.shape
+    vals, rows = np.empty((0, k)), np.empty((0, k), dtype=np.int64)
+    for start in range(0, n, NMF_SCAN_ROWS):
+        stop = min(n, start + NMF_SCAN_ROWS)
+        block = np.asarray(w[start:stop].values, dtype=np.float64)
+        block[pidx[start:stop].values < 0] = -np.inf
+        vals = np.concatenate([vals, block])
+        rows = np.concatenate([rows, np.broadcast_to(np.arange(start, stop)[:, None], block.shape)])
+        order = np.argsort(-vals, axis=0, kind="stable")[:NMF_TOP]
+        vals, rows = np.take_along_axis(vals, order, 0), np.take_along_axis(rows, order, 0)
+    keep = vals > 0
+    wanted = np.unique(rows[keep])
+    table = run.ds[["token_str", "prompt_index", "position"]].isel(token=wanted)
+    at = {int(r): i for i, r in enumerate(wanted)}
+    strs, prompts, positions = (table[c].values for c in ("token_str", "prompt_index", "position"))
+    top = [[{"label": token_label(str(strs[at[int(r)]])), "token": str(strs[at[int(r)]]),
+             "prompt": int(prompts[at[int(r)]]), "position": int(positions[at[int(r)]]), "weight": round(float(v), 4)}
+            for v, r, ok in zip(vals[:, f], rows[:, f], keep[:, f]) if ok] for f in range(k)]
+    run._viewer_nmf_top = (stamp, top)
+    return top
+
+
+def nmf(run, prompt: int) -> dict:
+    """One prompt's weights on every NMF factor (token x factor), and each factor's top tokens corpus-wide."""
+    ds = _nmf_dataset(run)
+    sl, info = _prompt_rows(run, prompt)
+    w = np.asarray(ds[NMF_WEIGHTS].isel(token=sl).values, dtype=np.float64)
+    params = ds.attrs.get("params", {})
+    return {**info, "n_factors": int(w.shape[1]), "weights": _rounded(w),
+            "layers": [int(v) for v in ds["layer"].values] if "layer" in ds.coords else [],
+            "relative_error": _rounded(ds.attrs.get("relative_error", np.nan)),
+            "params": {k: params[k] for k in ("factors", "iterations", "negative") if k in params},
+            "top": _nmf_top(run, ds)}
 
 
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
@@ -152,6 +298,9 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "attention": (attention, {"prompt": int, "layer": int}),
     "lens": (lens, {"prompt": int}),
     "saliency": (saliency, {"prompt": int, "method": str}),
+    "qk": (qk, {"prompt": int, "layer": int, "head": int}),
+    "heads": (heads, {}),
+    "nmf": (nmf, {"prompt": int}),
 }
 
 
@@ -163,6 +312,10 @@ def data_key(endpoint: str, params: dict) -> str:
 def call(run, endpoint: str, params: dict) -> dict:
     fn, _ = ENDPOINTS[endpoint]
     return fn(run, **params)
+
+
+def has_result(run, group: str) -> bool:
+    return has_group(run.path, group)
 
 
 def has_lens(run, name: str) -> bool:

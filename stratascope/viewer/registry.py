@@ -20,6 +20,7 @@ class View:
     description: str
     needs: Callable[[object], str | None]      # run -> None if the view can be shown, else why not
     plotly: bool = False                       # the renderer draws with plotly.js
+    report_layers: int | None = None           # a report without --layers holds at most this many layers of it
 
     def unavailable(self, run) -> str | None:
         return self.needs(run)
@@ -36,6 +37,16 @@ def _needs_attention(run) -> str | None:
 def _needs_lens(name: str) -> Callable[[object], str | None]:
     def check(run) -> str | None:
         return None if data.has_lens(run, name) else f"no {name} in {data.LENS_GROUP}; run the lens job"
+    return check
+
+
+def _needs_qk(run) -> str | None:
+    return None if "queries" in run.ds and "keys" in run.ds else "this run has no queries/keys; capture with --capture qk"
+
+
+def _needs_result(group: str, how: str) -> Callable[[object], str | None]:
+    def check(run) -> str | None:
+        return None if data.has_result(run, group) else f"this run has no {group}; run {how}"
     return check
 
 
@@ -58,13 +69,34 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          "ranks of watched tokens at every depth for one position", _needs_lens(data.LENS_WATCH_RANK), True),
     View("saliency", "Saliency", "saliency",
          "the text shaded by each token's attribution to a chosen prediction", _needs_attribution),
+    View("neuron", "Neuron view", "qk",
+         "one head: the query, the keys and their elementwise products as colour bands, q·k and the softmax",
+         _needs_qk, report_layers=3),  # q and k of every head are d_head numbers per token each: keep reports small
+    View("heads_map", "Heads map", "heads",
+         "layers × heads coloured by pattern label or score; click a head for its lines", _needs_result(
+             data.HEADS_GROUP, "`stratascope heads`"), True),
+    View("nmf", "NMF factors", "nmf",
+         "the text coloured by each NMF factor's activation; factor picker, top tokens per factor",
+         _needs_result(data.NMF_GROUP, "`stratascope nmf`")),
 )}
+
+
+def spread(values: list[int], n: int) -> list[int]:
+    """At most n of values, evenly spaced, first and last included."""
+    if len(values) <= n:
+        return list(values)
+    return sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)}) if n > 1 else values[:1]
 
 
 def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[dict]:
     """Every parameter set of `view`'s endpoint a report over these prompts and layers needs."""
     if view.endpoint == "attention":
         return [{"prompt": p, "layer": layer} for p in prompts for layer in layers]
+    if view.endpoint == "qk":
+        heads = range(int(run.ds.sizes["head"]))
+        return [{"prompt": p, "layer": layer, "head": h} for p in prompts for layer in layers for h in heads]
+    if view.endpoint == "heads":
+        return [{}]
     if view.endpoint == "saliency":
         return [{"prompt": p, "method": m} for p in prompts for m in data.attribution_methods(run)]
     return [{"prompt": p} for p in prompts]

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, OutOfRangeError
 from . import data, render
-from .registry import VIEWS, view_params
+from .registry import VIEWS, spread, view_params
 
 DEFAULT_PROMPTS = 10
 PREVIEW_CHARS = 80
@@ -99,9 +99,15 @@ def build_report(run, prompts: str | list[int] | None = None, layers: str | list
         f"This report includes prompts {compact_ranges(chosen_prompts) or 'none'} of {run.n_prompts}"
         + (f" and layers {compact_ranges(chosen_layers)} of {len(data.captured_layers(run))}" if chosen_layers else "")
         + f"; `stratascope view {meta['store']}` shows every prompt and layer.")
+    view_layers = {v.name: spread(chosen_layers, v.report_layers) for v in chosen_views
+                   if layers is None and v.report_layers and len(chosen_layers) > v.report_layers}
+    if view_layers:
+        meta["view_layers"] = view_layers
+        meta["included_note"] += "".join(f" The {VIEWS[n].title.lower()} holds layers {compact_ranges(ls)} "
+                                         f"(--layers chooses others)." for n, ls in view_layers.items())
     keys = {}
     for view in chosen_views:
-        for params in view_params(run, view, chosen_prompts, chosen_layers):
+        for params in view_params(run, view, chosen_prompts, view_layers.get(view.name, chosen_layers)):
             keys.setdefault(data.data_key(view.endpoint, params), (view.endpoint, params))
     payload = {key: data.call(run, endpoint, params)
                for key, (endpoint, params) in tqdm(keys.items(), desc="report", unit="slice",

@@ -18,36 +18,50 @@ from ..schemas import SCHEMA_VERSION
 from . import data
 
 
-def write_lens(path: str, n_tokens: int, depths: list[int], k: int, vocab_size: int, watch: list[str],
-               seed: int = 0) -> xr.Dataset:
-    """An analysis/lens group with random top-k ids/probs, next-token ranks and watch ranks; returned for checks."""
+def write_lens(path: str, token_id: np.ndarray, prompt_index: np.ndarray, depths: list[int], k: int,
+               vocab_size: int, watch: list[str], seed: int = 0) -> xr.Dataset:
+    """An analysis/lens group laid out as the lens job writes it (random values): 1-based ranks, and
+    target_id / target_rank -1, target_prob NaN on the last token of each prompt; returned for checks."""
     rng = np.random.default_rng(seed)
-    D = len(depths)
+    n_tokens, D, W = len(token_id), len(depths), len(watch)
     ids = np.stack([rng.choice(vocab_size, size=k, replace=False) for _ in range(n_tokens * D)]).reshape(n_tokens, D, k)
     probs = np.sort(rng.dirichlet(np.full(4 * k, 0.3), size=(n_tokens, D))[..., :k], axis=-1)[..., ::-1]
-    ranks = rng.integers(0, vocab_size, size=(n_tokens, D))
-    ranks[::7] = -1  # stand-in for last positions (no next token)
+    last = np.append(prompt_index[1:] != prompt_index[:-1], True)  # no next token in the same prompt
+    target = np.where(last, -1, np.roll(token_id, -1)).astype(np.int32)
+    ranks = rng.integers(1, vocab_size + 1, size=(n_tokens, D))
+    ranks[last] = -1
+    target_prob = rng.random((n_tokens, D)).astype(np.float32)
+    target_prob[last] = np.nan
     ds = xr.Dataset({
         data.LENS_TOPK_IDS: (("token", "depth", "k"), ids.astype(np.int32)),
         data.LENS_TOPK_PROBS: (("token", "depth", "k"), probs.astype(np.float32)),
         data.LENS_TARGET_RANK: (("token", "depth"), ranks.astype(np.int32)),
+        "target_prob": (("token", "depth"), target_prob),
+        "entropy": (("token", "depth"), rng.random((n_tokens, D)).astype(np.float32)),
+        "kl_final": (("token", "depth"), rng.random((n_tokens, D)).astype(np.float32)),
         data.LENS_WATCH_RANK: (("token", "depth", "watch"),
-                               rng.integers(0, vocab_size, size=(n_tokens, D, len(watch))).astype(np.int32)),
-    }, coords={"depth": np.asarray(depths, dtype=np.int32), data.LENS_WATCH_COORD: np.asarray(watch, dtype=object)})
-    ds.attrs.update({"job": "lens", "synthetic": True})
+                               rng.integers(1, vocab_size + 1, size=(n_tokens, D, W)).astype(np.int32)),
+        "watch_prob": (("token", "depth", "watch"), rng.random((n_tokens, D, W)).astype(np.float32)),
+        "target_id": (("token",), target),
+    }, coords={"depth": np.asarray(depths, dtype=np.int32), "k": np.arange(k, dtype=np.int32),
+               data.LENS_WATCH_COORD: np.asarray(watch, dtype=object),
+               "watch_id": ("watch", rng.choice(vocab_size, size=W, replace=False).astype(np.int32))})
+    ds.attrs.update({"job": "lens", "synthetic": True, "rank": "1-based"})
     ds.to_zarr(path, group=data.LENS_GROUP, mode="w", zarr_format=3, consolidated=False)
     return ds
 
 
 def write_attribution(path: str, method: str, n_tokens: int, max_len: int, positions: np.ndarray,
-                      seed: int = 0) -> np.ndarray:
-    """A root array attribution_<method> (token, key): random values on keys <= position, zero after."""
+                      targets: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A root array attribution_<method> (token, key) laid out as the capture writes it: on target rows
+    (targets True) non-negative values on keys <= position and 0 after; other rows NaN."""
     rng = np.random.default_rng(seed)
-    values = rng.normal(size=(n_tokens, max_len)).astype(np.float32)
+    values = np.abs(rng.normal(size=(n_tokens, max_len))).astype(np.float32)
     values[np.arange(max_len)[None, :] > positions[:, None]] = 0
+    values[~targets] = np.nan
     group = zarr.open_group(path, mode="r+")
     arr = group.create_array(data.ATTRIBUTION_PREFIX + method, shape=values.shape, chunks=values.shape,
-                             dtype="float32", dimension_names=("token", "key"), overwrite=True)
+                             dtype="float32", dimension_names=("token", "key"), overwrite=True, fill_value=np.nan)
     arr[:] = values
     return values
 

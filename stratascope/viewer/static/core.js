@@ -104,6 +104,37 @@
     return v < 0 ? Math.max(0, d.n + v) : Math.min(v, d.n - 1);
   };
 
+  /* ---- colours and token layout shared by the text views (saliency, NMF) and the neuron view ---- */
+  S.rgba = (hex, a) => `rgba(${parseInt(hex.slice(1, 3), 16)},${parseInt(hex.slice(3, 5), 16)},${parseInt(hex.slice(5, 7), 16)},${Math.max(0, Math.min(1, a)).toFixed(3)})`;
+  /* Diverging: orange for positive, blue for negative, opacity = |v| / max. */
+  S.diverging = (v, max) => (max > 0 ? (v >= 0 ? S.rgba('#e6550d', v / max) : S.rgba('#3182bd', -v / max)) : 'rgba(0,0,0,0)');
+  S.TEXT_FONT = 'DejaVu Sans Mono, Menlo, Consolas, monospace';
+  /* Token boxes laid out left to right, wrapping at width W: [{x, y, w}], and the rows used. */
+  S.flowBoxes = function (labels, W, opts) {
+    const o = Object.assign({rowh: 26, char: 7.3, pad: 8, max: 30}, opts || {});
+    const boxes = [];
+    let x = o.pad, row = 0;
+    labels.forEach(label => {
+      const w = S.short(label, o.max).length * o.char + 8;
+      if (x + w > W - o.pad && x > o.pad) { x = o.pad; row++; }
+      boxes.push({x: x, y: o.pad + row * o.rowh, w: w, h: o.rowh - 4});
+      x += w + 3;
+    });
+    return {boxes: boxes, height: 2 * o.pad + (row + 1) * o.rowh};
+  };
+  /* A horizontal colour legend: gradient from `stops` with a caption; returns the <g>. */
+  let gradients = 0;
+  S.legend = function (svg, x, y, stops, caption) {
+    const id = 'ss-grad-' + (++gradients), grad = S.svg('linearGradient', {id: id});
+    stops.forEach(([o, c]) => grad.appendChild(S.svg('stop', {offset: o, 'stop-color': c})));
+    const text = S.svg('text', {x: x + 210, y: y + 9, class: 'ss-legend-text', 'font-size': 11, text: caption});
+    const g = S.svg('g', {class: 'ss-legend'}, [S.svg('defs', {}, [grad]),
+      S.svg('rect', {x: x, y: y, width: 200, height: 10, fill: `url(#${id})`, stroke: '#999'}), text]);
+    svg.appendChild(g);
+    g.caption = text;
+    return g;
+  };
+
   /* ---- attention lines (head view and model view detail), BertViz style ---- */
   const ROW = 20, PAD = 10, GAP = 200, CHAR = 7.3;
   S.attentionSvg = function (d, opts) {
