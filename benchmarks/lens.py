@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 
@@ -71,6 +70,9 @@ def tile(src: str, dst: str, reps: int) -> None:
 
 
 def peak_rss(path: str) -> float:
+    """Peak RSS (VmHWM) of a fresh process computing the lens of `path`. (Not ru_maxrss: on Linux
+    it survives exec, so the child would report this process's own peak.)"""
+    shutil.rmtree(Path(path) / "analysis", ignore_errors=True)  # compute, do not reuse
     code = ("import stratascope as ss\n"
             f"ss.open_run({path!r}).lens(topk=10, watch={WATCH!r}, progress=False)\n"
             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n")

@@ -3,7 +3,6 @@ transformers' output_hidden_states, full-vocabulary softmax and ranks by plain t
 
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -221,3 +220,24 @@ def test_empty_rows_give_empty_arrays(captured):
 
     out = lens_rows(torch.zeros((0, 4, 32)), readout_for(run), np.zeros(0, dtype=np.int64), [1, 2], 3)
     assert out.topk_ids.shape == (0, 4, 3) and out.watch_rank.shape == (0, 4, 2)
+
+
+@pytest.mark.parametrize("norm", ["final", "none"])
+def test_vocabulary_blocks_change_nothing(captured, norm):
+    """Small uneven vocabulary blocks (several per row, targets and watch ids in different
+    blocks) give the same ranks and top-k as the whole vocabulary at once."""
+    family, run, *_ = captured
+    from stratascope.analyze.lens import readout_for
+    from stratascope.analyze.lens_kernel import lens_rows
+
+    h = torch.from_numpy(run.ds.hidden.values)
+    targets = np.r_[run.ds.token_id.values[1:], -1]
+    watch = [0, 5, 150, 299]
+    whole = lens_rows(h, readout_for(run), targets, watch, 7, norm, 3, vocab_block=300)
+    for block in (37, 64):
+        parts = lens_rows(h, readout_for(run), targets, watch, 7, norm, 3, block_elements=2000, vocab_block=block)
+        for name in ("topk_ids", "target_rank", "watch_rank"):
+            np.testing.assert_array_equal(getattr(parts, name), getattr(whole, name), err_msg=name)
+        for name in ("topk_probs", "target_prob", "watch_prob", "entropy", "kl_final"):
+            np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), atol=1e-5, rtol=1e-4,
+                                       err_msg=name)

@@ -60,13 +60,16 @@ def prepare_rows(hidden: torch.Tensor, readout: Readout, norm: str, final_depth:
 
 
 def lens_rows(hidden, readout: Readout, targets=None, watch_ids=(), topk: int = 10, norm: str = "final",
-              final_depth: int | None = None, block_elements: int = BLOCK_ELEMENTS) -> LensArrays:
+              final_depth: int | None = None, block_elements: int = BLOCK_ELEMENTS,
+              vocab_block: int | None = None) -> LensArrays:
     """The logit lens of `hidden` (tokens, D, d_model) through `readout`.
 
     targets: (tokens,) ids of the token that came next, -1 where there is none.
     watch_ids: vocabulary ids whose rank and probability are reported at every row.
     final_depth: index along D of the model's output depth (the KL reference; under norm
     'none' the one depth that is still normalized), or None.
+    block_elements / vocab_block: the rows x vocabulary-block working size, and (for tests)
+    a fixed vocabulary block.
     """
     h = torch.as_tensor(hidden)
     n, D, _ = h.shape
@@ -75,7 +78,7 @@ def lens_rows(hidden, readout: Readout, targets=None, watch_ids=(), topk: int = 
     watch = torch.as_tensor(np.asarray(watch_ids, dtype=np.int64).reshape(-1), device=readout.device)
     tgt = torch.full((n,), -1, dtype=torch.long) if targets is None else torch.as_tensor(np.asarray(targets)).long()
     # Tokens per step: keep rows x vocab block near block_elements, with a block of >= 1024 ids.
-    vb = min(V, max(1024, block_elements // max(1, min(n * D, 2048))))
+    vb = vocab_block or min(V, max(1024, block_elements // max(1, min(n * D, 2048))))
     tb = max(1, min(n, block_elements // vb // D))
     parts = [_lens_tokens(h[i:i + tb], tgt[i:i + tb], watch, readout, k, norm, final_depth, vb)
              for i in range(0, n, tb)]
