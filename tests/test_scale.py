@@ -164,3 +164,22 @@ def test_analysis_on_a_local_cluster_matches_in_process(reference, tmp_path):
     assert cluster.exit_code == 0, cluster.output
     np.testing.assert_allclose(ss.open_run(out).nmf(factors=2, iterations=3, layers=[0, 1]).token_factor.values,
                                first, rtol=1e-5, atol=1e-6)
+
+
+def test_lens_on_a_local_cluster_matches_in_process(reference, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    out = tmp_path / "lens.zarr"
+    shutil.copytree(reference.path, out)
+    local = ss.open_run(out).lens(topk=3, progress=False)
+    expected = {name: local[name].values for name in ("topk_ids", "target_rank")}
+    shutil.rmtree(out / "analysis")
+    result = CliRunner().invoke(cli, ["lens", str(out), "--topk", "3", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    stored = ss.open_run(out).lens(topk=3, progress=False)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(stored[name].values, values)

@@ -329,8 +329,20 @@ def run_lens(run, topk: int = 10, watch=(), depths=None, norm: str = "final", de
     if stored is not None:
         return stored
     ds = lens_dataset(run, params, device)
-    with dask.config.set(scheduler="threads", num_workers=2), _progress(progress):
+    with dask.config.set(**_local_scheduler()), _progress(progress):
         return save_result(run, JOB, ds, params)
+
+
+def _local_scheduler() -> dict:
+    """Two local threads (torch runs multi-threaded inside each task), unless a dask.distributed
+    client is active (--workers/--scheduler): then the job runs on that cluster."""
+    try:
+        from distributed import default_client
+
+        default_client()
+        return {}
+    except (ImportError, ValueError):
+        return {"scheduler": "threads", "num_workers": 2}
 
 
 def _progress(on: bool):
@@ -417,7 +429,7 @@ def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
     if run.n_prompts > max_prompts:
         lines.append(f"  ... {run.n_prompts - max_prompts} more prompts")
     last = ds["target_rank"][:, -1].data
-    scored, hits = dask.compute((last > 0).sum(), (last == 1).sum(), scheduler="threads")
+    scored, hits = dask.compute((last > 0).sum(), (last == 1).sum(), **_local_scheduler())
     if scored:
         lines.append(f"at depth {depths[-1]} the token that came next is ranked 1st for {int(hits)} of {int(scored)} "
                      f"tokens ({100 * hits / scored:.1f}%)")
