@@ -1,4 +1,5 @@
-"""The main job behind `stratascope demo` / `make demo`."""
+"""The main job behind `stratascope demo` / `make demo`: every capture and analysis on SmolLM2,
+ending with the reports."""
 
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ def demo_corpus() -> str:
     return str(files("stratascope") / "data" / "demo_prompts.jsonl")
 
 
+def sibling(out: str, suffix: str) -> str:
+    """runs/demo.zarr -> runs/demo-<suffix>.zarr (or .html)"""
+    path = Path(out)
+    stem = path.name.removesuffix(".zarr")
+    return str(path.with_name(f"{stem}-{suffix}"))
+
+
 def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
     from .capture.runner import capture
+    from .viewer.report import write_report
 
     echo(f"capturing the demo corpus with {model} into {out}")
     run = capture(model=model, corpus=demo_corpus(), out=out, capture=("hidden", "attention", "mlp", "qk"),
@@ -19,27 +28,41 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
     info = run.info()
     echo(f"{info['prompts']} prompts, {info['tokens']} tokens, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk")
     echo(str(run))
-    res = run.nmf(factors=8, layers=range(0, 6), progress=False)
-    echo(f"NMF: 8 factors of MLP neurons in layers 0-5, relative reconstruction error "
-         f"{float(res['relative_error']):.3f}; top tokens per factor:")
-    for f in range(8):
-        echo(f"  factor {f}: " + " ".join(repr(t) for t in dict.fromkeys(run.factor_tokens(f, top=12)["token"])))
+    run_lens_demo(run, echo)
+    run_nmf_demo(run, echo)
     from .analyze.heads import summary_lines
 
     echo("attention heads over the corpus (analysis/heads):")
     for line in summary_lines(run.heads(progress=False)):
         echo("  " + line)
-    run_generation_demo(gen_out(out), model, overwrite, echo)
-    run_bias_demo(str(Path(out).with_name("bias.zarr")), model=model, overwrite=overwrite, echo=echo)
+    gen = run_generation_demo(sibling(out, "gen.zarr"), model, overwrite, echo)
+    bias = run_bias_demo(sibling(out, "bias.zarr"), model=model, overwrite=overwrite, echo=echo)
+    reports = [write_report(r, sibling(out, f"{name}.html")) for name, r in
+               (("report", run), ("gen-report", gen), ("bias-report", bias))]
+    echo("reports (open offline in a browser):")
+    for path in reports:
+        echo(f"  {path}")
 
 
-def gen_out(out: str) -> str:
-    """runs/demo.zarr -> runs/demo-gen.zarr"""
-    path = Path(out)
-    return str(path.with_name(f"{path.name.removesuffix('.zarr')}-gen.zarr"))
+def run_lens_demo(run, echo=print) -> None:
+    """The logit lens of every token (analysis/lens), watching ' he' and ' she'."""
+    from .analyze.lens import summary
+
+    ds = run.lens(topk=10, watch=[" he", " she"], progress=False)
+    echo("logit lens (analysis/lens): the last position's top token at the last depth, and from which depth")
+    for line in summary(run, ds):
+        echo(line)
 
 
-def run_generation_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
+def run_nmf_demo(run, echo=print) -> None:
+    res = run.nmf(factors=8, layers=range(0, 6), progress=False)
+    echo(f"NMF: 8 factors of MLP neurons in layers 0-5, relative reconstruction error "
+         f"{float(res['relative_error']):.3f}; top tokens per factor:")
+    for f in range(8):
+        echo(f"  factor {f}: " + " ".join(repr(t) for t in dict.fromkeys(run.factor_tokens(f, top=12)["token"])))
+
+
+def run_generation_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print):
     """Greedy generation of 5 tokens per prompt, with grad x input attributions of each new token."""
     from .capture.runner import capture
 
@@ -52,10 +75,13 @@ def run_generation_demo(out: str, model: str = "smollm2", overwrite: bool = Fals
         source = first.idxmax()[1]
         echo(f"{text!r} -> {run.generated_text(p)!r}  (first new token {frame.index[0][1]!r}: "
              f"most attributed to {source!r}, {first.max():.0%})")
+    run.lens(topk=10, progress=False)  # rank trajectories of the generated tokens, for the report
+    return run
 
 
-def run_bias_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print) -> None:
-    """The bias probe on the built-in occupation corpus, stored beside the demo store (reused if there)."""
+def run_bias_demo(out: str, model: str = "smollm2", overwrite: bool = False, echo=print):
+    """The bias probe on the built-in occupation corpus, then a linear probe for the majority
+    gender of each occupation's workers (BLS) from the last token's hidden state at a few depths."""
     from .analyze.bias import bias_probe
     from .run import open_run
 
@@ -66,3 +92,11 @@ def run_bias_demo(out: str, model: str = "smollm2", overwrite: bool = False, ech
         res = bias_probe(model=model, out=out, overwrite=overwrite)
     for line in res.summary():
         echo(line)
+    run = open_run(out)
+    probe = run.linear_probe("bls_majority", at="last", depths="0,6,12,18,24,30", group_by="occupation",
+                             control_by="occupation",
+                             progress=False)
+    echo("linear probe for the occupation's majority gender (BLS) at the last token, 5 folds by occupation "
+         "(test occupations never seen in training), with a shuffled-label control:")
+    echo(probe.scores.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return run

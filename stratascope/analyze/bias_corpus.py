@@ -43,7 +43,10 @@ def builtin_occupations(corpus: str = "builtin") -> pd.DataFrame:
     """The built-in occupations with their statistics: 'builtin' (Winogender, 60 rows) or 'professions' (320)."""
     data = files("stratascope") / "data"
     if corpus == "builtin":
-        return pd.read_csv(data / "winogender_occupations_stats.tsv", sep="\t")
+        frame = pd.read_csv(data / "winogender_occupations_stats.tsv", sep="\t")
+        # a categorical label for probes: the majority gender of the occupation's workers (BLS)
+        frame["bls_majority"] = ["female" if v >= 50 else "male" for v in frame["bls_pct_female"]]
+        return frame
     if corpus == "professions":
         rows = json.loads((data / "vig2020_professions.json").read_text(encoding="utf-8"))
         frame = pd.DataFrame(rows, columns=["occupation", "definitional", "stereotypical"])
