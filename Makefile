@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	cd benchmarks && for b in capture scale; do ../$(BIN)/python $$b.py; done
+	for b in capture scale lens attribution nmf viewer; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs
