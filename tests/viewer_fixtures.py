@@ -123,7 +123,8 @@ class ProbeStore:
     def __init__(self, path: str):
         self.path = path
         b = zarr.open_group(path, mode="r", path="analysis/bias")
-        self.log_ratio, self.occupation = b["log_ratio"][:], np.array([str(o) for o in b["occupation"][:]])  # prompt, depth, pair
+        self.log_ratio = b["log_ratio"][:]  # prompt, depth, pair
+        self.occupation = np.array([str(o) for o in b["occupation"][:]])
         self.pairs, self.depths = [str(p) for p in b["pair"][:]], b["depth"][:].tolist()
         c = zarr.open_group(path, mode="r", path="analysis/bias_correlation")
         self.correlation = {k: c[k][:] for k in ("pearson_r", "spearman_rho", "n")}  # pair, depth
