@@ -112,7 +112,7 @@ BIAS_TEMPLATES = ["The {occupation} said that", "{A} {occupation} is", "The {occ
 BIAS_OCCUPATIONS = {
     "occupation": ["nurse", "doctor", XSS_ALERT, "engineer", "fox", XSS_ALERT2, "airport", "dog"],
     "bls_pct_female": [88.0, 38.0, 11.0, 20.0, 50.0, 62.0, 45.0, float("nan")],  # dog: no statistic, not in n
-    XSS_ALERT: ["a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2],  # a label named and valued so
+    XSS_ALERT: ["a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2],  # a label whose name and classes are payloads
 }
 PROBE_LABELS = (XSS_ALERT, "bls_pct_female")  # classification (text classes) and regression
 
