@@ -41,6 +41,14 @@ def has_group(path: str, group: str) -> bool:
         return False
 
 
+def subgroups(path: str, group: str) -> list[str]:
+    """Names of the groups directly under `group` (e.g. the analysis results), [] if there is none."""
+    try:
+        return sorted(zarr.open_group(str(path), path=group, mode="r").group_keys())
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return []
+
+
 def open_capture(path: str, allow_incomplete: bool = False) -> tuple[dict, xr.Dataset]:
     """Validate the store at `path` and return (root attrs, lazy Dataset)."""
     if "://" not in str(path) and not Path(path).exists():

@@ -19,7 +19,8 @@ import stratascope as ss
 from stratascope.cli import cli
 from stratascope.errors import OutOfRangeError
 from stratascope.viewer import data, render
-from viewer_fixtures import XSS_IMG, XSS_SCRIPT, viewer_app, viewer_store  # noqa: F401 - fixtures
+from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, XSS_ALERT, XSS_IMG,  # noqa: F401 - fixtures
+                             XSS_SCRIPT, probe_app, probe_store, viewer_app, viewer_store)
 
 
 def test_json_for_html_cannot_close_script():
@@ -127,6 +128,90 @@ def test_nmf_slice_and_top_tokens(viewer_store):
         assert data.nmf(run2, p)["top"] == d["top"]
     finally:
         data.NMF_SCAN_ROWS = old
+
+
+def test_bias_slice_against_numpy_and_scipy(probe_store):
+    """Per occupation the mean over its prompts of the stored log-ratio (numpy), the statistic from the
+    occupation table, and the stored correlation equal to scipy's on those means."""
+    from scipy import stats
+
+    run, s = ss.open_run(probe_store.path), probe_store
+    stat = dict(zip(BIAS_OCCUPATIONS["occupation"], BIAS_OCCUPATIONS["bls_pct_female"]))
+    assert data.bias_pairs(run) == BIAS_PAIRS and data.meta(run)["bias_pairs"] == BIAS_PAIRS
+    for i, pair in enumerate(BIAS_PAIRS):
+        d = data.bias(run, pair)
+        assert d["occupations"] == BIAS_OCCUPATIONS["occupation"] and d["counts"] == [3] * 8
+        assert (d["female"], d["male"]) == tuple(pair.split("/")) and d["statistic"] == "bls_pct_female"
+        means = np.array([s.log_ratio[s.occupation == o, :, i].mean(0) for o in d["occupations"]])
+        np.testing.assert_allclose(d["means"], means, atol=1e-5)
+        assert d["statistic_values"] == [None if np.isnan(stat[o]) else stat[o] for o in d["occupations"]]
+        ok = np.isfinite([stat[o] for o in d["occupations"]])
+        x = np.array([stat[o] for o in d["occupations"]])[ok]
+        for j in range(1, 4):  # depth 0 reads the same last token for every occupation: undefined there
+            r, rho = stats.pearsonr(means[ok, j], x), stats.spearmanr(means[ok, j], x)
+            np.testing.assert_allclose(d["correlation"]["pearson_r"][j], r.statistic, atol=1e-5)
+            np.testing.assert_allclose(d["correlation"]["spearman_rho"][j], rho.statistic, atol=1e-5)
+            np.testing.assert_allclose(d["correlation"]["spearman_p"][j], rho.pvalue, rtol=1e-4)
+            assert d["correlation"]["n"][j] == 7
+        assert d["correlation"]["pearson_r"][0] is None
+    with pytest.raises(OutOfRangeError, match="pair ' he/ she'"):
+        data.bias(run, " he/ she")
+
+
+def test_bias_slice_of_an_older_result_reads_the_statistic_from_metadata(probe_store, tmp_path):
+    """A bias_correlation written before it stored the statistic per occupation: the viewer averages the
+    prompts' metadata column instead (the same numbers)."""
+    import shutil
+
+    import zarr
+
+    path = str(tmp_path / "old.zarr")
+    shutil.copytree(probe_store.path, path)
+    g = zarr.open_group(path, mode="r+", path="analysis/bias_correlation")
+    del g["statistic_value"], g["occupation"]
+    run = ss.open_run(path)
+    assert data.bias(run, BIAS_PAIRS[0])["statistic_values"] == data.bias(
+        ss.open_run(probe_store.path), BIAS_PAIRS[0])["statistic_values"]
+
+
+def test_probe_slice_against_numpy(probe_store):
+    run, s = ss.open_run(probe_store.path), probe_store
+    assert data.probe_labels(run) == sorted(PROBE_LABELS) == data.meta(run)["probe_labels"]
+    for label, metric in zip(PROBE_LABELS, ("accuracy", "r2")):
+        d, p = data.probe(run, label), s.probes[label]
+        assert d["task"] == ("classify" if metric == "accuracy" else "regress") and d["metric"] == metric
+        np.testing.assert_allclose(d["score"], p[metric].mean(1), atol=1e-4)
+        np.testing.assert_allclose(d["score_sd"], p[metric].std(1, ddof=1), atol=1e-4)
+        np.testing.assert_allclose(d["control"], p["control_" + metric].mean(1), atol=1e-4)
+        assert d["baseline"] == pytest.approx(p["majority"].mean() if metric == "accuracy" else 0.0, abs=1e-4)
+        assert d["depths"] == [0, 1, 2, 3] and d["folds"] == 3 and d["n_rows"] == p["attrs"]["n_rows"]
+    with pytest.raises(OutOfRangeError, match="no probe of label 'nope'"):
+        data.probe(run, "nope")
+    page = run.view.probe(label="bls_pct_female").html()  # notebook: the report page with that state
+    assert '"probe?label=bls_pct_female"' in page and '"label":"bls_pct_female"' in page
+    page = run.view.bias(pair=BIAS_PAIRS[1], depth=2).html()
+    assert '"bias?pair= said/ that"' in page and '"depth":2' in page and XSS_ALERT not in page
+
+
+@pytest.mark.parametrize("query,status", [
+    ("/api/bias?pair=%20he/%20she", 404), ("/api/bias", 400), ("/api/bias?pair=%20was/%20the&x=1", 400),
+    ("/api/probe?label=nope", 404), ("/api/probe?label=../../etc/passwd", 404), ("/api/probe", 400),
+    ("/api/probe?label=bls_pct_female&label=x", 400)])
+def test_app_bias_and_probe_bad_requests(probe_app, query, status):
+    got, kind, body = _get(probe_app, query)
+    assert got == status and kind == "application/json"
+    assert "Traceback" not in body.decode() and json.loads(body)["error"]
+    assert _get(probe_app, "/api/bias?pair=%20was/%20the")[0] == 200
+    assert _get(probe_app, "/api/probe?label=%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")[0] == 200
+
+
+def test_probe_views_never_import_torch(probe_store, tmp_path):
+    code = (f"import sys; import stratascope as ss; from stratascope.viewer import app, report; "
+            f"run = ss.open_run({probe_store.path!r}); report.write_report(run, {str(tmp_path / 'r.html')!r}); "
+            f"a = app.ViewerApp(run); print(a.respond('/api/bias?pair=%20was/%20the')[0], "
+            f"a.respond('/api/probe?label=bls_pct_female')[0], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "200 200 False"
 
 
 def _get(url: str, path: str) -> tuple[int, str, bytes]:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from stratascope.viewer import data
-from viewer_fixtures import WATCH, XSS_IMG, XSS_SCRIPT, viewer_app, viewer_store  # noqa: F401 - fixtures
+from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, WATCH, XSS_ALERT, XSS_ALERT2,  # noqa: F401
+                             XSS_IMG, XSS_SCRIPT, probe_app, probe_store, viewer_app, viewer_store)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -54,6 +55,23 @@ def report_url(viewer_store, tmp_path_factory) -> str:
 @pytest.fixture(params=["report", "app"])
 def target(request, report_url, viewer_app) -> tuple[str, str]:
     return request.param, (report_url if request.param == "report" else viewer_app)
+
+
+@pytest.fixture(scope="module")
+def probe_report_url(probe_store, tmp_path_factory) -> str:
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    out = tmp_path_factory.mktemp("report") / "probes.html"
+    res = CliRunner().invoke(cli, ["report", probe_store.path, "-o", str(out), "--views", "bias,probe"])
+    assert res.exit_code == 0, res.output
+    return out.as_uri()
+
+
+@pytest.fixture(params=["report", "app"])
+def probe_target(request, probe_report_url, probe_app) -> tuple[str, str]:
+    return request.param, (probe_report_url if request.param == "report" else probe_app)
 
 
 class Viewer:
@@ -339,6 +357,98 @@ def test_nmf_view(browser, target, viewer_store):
     v.done("nmf")
 
 
+def _trace(v: "Viewer", cls: str, meta: str | None = None, key: str = "y") -> list:
+    """A plotly chart's trace (the first, or the one whose `meta` is given) values."""
+    return v.page.evaluate("([c, m, k]) => { const d = document.querySelector(c).data; "
+                           "return (m === null ? d[0] : d.find(t => t.meta === m))[k]; }", [cls, meta, key])
+
+
+def _bias_means(s, pair: int) -> dict[str, np.ndarray]:
+    """Occupation -> mean log-ratio over its prompts at every depth, by numpy on the stored table."""
+    return {o: s.log_ratio[s.occupation == o, :, pair].astype(np.float64).mean(0) for o in dict.fromkeys(s.occupation)}
+
+
+def test_bias_view(browser, probe_target, probe_store):
+    from scipy import stats
+
+    s = probe_store
+    v = Viewer(browser, probe_target, "bias")
+    stat = dict(zip(BIAS_OCCUPATIONS["occupation"], BIAS_OCCUPATIONS["bls_pct_female"]))
+    # default rows: by the statistic, highest first, the occupation without one last
+    by_stat = sorted(stat, key=lambda o: -stat[o] if np.isfinite(stat[o]) else np.inf)
+
+    def heat(pair: int):
+        means = _bias_means(s, pair)
+        ticks = v.page.evaluate("() => document.querySelector('.ss-bias-heat').layout.yaxis.ticktext")
+        names = [t.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") for t in ticks]
+        np.testing.assert_allclose(_trace(v, ".ss-bias-heat", key="z"), [means[o] for o in names], atol=2e-5)
+        return names, means
+
+    def scatter(pair: int, depth: int):
+        names, means = heat(pair)
+        shown = [o for o in names if np.isfinite(stat[o])]  # dog has no statistic: not a point
+        x, y = np.array([stat[o] for o in shown]), np.array([means[o][depth] for o in shown])
+        np.testing.assert_allclose(_trace(v, ".ss-bias-scatter", key="x"), x)
+        np.testing.assert_allclose(_trace(v, ".ss-bias-scatter"), y, atol=2e-5)
+        r, rho = stats.pearsonr(y, x).statistic, stats.spearmanr(y, x).statistic  # scipy on the numpy means
+        summary = v.page.inner_text(".ss-bias-summary")
+        assert f"Pearson r = {r:.3f}" in summary and f"Spearman ρ = {rho:.3f}" in summary and "n = 7" in summary
+        title = v.page.evaluate("() => document.querySelector('.ss-bias-scatter').layout.title.text")
+        assert f"r = {r:.3f}" in title and f"depth {depth}" in title
+        np.testing.assert_allclose(_trace(v, ".ss-bias-corr", "spearman_rho")[depth], rho, atol=1e-5)
+        return names
+
+    names = scatter(0, 3)  # the last depth by default
+    assert names == by_stat and v.count(".ss-pair option") == 2
+    assert XSS_ALERT in v.text() and XSS_ALERT2 in v.text()  # occupation names show literally in the chart
+    v.shot("bias")
+    v.choose(".ss-depth", 2)  # depth picker: the scatter and the correlation follow
+    scatter(0, 2)
+    v.choose(".ss-pair", BIAS_PAIRS[1])  # pair picker: another table
+    assert v.page.eval_on_selector(".ss-pair select, select.ss-pair", "e => e.value") == BIAS_PAIRS[1]
+    scatter(1, 2)
+    v.choose(".ss-sort", "name")
+    assert heat(1)[0] == sorted(stat)
+    # click the heatmap's depth-1 column: that depth is picked
+    xy = v.page.evaluate("""() => { const gd = document.querySelector('.ss-bias-heat'), L = gd._fullLayout;
+        const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+        return [r.left + L.xaxis.d2p(1), r.top + L.yaxis.d2p(0)]; }""")
+    v.page.mouse.click(*xy)
+    v.wait()
+    assert v.page.get_attribute(".ss-bias-summary", "data-depth") == "1"
+    scatter(1, 1)
+    v.done("bias_pair2")
+
+
+def test_probe_view(browser, probe_target, probe_store):
+    s = probe_store
+    v = Viewer(browser, probe_target, "probe")
+
+    def curve(label: str, metric: str):
+        p = s.probes[label]
+        score = p[metric].astype(np.float64)  # depth, fold
+        np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "score"), score.mean(1), atol=1e-4)
+        band = np.array(_trace(v, ".ss-probe-plot", "score_hi")) - np.array(_trace(v, ".ss-probe-plot", "score_lo"))
+        np.testing.assert_allclose(band, 2 * score.std(1, ddof=1), atol=3e-4)
+        np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "control"), p["control_" + metric].mean(1), atol=1e-4)
+        baseline = p["majority"].mean() if metric == "accuracy" else 0.0
+        np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "baseline"), [baseline] * len(score), atol=1e-4)
+        assert _trace(v, ".ss-probe-plot", "score", "x") == list(range(4))
+
+    assert v.page.eval_on_selector("select.ss-label", "e => e.value") == PROBE_LABELS[0]
+    curve(PROBE_LABELS[0], "accuracy")
+    facts = v.page.inner_text(".ss-probe-facts")
+    assert facts.startswith(XSS_ALERT) and f'"{XSS_ALERT2}"' in facts  # label name and class names as text
+    assert "2-class" in facts and "24 prompt rows" in facts
+    assert XSS_ALERT in v.text()  # the label's name in the chart title, as text
+    v.shot("probe")
+    v.choose(".ss-label", "bls_pct_female")  # label picker: the regression probe, R²
+    curve("bls_pct_female", "r2")
+    assert "R²" in v.page.evaluate("() => document.querySelector('.ss-probe-plot').layout.yaxis.title.text")
+    assert "21 prompt rows" in v.page.inner_text(".ss-probe-facts")  # dog's 3 prompts have no value
+    v.done("probe_regression")
+
+
 @pytest.mark.parametrize("view", VIEWS)
 def test_xss_prompt_shows_as_text(browser, target, view):
     for p, needle in ((1, "<img␣src=x"), (2, "<script>window.")):
@@ -449,3 +559,44 @@ def test_real_smollm2_neuron_heads_nmf(browser, tmp_path):
     values = v.page.eval_on_selector_all(".ss-nmf-box", "es => es.map(e => +e.dataset.value)")
     np.testing.assert_allclose(values, w[:, 1], atol=1e-4)
     v.done("real_smollm2_nmf")
+
+
+@pytest.mark.real
+def test_real_smollm2_bias_and_probe_views(browser, tmp_path):
+    """SmolLM2 end to end through the CLI on 12 occupations x 2 templates: `probe bias` (she/he ...),
+    `probe linear` on the share of women, `report`; the heatmap equals the stored table's per-occupation
+    means (numpy), the scatter's correlation scipy's, the probe curve the stored folds' mean."""
+    import zarr
+    from click.testing import CliRunner
+    from scipy import stats
+
+    from stratascope.analyze.bias_corpus import builtin_occupations
+    from stratascope.cli import cli
+
+    occ = builtin_occupations().head(12)
+    csv, templates = tmp_path / "occ.csv", tmp_path / "t.txt"
+    occ.to_csv(csv, index=False)
+    templates.write_text("The {occupation} said that\n{A} {occupation} is here because\n")
+    store, out, runner = str(tmp_path / "smol.zarr"), tmp_path / "smol.html", CliRunner()
+    for args in (["probe", "bias", "--model", "smollm2", "--out", store, "--occupations", str(csv), "--templates",
+                  str(templates), "--device", "cpu"],
+                 ["probe", "linear", store, "--label", "bls_pct_female", "--folds", "3", "--epochs", "20"],
+                 ["report", store, "-o", str(out), "--views", "bias,probe"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    g = zarr.open_group(store, mode="r", path="analysis/bias")
+    names = np.array([str(o) for o in g["occupation"][:]])
+    lr = g["log_ratio"][:, :, 0].astype(np.float64)  # " she/ he"
+    v = Viewer(browser, ("report", out.as_uri()), "bias")
+    ticks = v.page.evaluate("() => document.querySelector('.ss-bias-heat').layout.yaxis.ticktext")
+    assert sorted(ticks) == sorted(occ["occupation"]) and len(_trace(v, ".ss-bias-heat", key="z")[0]) == 31
+    np.testing.assert_allclose(_trace(v, ".ss-bias-heat", key="z"), [lr[names == o].mean(0) for o in ticks], atol=2e-5)
+    stat = dict(zip(occ["occupation"], occ["bls_pct_female"]))
+    y = np.array([lr[names == o, 30].mean() for o in ticks])
+    rho = stats.spearmanr(y, [stat[o] for o in ticks]).statistic
+    assert f"Spearman ρ = {rho:.3f}" in v.page.inner_text(".ss-bias-summary") and "n = 12" in v.text()
+    v.done("real_smollm2_bias")
+    v = Viewer(browser, ("report", out.as_uri()), "probe")
+    r2 = zarr.open_group(store, mode="r", path="analysis/probe_bls_pct_female")["r2"][:]
+    np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "score"), r2.mean(1), atol=1e-4)
+    v.done("real_smollm2_probe")

@@ -102,3 +102,61 @@ def viewer_app(viewer_store):
     yield url
     server.shutdown()
     server.server_close()
+
+
+# ---- the bias probe and linear probes: real jobs on a tiny llama, occupation names and a label carrying payloads
+XSS_ALERT = "<img src=x onerror=alert(1)>"   # (the occupation table turns '_' into ' ': no __pwned here;
+XSS_ALERT2 = "<script>alert(2)</script>"     #  an alert is caught as a dialog by the browser tests)
+BIAS_PAIRS = [" was/ the", " said/ that"]  # single tokens of the tiny BPE vocabulary (see test_bias.py)
+BIAS_TEMPLATES = ["The {occupation} said that", "{A} {occupation} is", "The {occupation} was late because"]
+BIAS_OCCUPATIONS = {
+    "occupation": ["nurse", "doctor", XSS_ALERT, "engineer", "fox", XSS_ALERT2, "airport", "dog"],
+    "bls_pct_female": [88.0, 38.0, 11.0, 20.0, 50.0, 62.0, 45.0, float("nan")],  # dog: no statistic, not in n
+    XSS_ALERT: ["a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2],  # a label whose name and classes are payloads
+}
+PROBE_LABELS = (XSS_ALERT, "bls_pct_female")  # classification (text classes) and regression
+
+
+class ProbeStore:
+    """The bias and probe results read with zarr directly (independent of stratascope.viewer.data)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        b = zarr.open_group(path, mode="r", path="analysis/bias")
+        self.log_ratio = b["log_ratio"][:]  # prompt, depth, pair
+        self.occupation = np.array([str(o) for o in b["occupation"][:]])
+        self.pairs, self.depths = [str(p) for p in b["pair"][:]], b["depth"][:].tolist()
+        c = zarr.open_group(path, mode="r", path="analysis/bias_correlation")
+        self.correlation = {k: c[k][:] for k in ("pearson_r", "spearman_rho", "n")}  # pair, depth
+        self.probes = {}
+        for label in PROBE_LABELS:
+            g = zarr.open_group(path, mode="r", path=f"analysis/probe_{label}")
+            self.probes[label] = {k: g[k][:] for k in ("accuracy", "control_accuracy", "majority", "r2", "control_r2")
+                                  if k in g}
+            self.probes[label]["attrs"] = dict(g.attrs)
+
+
+@pytest.fixture(scope="session")
+def probe_store(tiny_model_dirs, tmp_path_factory) -> ProbeStore:
+    import pandas as pd
+
+    import stratascope as ss
+
+    path = str(tmp_path_factory.mktemp("viewer-probes") / "bias.zarr")
+    ss.bias_probe(model=str(tiny_model_dirs["llama"]), out=path, occupations=pd.DataFrame(BIAS_OCCUPATIONS),
+                  templates=BIAS_TEMPLATES, pairs=BIAS_PAIRS, device="cpu", progress=False)
+    run = ss.open_run(path)
+    for label in PROBE_LABELS:
+        run.linear_probe(label, at="last", folds=3, seed=0, epochs=30, progress=False)
+    return ProbeStore(path)
+
+
+@pytest.fixture(scope="session")
+def probe_app(probe_store):
+    import stratascope as ss
+    from stratascope.viewer.app import serve_in_thread
+
+    server, url = serve_in_thread(ss.open_run(probe_store.path))
+    yield url
+    server.shutdown()
+    server.server_close()

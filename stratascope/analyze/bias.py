@@ -266,7 +266,9 @@ def _store_correlation(run, params: dict, corr: pd.DataFrame, statistic: str, st
     shape = (len(pairs), len(depths))
     data = {c: (("pair", "depth"), grid[c].to_numpy().reshape(shape))
             for c in ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "n")}
-    ds = xr.Dataset(data, coords={"pair": np.array(pairs, dtype=object), "depth": np.array(depths, dtype=np.int32)})
+    data["statistic_value"] = (("occupation",), stat.to_numpy(np.float64))  # the scatter's x in the viewer
+    ds = xr.Dataset(data, coords={"pair": np.array(pairs, dtype=object), "depth": np.array(depths, dtype=np.int32),
+                                  "occupation": np.array([str(o) for o in stat.index], dtype=object)})
     ds.attrs.update({"statistic": statistic, "aggregation": "mean log-ratio per occupation over templates",
                      "p_values": "two-sided, scipy.stats.pearsonr / spearmanr"})
     save_result(run, CORRELATION_JOB, ds, params)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MissingArrayError, OutOfRangeError
-from ..store import has_group, open_dataset
+from ..store import has_group, open_dataset, subgroups
 from .render import token_label
 
 # Attention weights below this are not sent: rows sum to 1, so at most 1/MIN_WEIGHT keys per
@@ -35,6 +35,9 @@ HEADS_GROUP = "analysis/heads"      # (layer, head): entropy, entropy_norm, firs
 HEADS_SCORES = ("first_token", "previous_token", "self", "entropy_norm", "entropy")
 NMF_GROUP = "analysis/nmf"          # token_factor (token, factor) float32 >= 0; factor coordinate
 NMF_WEIGHTS = "token_factor"
+BIAS_GROUP = "analysis/bias"        # (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
+BIAS_CORRELATION_GROUP = "analysis/bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
+PROBE_PREFIX = "probe_"             # analysis/probe_<label>: (depth, fold) accuracy or r2, control_*, majority
 # ------------------------------------------------------------------------------------------------
 
 
@@ -292,6 +295,102 @@ def nmf(run, prompt: int) -> dict:
             "top": _nmf_top(run, ds)}
 
 
+def _strings(values) -> np.ndarray:
+    """Text from the store (numpy's StringDType does not cast to a fixed-width str array) as an object array."""
+    return np.array([str(v) for v in values], dtype=object)
+
+
+def bias_pairs(run) -> list[str]:
+    """The word pairs ('female/male') of the stored bias probe, [] if there is none."""
+    if not has_group(run.path, BIAS_GROUP):
+        return []
+    return [str(p) for p in open_dataset(run.path, BIAS_GROUP)["pair"].values]
+
+
+def _bias_statistic(run, ds, corr, occupations: list[str]) -> tuple[str | None, list | None]:
+    """The statistic the correlation used, per occupation: stored with the correlation, or (older
+    results) the mean of its metadata column over each occupation's prompts."""
+    if corr is None or "statistic" not in corr.attrs:
+        return None, None
+    name = str(corr.attrs["statistic"])
+    if "statistic_value" in corr:
+        stat = dict(zip((str(o) for o in corr["occupation"].values), corr["statistic_value"].values.astype(float)))
+    elif "meta_" + name in run.ds and run.ds["meta_" + name].dtype.kind in "biuf":
+        values = run.ds["meta_" + name].isel(prompt=ds["prompt"].values).values.astype(np.float64)
+        occ = _strings(ds["occupation"].values)
+        stat = {o: float(np.nanmean(values[occ == o])) if np.isfinite(values[occ == o]).any() else np.nan
+                for o in occupations}
+    else:
+        return name, None
+    return name, _rounded([stat.get(o, np.nan) for o in occupations], 6)
+
+
+def bias(run, pair: str) -> dict:
+    """The bias probe of one word pair: per occupation (in corpus order) the mean over its prompts of
+    log p(female) - log p(male) at every depth, the statistic per occupation, and the stored correlation
+    (Pearson, Spearman, n) at every depth when it belongs to this table."""
+    if not has_group(run.path, BIAS_GROUP):
+        raise MissingArrayError(f"{run.path} has no bias probe; run `stratascope probe bias --run {run.path}` first")
+    ds = open_dataset(run.path, BIAS_GROUP)
+    pairs = [str(p) for p in ds["pair"].values]
+    if pair not in pairs:
+        raise OutOfRangeError(f"pair {pair!r} is not in the stored bias probe; it has {', '.join(map(repr, pairs))}")
+    i = pairs.index(pair)
+    occ = _strings(ds["occupation"].values)
+    log_ratio = np.asarray(ds["log_ratio"].isel(pair=i).values, dtype=np.float64)  # prompt, depth (small)
+    occupations = list(dict.fromkeys(occ))
+    means = np.stack([log_ratio[occ == o].mean(0) for o in occupations])
+    corr = open_dataset(run.path, BIAS_CORRELATION_GROUP) if has_group(run.path, BIAS_CORRELATION_GROUP) else None
+    if corr is not None:  # a correlation of another table (other pairs, another capture) is not shown
+        params = {k: v for k, v in corr.attrs.get("params", {}).items() if k not in ("statistic", "statistic_sha256")}
+        if params != ds.attrs.get("params") or corr.attrs.get("source") != ds.attrs.get("source"):
+            corr = None
+    statistic, values = _bias_statistic(run, ds, corr, occupations)
+    depths = [int(d) for d in ds["depth"].values]
+    out = {"pairs": pairs, "pair": pair, "female": str(ds["female"].values[i]), "male": str(ds["male"].values[i]),
+           "depths": depths, "occupations": occupations, "means": _rounded(means, 5),
+           "counts": [int((occ == o).sum()) for o in occupations], "n_templates": int(len(set(ds["template"].values))),
+           "statistic": statistic, "statistic_values": values, "correlation": None}
+    if corr is not None and pair in [str(p) for p in corr["pair"].values]:
+        c = corr.sel(pair=pair).reindex(depth=depths)
+        out["correlation"] = {k: _rounded(c[k].values, 6) for k in ("pearson_r", "pearson_p", "spearman_rho",
+                                                                     "spearman_p")}
+        out["correlation"]["n"] = [None if not np.isfinite(n) else int(n) for n in c["n"].values.astype(float)]
+    return out
+
+
+def probe_labels(run) -> list[str]:
+    """The labels with a stored linear probe (analysis/probe_<label>)."""
+    return [g[len(PROBE_PREFIX):] for g in subgroups(run.path, "analysis") if g.startswith(PROBE_PREFIX)]
+
+
+def probe(run, label: str) -> dict:
+    """A stored linear probe's curve: per depth the mean and sd (over folds, ddof=1) of the accuracy
+    (classification) or R² (regression), the control task's mean and the baseline (majority class /
+    R² 0 for predicting the mean)."""
+    labels = probe_labels(run)
+    if label not in labels:
+        if not labels:
+            raise MissingArrayError(f"{run.path} has no linear probes; run `stratascope probe linear` first")
+        raise OutOfRangeError(f"no probe of label {label!r} is stored; this run has {', '.join(map(repr, labels))}")
+    ds = open_dataset(run.path, f"analysis/{PROBE_PREFIX}{label}")
+    task = str(ds.attrs["task"])
+    metric = "accuracy" if task == "classify" else "r2"
+    score = np.asarray(ds[metric].values, dtype=np.float64)  # depth, fold
+    out = {"labels": labels, "label": label, "task": task, "level": str(ds.attrs.get("level", "")), "metric": metric,
+           "depths": [int(d) for d in ds["depth"].values], "folds": int(score.shape[1]),
+           "score": _rounded(score.mean(1)), "score_sd": _rounded(score.std(1, ddof=1) if score.shape[1] > 1
+                                                                  else np.full(len(score), np.nan)),
+           "control": _rounded(ds["control_" + metric].values.mean(1)) if "control_" + metric in ds else None,
+           "baseline": (_rounded(float(ds["majority"].values.mean())) if task == "classify" else 0.0),
+           "n_rows": int(ds.attrs.get("n_rows", 0)), "n_groups": int(ds.attrs.get("n_groups", 0)),
+           "classes": [str(c) for c in ds.attrs.get("outputs", [])] if task == "classify" else [],
+           "params": {k: v for k, v in ds.attrs.get("params", {}).items() if k in ("at", "control", "seed", "task")}}
+    if task == "classify" and "macro_f1" in ds:
+        out["macro_f1"] = _rounded(ds["macro_f1"].values.mean(1))
+    return out
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -301,6 +400,8 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "qk": (qk, {"prompt": int, "layer": int, "head": int}),
     "heads": (heads, {}),
     "nmf": (nmf, {"prompt": int}),
+    "bias": (bias, {"pair": str}),
+    "probe": (probe, {"label": str}),
 }
 
 
@@ -337,5 +438,6 @@ def meta(run) -> dict:
     return {"store": Path(run.path.rstrip("/")).name, "model": {k: m.get(k) for k in ("name", "family", "n_layers",
                                                                                      "n_heads", "causal")},
             "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": captured_layers(run),
-            "methods": attribution_methods(run), "views": views, "min_weight": MIN_WEIGHT}
+            "methods": attribution_methods(run), "views": views, "min_weight": MIN_WEIGHT,
+            "bias_pairs": bias_pairs(run), "probe_labels": probe_labels(run)}
 

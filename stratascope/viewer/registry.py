@@ -50,6 +50,10 @@ def _needs_result(group: str, how: str) -> Callable[[object], str | None]:
     return check
 
 
+def _needs_probe(run) -> str | None:
+    return None if data.probe_labels(run) else "this run has no linear probes; run `stratascope probe linear`"
+
+
 def _needs_attribution(run) -> str | None:
     return None if data.attribution_methods(run) else "this run has no attribution arrays"
 
@@ -78,6 +82,12 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("nmf", "NMF factors", "nmf",
          "the text coloured by each NMF factor's activation; factor picker, top tokens per factor",
          _needs_result(data.NMF_GROUP, "`stratascope nmf`")),
+    View("bias", "Bias probe", "bias",
+         "occupations × depth heatmap of log p(female)/p(male); scatter against the occupation statistic with "
+         "its correlation", _needs_result(data.BIAS_GROUP, "`stratascope probe bias`"), True),
+    View("probe", "Probe accuracy", "probe",
+         "a linear probe's accuracy (or R²) at every depth, ± sd over folds, with the control task and the baseline",
+         _needs_probe, True),
 )}
 
 
@@ -97,6 +107,10 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
         return [{"prompt": p, "layer": layer, "head": h} for p in prompts for layer in layers for h in heads]
     if view.endpoint == "heads":
         return [{}]
+    if view.endpoint == "bias":
+        return [{"pair": pair} for pair in data.bias_pairs(run)]
+    if view.endpoint == "probe":
+        return [{"label": label} for label in data.probe_labels(run)]
     if view.endpoint == "saliency":
         return [{"prompt": p, "method": m} for p in prompts for m in data.attribution_methods(run)]
     return [{"prompt": p} for p in prompts]
