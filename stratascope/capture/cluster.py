@@ -12,31 +12,40 @@ import threading
 import numpy as np
 import zarr
 
-_WORKER_STATE: dict = {}  # per worker process: the loaded model and vocabulary, by key
+_MODELS: dict = {}  # per worker process: loaded models by (name, device, attention), kept across runs
+_VOCABS: dict = {}  # per worker process: each store's vocabulary strings
 _LOCK = threading.Lock()
+
+
+def _device(requested: str) -> str:
+    """On a GPU worker, spread workers over the machine's GPUs by worker name."""
+    import torch
+    from distributed import get_worker
+
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        worker = get_worker()
+        index = worker.name if isinstance(worker.name, int) else 0
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return requested
 
 
 def _capturer(out: str, model: str, cfg, plan, ids_by_prompt: dict[int, list[int]]):
     from ..models import find_adapter, load_model
     from .runner import ShardCapturer
 
-    key = (out, model, cfg.device, tuple(cfg.capture))
+    key = (model, cfg.device, cfg.attn_implementation)
     with _LOCK:
-        if key not in _WORKER_STATE:
+        if key not in _MODELS:
             import torch
             from distributed import get_worker
 
-            worker = get_worker()
-            torch.set_num_threads(max(1, worker.state.nthreads))
-            device = cfg.device
-            if device in ("cuda", "auto") and torch.cuda.is_available():
-                index = worker.name if isinstance(worker.name, int) else 0
-                device = f"cuda:{index % torch.cuda.device_count()}"
-            loaded = load_model(model, device=device, attn=cfg.attn_implementation)
-            vocab = zarr.open_group(out, mode="r")["readout/vocab_str"][:].astype(object)
-            _WORKER_STATE[key] = (loaded, find_adapter(loaded.model), np.asarray(vocab, dtype=object))
-        loaded, adapter, vocab = _WORKER_STATE[key]
-    return ShardCapturer(loaded, adapter, cfg, plan, ids_by_prompt, vocab)
+            torch.set_num_threads(max(1, get_worker().state.nthreads))
+            loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation)
+            _MODELS[key] = (loaded, find_adapter(loaded.model))
+        if out not in _VOCABS:
+            _VOCABS[out] = np.asarray(zarr.open_group(out, mode="r")["readout/vocab_str"][:], dtype=object)
+        loaded, adapter = _MODELS[key]
+    return ShardCapturer(loaded, adapter, cfg, plan, ids_by_prompt, _VOCABS[out])
 
 
 def capture_shard_task(out: str, model: str, cfg, plan, shard, ids_by_prompt: dict[int, list[int]]) -> int:
