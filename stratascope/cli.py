@@ -331,6 +331,7 @@ def view(run_path, port, host):
     finally:
         server.server_close()
 
+
 @probe.command("linear")
 @click.argument("run_path", metavar="RUN")
 @click.option("--label", required=True, help="a token label (label_<name> array) or a prompt metadata column")
