@@ -24,6 +24,7 @@ import torch
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError, OutOfRangeError
+from ..ranges import format_ranges
 from .lens_kernel import LensArrays, lens_rows
 from .readout import NORMS, PRECISIONS, Readout, load_readout
 from .results import load_result, save_result
@@ -81,22 +82,12 @@ def parse_depths(run, depths) -> list[int]:
     for d in wanted:
         d = d + L + 1 if d < 0 else d
         if d not in have:
-            raise OutOfRangeError(f"depth {d} is out of range; this run holds depths {_ranges(have)}")
+            raise OutOfRangeError(f"depth {d} is out of range; this run holds depths {format_ranges(have)}")
         if d not in out:
             out.append(d)
     if not out:
-        raise ConfigError(f"--depths {depths!r} selects no depth; this run holds depths {_ranges(have)}")
+        raise ConfigError(f"--depths {depths!r} selects no depth; this run holds depths {format_ranges(have)}")
     return out
-
-
-def _ranges(values: list[int]) -> str:
-    parts, start = [], None
-    for i, v in enumerate(values):
-        start = v if start is None else start
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(f"{start}" if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(parts)
 
 
 def watch_ids(run, watch) -> tuple[list[str], list[int]]:
@@ -414,7 +405,7 @@ def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
     the depth from which the tokens that came next are ranked first; then corpus totals."""
     depths = [int(d) for d in ds["depth"].values]
     vocab = run.readout["vocab_str"]
-    lines = [f"lens of {run.n_tokens} tokens at depths {_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
+    lines = [f"lens of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
              f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
     for p in range(min(run.n_prompts, max_prompts)):
         rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()

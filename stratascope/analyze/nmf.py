@@ -26,6 +26,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
+from ..ranges import format_ranges
 from .results import load_result, save_result
 
 NEGATIVE = ("clip", "shift")
@@ -59,7 +60,7 @@ def parse_layers(run, layers) -> list[int]:
     captured = [int(v) for v in run.ds["layer"].values]
     if layers is None:
         return captured[:DEFAULT_LAYERS]
-    from ..capture.config import parse_ranges
+    from ..ranges import parse_ranges
 
     n_layers = int(run.attrs["model"]["n_layers"])
     if isinstance(layers, int):
@@ -75,18 +76,8 @@ def parse_layers(run, layers) -> list[int]:
     missing = [v for v in chosen if v not in captured]
     if missing:
         raise OutOfRangeError(f"--layers: layer {missing[0]} was not captured in this run; it has mlp for layers "
-                              f"{_ranges(captured)}")
+                              f"{format_ranges(captured)}")
     return chosen
-
-
-def _ranges(values: list[int]) -> str:
-    out, start = [], None
-    for i, v in enumerate(values):
-        start = v if start is None else start
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(f"{start}" if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(out)
 
 
 def open_matrix(run, layers, chunk_tokens: int | None = None) -> Matrix:
@@ -335,7 +326,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
     missing = [v for v in layers if v not in captured]
     if missing:
         raise OutOfRangeError(f"the factors of {factors_from.path} use layer {missing[0]}, which this run did not "
-                              f"capture (it has mlp for layers {_ranges(captured)}); capture those layers")
+                              f"capture (it has mlp for layers {format_ranges(captured)}); capture those layers")
     negative = src.attrs["params"]["negative"]
     params = {"factors_from": str(factors_from.path), "source_created": src.attrs["created"], "sweeps": int(sweeps)}
     if not recompute and (stored := load_result(run, "nmf_transform", params)) is not None:

@@ -142,7 +142,7 @@ def control_labels(types: np.ndarray, y: np.ndarray, regress: bool, n_classes: i
 
 
 def _parse_depths(depths, captured: np.ndarray) -> np.ndarray:
-    from ..capture.config import parse_ranges
+    from ..ranges import parse_ranges
 
     chosen = parse_ranges(depths, int(captured.max()) + 1, "depths")
     if chosen is None:

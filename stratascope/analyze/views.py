@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import OutOfRangeError
+from ..ranges import format_ranges
 
 
 def token_labels(tokens) -> list[str]:
@@ -23,7 +24,7 @@ def layer_index(run, layer: int) -> int:
     if layer not in captured:
         n = run.attrs["model"]["n_layers"]
         what = "is out of range" if not 0 <= layer < n else "was not captured"
-        raise OutOfRangeError(f"layer {layer} {what}; this run holds layers {_ranges(captured)}")
+        raise OutOfRangeError(f"layer {layer} {what}; this run holds layers {format_ranges(captured)}")
     return captured.index(layer)
 
 
@@ -32,15 +33,6 @@ def check_head(run, head: int) -> int:
     if not 0 <= head < n:
         raise OutOfRangeError(f"head {head} is out of range; this model has heads 0-{n - 1}")
     return head
-
-
-def _ranges(values: list[int]) -> str:
-    parts, start = [], values[0]
-    for a, b in zip(values, values[1:] + [None]):
-        if b != a + 1:
-            parts.append(f"{start}-{a}" if a != start else f"{a}")
-            start = b
-    return ", ".join(parts)
 
 
 def _head_rows(run, name: str, prompt: int, layer: int, head: int) -> tuple[np.ndarray, list[str]]:

@@ -5,33 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
+from ..ranges import parse_ranges  # noqa: F401 - re-exported for callers
 from ..schemas import CAPTURE_NAMES
 
 DTYPES = ("float16", "float32")
-
-
-def parse_ranges(text: str | None, upper: int, what: str) -> list[int] | None:
-    """Parse '0-5,7' into [0..5, 7]; every value must lie in [0, upper). None/'' means all."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return None
-    if not isinstance(text, str):
-        values = [int(v) for v in text]
-    else:
-        values = []
-        for part in text.split(","):
-            part = part.strip()
-            try:
-                if "-" in part[1:]:
-                    lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                    values.extend(range(int(lo), int(hi) + 1))
-                else:
-                    values.append(int(part))
-            except ValueError:
-                raise ConfigError(f"--{what} {text!r}: '{part}' is not a number or a range like 0-5") from None
-    bad = [v for v in values if not 0 <= v < upper]
-    if bad:
-        raise ConfigError(f"--{what} {text!r}: {bad[0]} is out of range; this model has {what} 0-{upper - 1}")
-    return sorted(set(values))
 
 
 def parse_capture(names) -> tuple[str, ...]:

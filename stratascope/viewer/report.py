@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, OutOfRangeError
+from ..ranges import format_ranges
 from . import data, render
 from .registry import VIEWS, spread, view_params
 
@@ -15,34 +16,22 @@ DEFAULT_PROMPTS = 10
 PREVIEW_CHARS = 80
 
 
-def compact_ranges(values: list[int]) -> str:
-    """[0,1,2,5] -> '0-2,5'."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(parts)
-
-
 def choose_layers(run, text: str | list[int] | None) -> list[int]:
     layers = data.captured_layers(run)
     if text is None:
         return layers
-    from ..capture.config import parse_ranges
+    from ..ranges import parse_ranges
 
     chosen = parse_ranges(text, max(layers, default=-1) + 1, "layers") if layers else []
     missing = [v for v in chosen if v not in layers]
     if missing or not chosen:
         raise OutOfRangeError(f"--layers {text!r}: layer {missing[0] if missing else text} was not captured; "
-                              f"this run has layers {compact_ranges(layers)}")
+                              f"this run has layers {format_ranges(layers)}")
     return chosen
 
 
 def choose_prompts(run, text: str | list[int] | None) -> list[int]:
-    from ..capture.config import parse_ranges
+    from ..ranges import parse_ranges
 
     n = run.n_prompts
     if text is None:
@@ -96,14 +85,14 @@ def build_report(run, prompts: str | list[int] | None = None, layers: str | list
     meta.update(mode="report", prompt_list=prompt_list(run, chosen_prompts), layers=chosen_layers,
                 views=[v for v in meta["views"] if v["name"] in {c.name for c in chosen_views}], start=start or {})
     meta["included_note"] = (
-        f"This report includes prompts {compact_ranges(chosen_prompts) or 'none'} of {run.n_prompts}"
-        + (f" and layers {compact_ranges(chosen_layers)} of {len(data.captured_layers(run))}" if chosen_layers else "")
+        f"This report includes prompts {format_ranges(chosen_prompts) or 'none'} of {run.n_prompts}"
+        + (f" and layers {format_ranges(chosen_layers)} of {len(data.captured_layers(run))}" if chosen_layers else "")
         + f"; `stratascope view {meta['store']}` shows every prompt and layer.")
     view_layers = {v.name: spread(chosen_layers, v.report_layers) for v in chosen_views
                    if layers is None and v.report_layers and len(chosen_layers) > v.report_layers}
     if view_layers:
         meta["view_layers"] = view_layers
-        meta["included_note"] += "".join(f" The {VIEWS[n].title.lower()} holds layers {compact_ranges(ls)} "
+        meta["included_note"] += "".join(f" The {VIEWS[n].title.lower()} holds layers {format_ranges(ls)} "
                                          f"(--layers chooses others)." for n, ls in view_layers.items())
     keys = {}
     for view in chosen_views:
