@@ -353,8 +353,9 @@ def bias(run, pair: str) -> dict:
            "statistic": statistic, "statistic_values": values, "correlation": None}
     if corr is not None and pair in [str(p) for p in corr["pair"].values]:
         c = corr.sel(pair=pair).reindex(depth=depths)
-        out["correlation"] = {k: _rounded(c[k].values, 6) for k in ("pearson_r", "pearson_p", "spearman_rho",
-                                                                     "spearman_p")}
+        out["correlation"] = {k: _rounded(c[k].values, 6) for k in ("pearson_r", "spearman_rho")}
+        for k in ("pearson_p", "spearman_p"):  # p-values keep their magnitude (4e-11 is not 0)
+            out["correlation"][k] = [None if not np.isfinite(v) else float(f"{v:.6g}") for v in c[k].values]
         out["correlation"]["n"] = [None if not np.isfinite(n) else int(n) for n in c["n"].values.astype(float)]
     return out
 
