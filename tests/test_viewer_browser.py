@@ -409,6 +409,11 @@ def test_bias_view(browser, probe_target, probe_store):
     scatter(1, 2)
     v.choose(".ss-sort", "name")
     assert heat(1)[0] == sorted(stat)
+    v.choose(".ss-colour", "centred")  # each depth minus its mean over occupations
+    means = _bias_means(s, 1)
+    centred = np.array([means[o] for o in sorted(stat)])
+    np.testing.assert_allclose(_trace(v, ".ss-bias-heat", key="z"), centred - centred.mean(0), atol=5e-5)
+    v.choose(".ss-colour", "raw")
     # click the heatmap's depth-1 column: that depth is picked
     xy = v.page.evaluate("""() => { const gd = document.querySelector('.ss-bias-heat'), L = gd._fullLayout;
         const r = gd.querySelector('.nsewdrag').getBoundingClientRect();

@@ -33,8 +33,13 @@
         if (pairs.length > 1) {
           controls.push(S.select('ss-pair', 'Pair (female/male)', pairs.map(p => [p, p.replace(/ /g, '␣')]), pair, v => ctx.set({pair: v})));
         }
+        // 'centred' subtracts each depth's mean over occupations: a shift that every occupation
+        // shares (e.g. " he" favoured at middle depths) then no longer hides their order.
+        const colour = st.colour === 'centred' ? 'centred' : 'raw';
         controls.push(S.select('ss-depth', 'Depth', d.depths.map(x => [x, String(x)]), depth, v => ctx.set({depth: +v})),
-                      S.select('ss-sort', 'Rows by', sorts, sort, v => ctx.set({sort: v})));
+                      S.select('ss-sort', 'Rows by', sorts, sort, v => ctx.set({sort: v})),
+                      S.select('ss-colour', 'Colour', [['raw', 'log-ratio'], ['centred', 'centred per depth']], colour,
+                               v => ctx.set({colour: v})));
         const c = d.correlation;
         const at = c ? `Pearson r = ${fmt(c.pearson_r[depthIndex], 3)} (p = ${pfmt(c.pearson_p[depthIndex])}), ` +
           `Spearman ρ = ${fmt(c.spearman_rho[depthIndex], 3)} (p = ${pfmt(c.spearman_p[depthIndex])}), n = ${c.n[depthIndex]}` : '';
@@ -47,14 +52,18 @@
                     S.el('div', {class: 'ss-row'}, [S.el('span', {class: 'ss-caption', text: 'heatmap:'}), S.plotlyButtons(heat, name('heatmap'))]),
                     S.el('div', {class: 'ss-scroll'}, [heat]));
         const y = idx.map((_, r) => r), ticks = idx.map(i => S.ptext(S.short(d.occupations[i], 36)));
-        const z = idx.map(i => d.means[i]);
+        const centre = d.depths.map((_, j) => {
+          const col = d.means.map(m => m[j]).filter(v => v !== null);
+          return colour === 'centred' && col.length ? col.reduce((a, b) => a + b, 0) / col.length : 0;
+        });
+        const z = idx.map(i => d.means[i].map((v, j) => (v === null ? null : v - centre[j])));
         const zmax = Math.max(1e-6, ...z.flat().filter(v => v !== null).map(Math.abs));
         const hover = idx.map(i => d.depths.map((x, j) => S.ptext(`${d.occupations[i]} · depth ${x}: ${fmt(d.means[i][j], 3)}` +
           (stat ? ` · ${d.statistic} ${fmt(stat[i], 1)}` : '') + ` · ${d.counts[i]} prompts`)));
         window.Plotly.newPlot(heat, [{type: 'heatmap', z: z, x: d.depths, y: y, customdata: hover, zmid: 0, zmin: -zmax, zmax: zmax,
           colorscale: [[0, MALE], [0.5, '#ffffff'], [1, FEMALE]], xgap: 1, ygap: 1,
           colorbar: {title: {text: S.ptext(ratio), side: 'right'}}, hovertemplate: '%{customdata}<extra></extra>'}], {
-          title: {text: S.ptext(`mean ${ratio} per occupation and depth`)},
+          title: {text: S.ptext(`mean ${ratio} per occupation and depth` + (colour === 'centred' ? ', minus each depth\'s mean' : ''))},
           xaxis: {title: {text: 'depth (click to pick)'}, dtick: 1}, yaxis: {tickvals: y, ticktext: ticks, autorange: 'reversed', automargin: true},
           shapes: [{type: 'rect', xref: 'x', yref: 'paper', x0: depth - 0.5, x1: depth + 0.5, y0: 0, y1: 1, line: {color: '#222', width: 2}}],
           width: Math.max(520, 30 * D + 420), height: Math.max(260, 16 * n + 140), margin: {t: 50}}, S.plotlyConfig(name('heatmap')()));
