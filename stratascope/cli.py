@@ -22,8 +22,10 @@ def friendly(fn):
         except StratascopeError as e:
             raise click.ClickException(str(e)) from e
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: every shard recorded complete is kept; finish the capture with the "
-                       "same command plus --resume", err=True)
+            click.echo("\ninterrupted: " + (
+                "every shard recorded complete is kept; finish the capture with the same command plus --resume"
+                if fn.__name__ == "capture" else "nothing stored before was changed; run the command again"),
+                err=True)
             sys.exit(130)
 
     return wrapper
@@ -143,18 +145,18 @@ def info(run_path, as_json):
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
-@click.option("--factors", default=8, show_default=True, type=int, help="number of factors")
+@click.option("--factors", default=8, show_default=True, type=click.IntRange(1), help="number of factors")
 @click.option("--layers", default=None, help="layers to factorize, e.g. 0-5 (default: the first six captured)")
-@click.option("--iterations", default=200, show_default=True, type=int, help="passes over the store")
+@click.option("--iterations", default=200, show_default=True, type=click.IntRange(1), help="passes over the store")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--negative", default="clip", show_default=True, type=click.Choice(["clip", "shift"]),
               help="clip: max(0, a) (Ecco); shift: subtract each neuron's corpus minimum")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--top", default=8, show_default=True, type=int, help="top tokens printed per factor")
+@click.option("--top", default=8, show_default=True, type=click.IntRange(1), help="top tokens printed per factor")
 @click.option("--factors-from", default=None, metavar="OTHER_RUN",
               help="instead of fitting, project this run onto the factors stored in OTHER_RUN")
-@cluster_options
 @friendly
+@cluster_options
 def nmf(run_path, factors, layers, iterations, seed, negative, device, top, factors_from):
     """Non-negative factors of MLP neuron activations over the whole corpus, out of core."""
     from .run import open_run
@@ -182,10 +184,10 @@ def _token_counts(tokens) -> str:
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
-@click.option("--top", default=5, show_default=True, help="rows kept per head where it deviates most from its pattern")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="rows kept per head where it deviates most from its pattern")
 @click.option("--recompute", is_flag=True, help="compute again even if analysis/heads matches")
-@cluster_options
 @friendly
+@cluster_options
 def heads(run_path, top, recompute):
     """Summarize every attention head over the corpus into analysis/heads and print the pattern counts."""
     from .analyze.heads import heads_frame, summarize_heads, summary_lines
@@ -242,7 +244,7 @@ def probe():
 @click.option("--overwrite", is_flag=True, help="replace an existing store at --out")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
-@click.option("--top", default=5, show_default=True, type=int, help="female/male-leaning occupations printed")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="female/male-leaning occupations printed")
 @friendly
 def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
                device, top):
@@ -286,7 +288,7 @@ def report(run_path, out, prompts, layers, views):
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
-@click.option("--topk", default=10, show_default=True, type=int, help="top entries kept per token and depth")
+@click.option("--topk", default=10, show_default=True, type=click.IntRange(1), help="top entries kept per token and depth")
 @click.option("--watch", multiple=True, help='a word whose rank is tracked, e.g. --watch " he" (repeatable)')
 @click.option("--depths", default=None, help="depths to read out, e.g. 0-30 or 0,10,20 (default: all captured)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
@@ -294,8 +296,8 @@ def report(run_path, out, prompts, layers, views):
               help="bfloat16 is faster where supported; ranks then become approximate")
 @click.option("--norm", default="final", show_default=True, type=click.Choice(["final", "none"]),
               help="none = Ecco's variant: unembed the raw residual (no final norm) below the last depth")
-@cluster_options
 @friendly
+@cluster_options
 def lens(run_path, topk, watch, depths, device, precision, norm):
     """Logit lens of every token at every depth: top-k, rank of the next token, watched tokens, entropy, KL."""
     from .analyze.lens import run_lens, summary
@@ -338,7 +340,7 @@ def view(run_path, port, host):
 @click.option("--at", default="last", show_default=True, type=click.Choice(["last", "mean"]),
               help="prompt labels: the last prompt token, or the mean over the prompt's tokens")
 @click.option("--depths", default=None, help="depths to probe, e.g. 0-30 (default: every captured depth)")
-@click.option("--folds", default=5, show_default=True, type=int, help="cross-validation folds, split by prompt")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="cross-validation folds, split by prompt")
 @click.option("--control", default="shuffle", show_default=True, type=click.Choice(["shuffle", "none"]),
               help="control task: labels shuffled by type (Hewitt & Liang 2019)")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -346,10 +348,10 @@ def view(run_path, port, host):
 @click.option("--group-by", default=None, help="metadata column: prompts sharing a value share a fold")
 @click.option("--control-by", default=None,
               help="metadata column giving prompt labels' control types (default: the prompt text)")
-@click.option("--epochs", default=None, type=int, help="passes over the rows (default: enough for ~1000 steps)")
+@click.option("--epochs", default=None, type=click.IntRange(1), help="passes over the rows (default: enough for ~1000 steps)")
 @click.option("--recompute", is_flag=True, help="ignore a stored result with the same parameters")
-@cluster_options
 @friendly
+@cluster_options
 def probe_linear(run_path, label, at, depths, folds, control, seed, task, group_by, control_by, epochs, recompute):
     """Train a linear probe for LABEL at every depth; print accuracy (or R²), control and baseline."""
     from .run import open_run

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 
+from .errors import ConfigError
+
 
 @contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: bool = False):
@@ -17,9 +19,20 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
     from distributed import Client, LocalCluster
 
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout="15s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"--scheduler {scheduler}: no dask scheduler answered there ({e}); "
+                              "check the address, or use --workers N for a local cluster") from e
+        with client:
             yield client
         return
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       resources={"GPU": 1} if gpu else None) as cluster, Client(cluster) as client:
         yield client
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Fail before anything is written when the scheduler does not answer."""
+    with dask_client(scheduler=scheduler):
+        pass

@@ -28,6 +28,11 @@ def run_demo(out: str = "runs/demo.zarr", model: str = "smollm2", overwrite: boo
     info = run.info()
     echo(f"{info['prompts']} prompts, {info['tokens']} tokens, {info['bytes_on_disk'] / 2**20:.1f} MiB on disk")
     echo(str(run))
+    if not run.attrs["model"]["causal"]:
+        from .errors import ConfigError
+
+        raise ConfigError(f"the demo needs a causal language model (the lens, generation, the bias probe); "
+                          f"{model} is an encoder: use --model smollm2")
     run_lens_demo(run, echo)
     run_nmf_demo(run, echo)
     from .analyze.heads import summary_lines
@@ -55,8 +60,9 @@ def run_lens_demo(run, echo=print) -> None:
 
 
 def run_nmf_demo(run, echo=print) -> None:
-    res = run.nmf(factors=8, layers=range(0, 6), progress=False)
-    echo(f"NMF: 8 factors of MLP neurons in layers 0-5, relative reconstruction error "
+    res = run.nmf(factors=8, progress=False)  # the first six captured layers
+    layers = [int(v) for v in res["layer"].values]
+    echo(f"NMF: 8 factors of MLP neurons in layers {layers[0]}-{layers[-1]}, relative reconstruction error "
          f"{float(res['relative_error']):.3f}; top tokens per factor:")
     for f in range(8):
         echo(f"  factor {f}: " + " ".join(repr(t) for t in dict.fromkeys(run.factor_tokens(f, top=12)["token"])))
@@ -93,7 +99,9 @@ def run_bias_demo(out: str, model: str = "smollm2", overwrite: bool = False, ech
     for line in res.summary():
         echo(line)
     run = open_run(out)
-    probe = run.linear_probe("bls_majority", at="last", depths="0,6,12,18,24,30", group_by="occupation",
+    L = int(run.attrs["model"]["n_layers"])
+    depths = sorted(set(range(0, L + 1, max(1, L // 5))) | {L})
+    probe = run.linear_probe("bls_majority", at="last", depths=depths, group_by="occupation",
                              control_by="occupation",
                              progress=False)
     echo("linear probe for the occupation's majority gender (BLS) at the last token, 5 folds by occupation "

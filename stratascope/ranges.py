@@ -18,6 +18,8 @@ def parse_ranges(text: str | None, upper: int, what: str) -> list[int] | None:
             try:
                 if "-" in part[1:]:
                     lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                    if int(hi) < int(lo):
+                        raise ConfigError(f"--{what} {text!r}: the range '{part}' runs backwards; write {hi}-{lo}")
                     values.extend(range(int(lo), int(hi) + 1))
                 else:
                     values.append(int(part))

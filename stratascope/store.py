@@ -16,6 +16,8 @@ def _open_group(path: str) -> zarr.Group:
         return zarr.open_group(str(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
         raise StoreNotFoundError(f"{path} is not a stratascope store (no Zarr group there)") from e
+    except (ImportError, ValueError) as e:  # an unknown protocol, or s3:// without s3fs
+        raise StoreNotFoundError(f"{path} cannot be opened: {e}") from e
 
 
 def root_attrs(path: str) -> dict:

@@ -218,6 +218,9 @@ def occupation_statistic(run, statistic: str | None = None, occupations=None) ->
         raise ConfigError(f"--statistic {statistic!r} is not a numeric column of {where}; choose one of: "
                           f"{', '.join(numeric) or 'none (give --occupations a CSV with one)'}")
     values = source.groupby("occupation", sort=False)[statistic].mean()
+    if occupations is not None and not set(values.index) & set(occupation_rows(run)["occupation"]):
+        raise ConfigError(f"the --occupations table names none of the occupations in {run.path}; "
+                          "its occupation column must use the same names as the run's prompts")
     return statistic, values.astype(np.float64)
 
 

@@ -9,6 +9,7 @@ along `token` also get the capture's prompt_index, position, token_id and token_
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
-from ..store import has_group, open_dataset
+from ..store import has_group, open_dataset, subgroups
 
 FORMATS = ("parquet", "csv")
 ROWS_PER_PIECE = 2**18  # table rows per written piece: bounded memory whatever the job's size
@@ -26,17 +27,21 @@ TOKEN_COLUMNS = ("prompt_index", "position", "token_id", "token_str")
 
 
 def open_job(run, job: str) -> xr.Dataset:
-    if not has_group(run.path, f"analysis/{job}"):
-        raise MissingArrayError(f"{run.path} has no analysis/{job} result; run `stratascope {job} {run.path}` first")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", job) or not has_group(run.path, f"analysis/{job}"):
+        stored = [g for g in subgroups(run.path, "analysis") if not g.startswith("_partial_")]
+        raise MissingArrayError(f"{run.path} has no analysis/{job} result; stored results: "
+                                f"{', '.join(stored) or 'none yet (run an analysis such as stratascope lens first)'}")
     return open_dataset(run.path, f"analysis/{job}")
 
 
 def row_dims(ds: xr.Dataset) -> tuple[str, ...]:
     """The longest dims tuple (of some variable) contained in at least half of the variables."""
-    dim_sets = [v.dims for v in ds.data_vars.values()]
+    dim_sets = [v.dims for v in ds.data_vars.values() if v.dims]
     if not dim_sets:
         raise ConfigError("the result has no data variables to export")
     shared = [d for d in dim_sets if 2 * sum(set(d) <= set(o) for o in dim_sets) >= len(dim_sets)]
+    if not shared:  # no common layout: the rows of the largest variable
+        return max(ds.data_vars.values(), key=lambda v: v.size).dims
     return max(shared, key=len)
 
 
@@ -82,7 +87,10 @@ def _frame(run, piece: xr.Dataset, dims: tuple[str, ...], start: int) -> pd.Data
         for combo in np.ndindex(*[var.sizes[d] for d in extra]):
             label = ",".join(str(_labels(piece, d)[i]) for d, i in zip(extra, combo))
             cols[f"{name}[{label}]"] = values[(*at, *combo)]
-    return pd.DataFrame(cols)
+    frame = pd.DataFrame(cols)
+    if dims[0] == "token":  # masked padding rows between shards are not tokens
+        frame = frame[frame["prompt_index"] >= 0].reset_index(drop=True)
+    return frame
 
 
 def export_result(run, job: str, out: str, fmt: str | None = None, progress: bool = True) -> int:
@@ -90,6 +98,8 @@ def export_result(run, job: str, out: str, fmt: str | None = None, progress: boo
     fmt = fmt or Path(out).suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)} (or give -o a .parquet/.csv name)")
+    if not Path(out).resolve().parent.is_dir():
+        raise ConfigError(f"-o {out}: the folder {Path(out).resolve().parent} does not exist")
     ds = open_job(run, job)
     partial = f"{out}.partial"
     written, writer = 0, None

@@ -214,6 +214,10 @@ def linear_probe(run, label: str, at: str = "last", folds: int = 5, depths=None,
         raise ConfigError(f"--at {at!r} is not known; use last or mean")
     if control not in ("shuffle", "none"):
         raise ConfigError(f"--control {control!r} is not known; use shuffle or none")
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs {epochs} must be at least 1")
+    if folds < 2:
+        raise ConfigError(f"--folds {folds} must be at least 2 (cross-validation needs a held-out fold)")
     for col in (group_by, control_by):
         if col is not None and col not in prompt_labels:
             raise ConfigError(f"no metadata column '{col}' to group by; available: {', '.join(prompt_labels) or 'none'}")

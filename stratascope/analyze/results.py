@@ -33,11 +33,27 @@ def load_result(run, job: str, params: dict) -> xr.Dataset | None:
 
 def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     """Write `ds` (lazy dask arrays are computed chunk by chunk) to analysis/<job>, replacing any
-    earlier result of that job, and return it reopened lazily from the store."""
+    earlier result of that job, and return it reopened lazily from the store.
+
+    The result is computed into analysis/_partial_<job> and moved into place only once every
+    chunk is written; its params (what load_result matches on) are added last. So an
+    interrupted job never replaces the earlier result, nor is it ever reused.
+    """
+    import fsspec.core
+    import zarr
+
     ds = ds.copy()
-    ds.attrs.update({"job": job, "params": _normalize(params), "source": source_fingerprint(run),
-                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    ds.attrs = {k: v for k, v in ds.attrs.items() if k not in ("params", "source")}
     for var in ds.variables.values():
         var.encoding.clear()
-    ds.to_zarr(run.path, group=f"analysis/{job}", mode="w", zarr_format=3, consolidated=False)
-    return open_dataset(run.path, f"analysis/{job}")
+    staging, final = f"analysis/_partial_{job}", f"analysis/{job}"
+    ds.to_zarr(run.path, group=staging, mode="w", zarr_format=3, consolidated=False)
+    zarr.open_group(run.path, path=staging, mode="r+").attrs.update(
+        {"job": job, "params": _normalize(params), "source": source_fingerprint(run),
+         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    fs, root = fsspec.core.url_to_fs(run.path)
+    src, dst = f"{root.rstrip('/')}/{staging}", f"{root.rstrip('/')}/{final}"
+    if fs.exists(dst):
+        fs.rm(dst, recursive=True)
+    fs.mv(src, dst, recursive=True)
+    return open_dataset(run.path, final)

@@ -55,8 +55,26 @@ def _from_frame(frame: pd.DataFrame, text_column: str, source: str) -> Corpus:
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
             raise CorpusError(f"corpus {source}, record {i + 1}: the '{text_column}' value is {text!r}, not a non-empty text")
+    for col in frame.columns:  # column names become array names in the store
+        name = str(col)
+        if "/" in name or name.startswith(".") or name.startswith("__") or not name.strip():
+            raise CorpusError(f"corpus {source}: the column name {name!r} cannot name a stored array "
+                              "(no '/', no leading '.' or '__', not empty); rename the column")
     metadata = frame.drop(columns=[text_column])
     return Corpus(texts=[str(t) for t in texts], metadata=metadata.reset_index(drop=True), source=source)
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    """The file's lines; a byte that is not UTF-8 is an error naming the line."""
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8").rstrip("\n"))
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"corpus {path}, line {lineno}: not valid UTF-8 ({e.reason}); "
+                                  "save the file as UTF-8") from None
+    return lines
 
 
 def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
@@ -66,25 +84,23 @@ def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
         raise CorpusError(f"corpus {path} does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        with open(path, encoding="utf-8", errors="strict") as f:
-            lines = [line.rstrip("\n").rstrip("\r") for line in f]
+        lines = [line.rstrip("\r") for line in _utf8_lines(path)]
         lines = [line for line in lines if line.strip()]
         return _from_frame(pd.DataFrame({text_column: lines}), text_column, str(path))
     if suffix == ".jsonl":
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"corpus {path}, line {lineno}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise CorpusError(f"corpus {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-                if text_column not in row:
-                    raise CorpusError(f"corpus {path}, line {lineno}: no '{text_column}' field; choose one with --text-column")
-                rows.append(row)
+        for lineno, line in enumerate(_utf8_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"corpus {path}, line {lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise CorpusError(f"corpus {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            if text_column not in row:
+                raise CorpusError(f"corpus {path}, line {lineno}: no '{text_column}' field; choose one with --text-column")
+            rows.append(row)
         return _from_frame(pd.DataFrame(rows), text_column, str(path))
     try:
         if suffix == ".csv":

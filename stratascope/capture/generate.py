@@ -108,5 +108,5 @@ def generate_window(model: torch.nn.Module, ids: list[list[int]], lo: int, hi: i
         batch = order[start:start + batch_size]
         generated = generate_batch(model, [ids[p] for p in batch], cfg, device, prompt_ids=batch)
         for p, new in zip(batch, generated):
-            ids[p] = list(ids[p]) + new
+            ids[p] = np.concatenate([np.asarray(ids[p], dtype=np.int32), np.asarray(new, dtype=np.int32)])
 

@@ -206,7 +206,12 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     data = read_corpus(corpus, text_column) if corpus is not None else from_prompts(prompts, text_column)
     if not dry_run:
         prepare_output(out, overwrite, resume)
-    loaded = load_model(model, device=cfg.device, attn=cfg.attn_implementation)
+    if scheduler:
+        from ..cluster import check_scheduler
+
+        check_scheduler(scheduler)
+    # on a cluster the workers run the model; here it only gives tokenizer, sizes and readout
+    loaded = load_model(model, device="cpu" if workers or scheduler else cfg.device, attn=cfg.attn_implementation)
     adapter = find_adapter(loaded.model)
     n_new = cfg.generate
     if n_new or cfg.gradients:
@@ -244,7 +249,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     if workers or scheduler:
         from .cluster import run_on_cluster
 
-        del loaded  # workers load their own copy
+        del loaded, adapter  # workers load their own copy
         run_on_cluster(out, model, cfg, plan, ids, todo, workers=workers, scheduler=scheduler, progress=progress)
     else:
         _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
@@ -301,7 +306,6 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
                    "token_labels": list(labels)},
-        "identity": _identity(loaded, adapter, cfg, data),
         "generation": cfg.generation.to_attrs() if cfg.generate else None,
         "gradients": cfg.gradients.to_attrs() if cfg.gradients else None,
         "software": {"python": platform.python_version(), "torch": torch.__version__,
@@ -322,6 +326,9 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     create_records(root, len(plan.shards))
     write_readout(root, adapter, loaded.tokenizer, vocab)
     write_token_labels(root, labels, plan, cfg.generate)
+    # last: --resume accepts a store only once it carries its identity, so a store whose
+    # creation was interrupted is never continued
+    root.attrs["identity"] = _identity(loaded, adapter, cfg, data)
     return root
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from ..errors import StoreExistsError, StoreNotFoundError
+from ..errors import ConfigError, StoreExistsError, StoreNotFoundError
 from ..schemas import VARIABLES
 
 CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
@@ -21,7 +21,10 @@ FLOAT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 def _fs(path: str):
     import fsspec.core
 
-    return fsspec.core.url_to_fs(str(path))
+    try:
+        return fsspec.core.url_to_fs(str(path))
+    except (ImportError, ValueError) as e:  # an unknown protocol, or s3:// without s3fs
+        raise ConfigError(f"--out {path}: {e}") from e
 
 
 def is_store(path: str | Path) -> bool:
@@ -86,9 +89,10 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_row
 
 class ShardWriter:
     """Writes finished shards from a background thread, so compression and I/O overlap the
-    next shard's compute. A shard is recorded complete only after all its rows are written."""
+    next shard's compute. A shard is recorded complete only after all its rows are written.
+    At most three shard buffers live at once: one computing, one queued, one being written."""
 
-    def __init__(self, root: zarr.Group, max_queue: int = 2):
+    def __init__(self, root: zarr.Group, max_queue: int = 1):
         self.root = root
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None

@@ -62,6 +62,8 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {device} was asked for, but this machine has no CUDA device; use --device cpu")
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has CUDA devices 0-{torch.cuda.device_count() - 1}")
     if device.startswith("mps") and not torch.backends.mps.is_available():
         raise DeviceError(f"--device {device} was asked for, but MPS is not available; use --device cpu")
     try:
@@ -156,7 +158,11 @@ def load_model(name: str, device: str = "cpu", attn: str = "sdpa") -> LoadedMode
             model, tokenizer = _load_dir(path, attn)
         source = f"{bundled.requirement}:{bundled.relpath}"
     elif Path(name).is_dir():
-        model, tokenizer = _load_dir(Path(name), attn)
+        try:
+            model, tokenizer = _load_dir(Path(name), attn)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"--model {name} is a directory but not a Hugging Face model that loads here "
+                                     f"(it needs config.json, weights and a tokenizer): {str(e).splitlines()[0]}") from e
         source = str(Path(name).resolve())
     else:
         model, tokenizer = _load_hub(name, attn)

@@ -8,6 +8,7 @@ with typed parameters. Bad requests get a 4xx JSON error; nothing answers with a
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from http import HTTPStatus
@@ -44,7 +45,7 @@ def parse_params(endpoint: str, query: str) -> dict:
             raise BadRequest(400, f"{endpoint} needs exactly one {name} parameter")
         value = values[0]
         if kind is int:
-            if not value.lstrip("-").isdigit() or len(value) > 12:
+            if not re.fullmatch(r"-?\d{1,11}", value):
                 raise BadRequest(400, f"{name} must be an integer, got {value[:40]!r}")
             params[name] = int(value)
         else:
