@@ -108,14 +108,10 @@ def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, tex
     _print_info(result.info())
 
 
-def _human(n: int) -> str:
-    from .capture.runner import _human as human
-
-    return human(n)
-
-
 def _print_info(info: dict) -> None:
-    click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {_human(info['bytes_on_disk'])} on disk)")
+    from .store import human_bytes
+
+    click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {human_bytes(info['bytes_on_disk'])} on disk)")
     click.echo(f"model      {info['model']} ({info['class']}, family {info['family']}): {info['layers']} layers, "
                f"{info['heads']} heads, d_model {info['d_model']}, vocab {info['vocab']}")
     click.echo(f"corpus     {info['prompts']} prompts, {info['tokens']} tokens"
@@ -123,9 +119,10 @@ def _print_info(info: dict) -> None:
     layers = info["captured_layers"]
     click.echo(f"captured   {', '.join(info['captured'])} as {info['dtype']}, layers "
                f"{layers[0]}-{layers[-1]}" + ("" if len(layers) == layers[-1] - layers[0] + 1 else f" ({len(layers)} chosen)"))
+    width = max((len(n) for n in info["arrays"]), default=0) + 2
     for name, a in info["arrays"].items():
         dims = ", ".join(f"{d} {n}" for d, n in a["dims"].items())
-        click.echo(f"  {name:<22}{a['dtype']:<9}{dims}")
+        click.echo(f"  {name:<{width}}{a['dtype']:<9}{dims}")
 
 
 @cli.command()

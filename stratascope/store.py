@@ -72,3 +72,11 @@ def store_bytes(path: str) -> int:
 
     fs, root = fsspec.core.url_to_fs(str(path))
     return int(fs.du(root, total=True))
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024

@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
 from ..models import find_adapter, load_model
 from ..schemas import META_PREFIX, SCHEMA_VERSION
+from ..store import human_bytes
 from .config import CaptureConfig, parse_ranges
 from .corpus import Corpus, from_prompts, read_corpus
 from .generate import generate_window, require_lm
@@ -78,17 +79,10 @@ class Plan:
                  + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""), f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
         counts = self.chunk_counts()
         for name, nbytes in self.bytes_per_array().items():
-            lines.append(f"{name:<14}{str(self.shapes[name]):<28}{_human(nbytes):>14}{counts[name]:>9}")
-        lines.append(f"{'total':<42}{_human(self.total_bytes()):>14}  (uncompressed)")
-        lines.append(f"free disk at {out}: {_human(free) if free is not None else 'unknown'}")
+            lines.append(f"{name:<14}{str(self.shapes[name]):<28}{human_bytes(nbytes):>14}{counts[name]:>9}")
+        lines.append(f"{'total':<42}{human_bytes(self.total_bytes()):>14}  (uncompressed)")
+        lines.append(f"free disk at {out}: {human_bytes(free) if free is not None else 'unknown'}")
         return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
 
 
 def free_disk(out: str) -> int | None:
@@ -238,8 +232,8 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     else:
         free = free_disk(out)
         if free is not None and plan.total_bytes() > free:
-            raise DiskSpaceError(f"the capture needs up to {_human(plan.total_bytes())} but {out} has "
-                                 f"{_human(free)} free; capture fewer arrays or layers, use --dtype float16, "
+            raise DiskSpaceError(f"the capture needs up to {human_bytes(plan.total_bytes())} but {out} has "
+                                 f"{human_bytes(free)} free; capture fewer arrays or layers, use --dtype float16, "
                                  "or free disk")
         if overwrite:
             remove_store(out)
