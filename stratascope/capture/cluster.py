@@ -8,12 +8,12 @@ its rows straight into the store, then records the shard complete. GPU workers d
 from __future__ import annotations
 
 import threading
+import uuid
 
 import numpy as np
 import zarr
 
-_MODELS: dict = {}  # per worker process: loaded models by (name, device, attention), kept across runs
-_VOCABS: dict = {}  # per worker process: each store's vocabulary strings
+_MODELS: dict = {}  # per worker process: the loaded model, kept across shards and captures
 _LOCK = threading.Lock()
 
 
@@ -29,36 +29,37 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _capturer(out: str, model: str, cfg, plan, ids_by_prompt: dict[int, list[int]]):
+def _capturer(model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list[int]], vocab: np.ndarray):
+    """A ShardCapturer around this worker's copy of the model, loaded once per weights."""
     from ..models import find_adapter, load_model
     from .runner import ShardCapturer
 
-    key = (model, cfg.device, cfg.attn_implementation)
+    key = (model, weights, cfg.device, cfg.attn_implementation)
     with _LOCK:
         if key not in _MODELS:
             import torch
             from distributed import get_worker
 
+            _MODELS.clear()  # keep one model per worker: a new one replaces the last
             torch.set_num_threads(max(1, get_worker().state.nthreads))
             loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation)
             _MODELS[key] = (loaded, find_adapter(loaded.model))
-        if out not in _VOCABS:
-            _VOCABS[out] = np.asarray(zarr.open_group(out, mode="r")["readout/vocab_str"][:], dtype=object)
         loaded, adapter = _MODELS[key]
-    return ShardCapturer(loaded, adapter, cfg, plan, ids_by_prompt, _VOCABS[out])
+    return ShardCapturer(loaded, adapter, cfg, plan, ids_by_prompt, vocab)
 
 
-def capture_shard_task(out: str, model: str, cfg, plan, shard, ids_by_prompt: dict[int, list[int]]) -> int:
+def capture_shard_task(out: str, model: str, weights: str, cfg, plan, shard, ids_by_prompt: dict[int, list[int]],
+                       vocab: np.ndarray) -> int:
     """Runs on a worker: capture one shard, write it, record it complete. Returns its token count."""
     from .shards import write_shard
 
-    stage = _capturer(out, model, cfg, plan, ids_by_prompt)(shard)
+    stage = _capturer(model, weights, cfg, plan, ids_by_prompt, vocab)(shard)
     write_shard(zarr.open_group(out, mode="r+"), shard, stage)
     return plan.shard_tokens(shard)
 
 
-def run_on_cluster(out: str, model: str, cfg, plan, ids, todo, workers: int | None, scheduler: str | None,
-                   progress: bool) -> None:
+def run_on_cluster(out: str, model: str, weights: str, cfg, plan, ids, vocab: np.ndarray, todo,
+                   workers: int | None, scheduler: str | None, progress: bool) -> None:
     from distributed import as_completed
 
     from ..cluster import dask_client
@@ -66,11 +67,12 @@ def run_on_cluster(out: str, model: str, cfg, plan, ids, todo, workers: int | No
 
     gpu = cfg.device.startswith("cuda")
     with dask_client(workers, scheduler, gpu) as client, progress_bar(plan, todo, progress) as bar:
-        shared_plan = client.scatter(plan, broadcast=True)  # sent once, not with every task
-        # a shard carries only its own prompts' token ids
-        futures = [client.submit(capture_shard_task, out, model, cfg, shared_plan, shard,
-                                 {p: ids[p] for p in range(shard.lo, shard.hi)}, pure=False,
-                                 resources={"GPU": 1} if gpu else None, key=f"stratascope-shard-{shard.index}")
+        # plan and vocabulary are sent once, not with every task; a shard carries only its own prompts' ids
+        shared_plan, shared_vocab = client.scatter([plan, vocab], broadcast=True)
+        run_id = uuid.uuid4().hex[:8]  # task keys unique per capture, also on a shared cluster
+        futures = [client.submit(capture_shard_task, out, model, weights, cfg, shared_plan, shard,
+                                 {p: ids[p] for p in range(shard.lo, shard.hi)}, shared_vocab, pure=False,
+                                 resources={"GPU": 1} if gpu else None, key=f"stratascope-{run_id}-shard-{shard.index}")
                    for shard in todo]
         for future in as_completed(futures):
             bar.update(future.result())  # re-raises a task's error here

@@ -244,7 +244,8 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
         from .cluster import run_on_cluster
 
         del loaded, adapter  # workers load their own copy
-        run_on_cluster(out, model, cfg, plan, ids, todo, workers=workers, scheduler=scheduler, progress=progress)
+        run_on_cluster(out, model, root.attrs["model"]["weights_sha256"], cfg, plan, ids,
+                       np.array(vocab, dtype=object), todo, workers=workers, scheduler=scheduler, progress=progress)
     else:
         _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
     seconds = time.perf_counter() - started
