@@ -52,6 +52,7 @@ class Plan:
     offsets: np.ndarray  # each prompt's first row
     lengths: np.ndarray  # each prompt's token count
     zarr_shard_rows: int | None  # rows per Zarr shard object when the sharding codec is on
+    readout_bytes: int = 0  # the readout group: unembedding, final norm, vocabulary strings
     token_types: np.ndarray | None = None  # BERT: token_type_ids of every row (int8, 0 on padding rows)
 
     def shard_tokens(self, shard: Shard) -> int:
@@ -68,7 +69,7 @@ class Plan:
         return {name: -(-shape[0] // self.chunk_rows) for name, shape in self.shapes.items()}
 
     def total_bytes(self) -> int:
-        return sum(self.bytes_per_array().values())
+        return sum(self.bytes_per_array().values()) + self.readout_bytes
 
     def summary(self, out: str) -> str:
         free = free_disk(out)
@@ -80,6 +81,7 @@ class Plan:
         counts = self.chunk_counts()
         for name, nbytes in self.bytes_per_array().items():
             lines.append(f"{name:<14}{str(self.shapes[name]):<28}{human_bytes(nbytes):>14}{counts[name]:>9}")
+        lines.append(f"{'readout/':<42}{human_bytes(self.readout_bytes):>14}")
         lines.append(f"{'total':<42}{human_bytes(self.total_bytes()):>14}  (uncompressed)")
         lines.append(f"free disk at {out}: {human_bytes(free) if free is not None else 'unknown'}")
         return "\n".join(lines)
@@ -140,8 +142,9 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     zarr_rows = max(chunk_rows, target // chunk_rows * chunk_rows) if cfg.zarr_shards else None
     shards, offsets, n_rows = plan_shards(lengths, zarr_rows or chunk_rows, target)
     shapes = {n: (n_rows,) + w for n, w in widths.items()}
+    readout = adapter.vocab_size * (16 + (4 * adapter.d_model if adapter.unembed is not None else 0))
     return Plan(len(lengths), n_tokens, n_rows, max_len, layers, depths, shapes, dtypes, chunk_rows, truncated,
-                shards, offsets, lengths, zarr_rows)
+                shards, offsets, lengths, zarr_rows, readout)
 
 
 def _batches(lengths: np.ndarray, lo: int, hi: int, batch_size: int):
