@@ -35,7 +35,7 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import ConfigError
-from .results import load_result, save_result
+from .results import job_progress, load_result, save_result
 
 JOB = "heads"
 MIN_POSITION = 2
@@ -133,7 +133,7 @@ def summarize_heads(run, top: int = 5, recompute: bool = False, progress: bool =
     causal = bool(run.attrs["model"]["causal"])
     n_tokens = run.ds["n_tokens"].values.astype(np.int64)  # one int per prompt
     common = {"causal": causal, "n_tokens": n_tokens}
-    with _progress(progress):
+    with job_progress(progress):
         sums = _blockwise(_block_sums, att, rows, len(STATS), 1, **common).sum(axis=0).compute()
     count = sums[..., 0]
     if not count.any():
@@ -141,7 +141,7 @@ def summarize_heads(run, top: int = 5, recompute: bool = False, progress: bool =
                           "score positions >= 2 only: capture longer prompts")
     means = {name: sums[..., i] / count for i, name in enumerate(STATS) if i}
     mean_profile = _profile(means)
-    with _progress(progress):
+    with job_progress(progress):
         mean = da.from_array(mean_profile, chunks=(att.chunks[1], -1, -1))
         tops = _blockwise(_block_top, att, rows, 2, top, mean, "lhp", top=top, **common).compute()
     best = np.argsort(-tops[..., 0], axis=0, kind="stable")[:top]
@@ -165,14 +165,6 @@ def summarize_heads(run, top: int = 5, recompute: bool = False, progress: bool =
         coords={"layer": run.ds["layer"].values, "head": np.arange(att.shape[2]), "rank": np.arange(top)})
     ds.attrs["rule"] = RULE
     return save_result(run, JOB, ds.transpose("layer", "head", "rank"), params)
-
-
-def _progress(on: bool):
-    from contextlib import nullcontext
-
-    from dask.diagnostics import ProgressBar
-
-    return ProgressBar(minimum=2) if on else nullcontext()
 
 
 def heads_frame(ds: xr.Dataset) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from ..errors import ConfigError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges
 from .lens_kernel import LensArrays, lens_rows
 from .readout import NORMS, PRECISIONS, Readout, load_readout
-from .results import load_result, save_result
+from .results import job_progress, load_result, save_result
 
 JOB = "lens"
 _FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "kl_final", "watch_rank", "watch_prob")
@@ -320,7 +320,7 @@ def run_lens(run, topk: int = 10, watch=(), depths=None, norm: str = "final", de
     if stored is not None:
         return stored
     ds = lens_dataset(run, params, device)
-    with dask.config.set(**_local_scheduler()), _progress(progress):
+    with dask.config.set(**_local_scheduler()), job_progress(progress):
         return save_result(run, JOB, ds, params)
 
 
@@ -334,16 +334,6 @@ def _local_scheduler() -> dict:
         return {}
     except (ImportError, ValueError):
         return {"scheduler": "threads", "num_workers": 2}
-
-
-def _progress(on: bool):
-    import contextlib
-
-    if not on:
-        return contextlib.nullcontext()
-    from dask.diagnostics import ProgressBar
-
-    return ProgressBar(minimum=2.0)
 
 
 # ---------------------------------------------------------------- one prompt (Ecco's views)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges
-from .results import load_result, save_result
+from .results import job_progress, load_result, save_result
 
 NEGATIVE = ("clip", "shift")
 DEFAULT_LAYERS = 6  # the first six captured layers unless told otherwise
@@ -337,7 +337,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
     H_node = dask.delayed(H, pure=True)
     parts = [dask.delayed(_project, nout=2, pure=True)(b, v, H_node, negative, shift, device, int(sweeps))
              for b, v in zip(m.blocks, m.valid)]
-    with _progress(progress):
+    with job_progress(progress):
         blocks, (norm2, resid) = dask.compute([p[0] for p in parts], _tree([p[1] for p in parts], _add))
     rel = float(np.sqrt(max(resid, 0.0) / norm2)) if norm2 > 0 else 0.0
     ds = _dataset(run, np.concatenate(blocks), {
@@ -346,17 +346,6 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
     ds.attrs.update(relative_error=rel, negative=negative, factors_from=str(factors_from.path),
                     source_params=src.attrs["params"], source_run=src.attrs["source"])
     return save_result(run, "nmf_transform", ds, params)
-
-
-def _progress(enabled: bool):
-    """dask's progress bar for a single compute (a no-op context when disabled)."""
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext()
-    from dask.diagnostics import ProgressBar
-
-    return ProgressBar(minimum=2)
 
 
 # ---------------------------------------------------------------- reading results

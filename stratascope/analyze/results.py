@@ -57,3 +57,15 @@ def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
         fs.rm(dst, recursive=True)
     fs.mv(src, dst, recursive=True)
     return open_dataset(run.path, final)
+
+
+def job_progress(enabled: bool):
+    """dask's progress bar (counts and rate) around a job's compute, shown after 2 s; a no-op
+    context when disabled. (A dask.distributed cluster shows progress on its dashboard.)"""
+    import contextlib
+
+    if not enabled:
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(minimum=2.0)
