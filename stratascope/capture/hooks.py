@@ -28,12 +28,17 @@ class Recorder:
     def __init__(self, adapter: Adapter, capture: tuple[str, ...], layers: list[int], depths: list[int]):
         self.adapter, self.capture, self.layers, self.depths = adapter, capture, layers, depths
         self.out: dict[tuple[str, int], torch.Tensor] = {}
+        self.paused = False  # set while other forwards (the gradient passes) run through the model
         self._handles = []
         self._patched: list[tuple[object, object]] = []  # (modeling module, its original eager function)
 
+    def _put(self, key, tensor: torch.Tensor) -> None:
+        if not self.paused:
+            self.out[key] = tensor
+
     def _store(self, key):
         def pre(module, args, kwargs):
-            self.out[key] = args[0] if args else kwargs["hidden_states"]
+            self._put(key, args[0] if args else kwargs["hidden_states"])
         return pre
 
     def __enter__(self):
@@ -44,7 +49,7 @@ class Recorder:
                     reg(a.blocks[d].register_forward_pre_hook(self._store(("hidden", d)), with_kwargs=True))
                 else:
                     def post(module, args, output, key=("hidden", d)):
-                        self.out[key] = _first_tensor(output)
+                        self._put(key, _first_tensor(output))
                     reg(a.blocks[-1].register_forward_hook(post))
         for layer in self.layers:
             if "attention" in self.capture:
@@ -52,7 +57,7 @@ class Recorder:
                     weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                     if weights is None:
                         raise RuntimeError("the attention module returned no weights; load with eager attention")
-                    self.out[key] = weights
+                    self._put(key, weights)
                 reg(a.attentions[layer].register_forward_hook(attn))
             if "mlp" in self.capture:
                 reg(a.mlp_out[layer].register_forward_pre_hook(self._store(("mlp", layer)), with_kwargs=True))
@@ -79,8 +84,8 @@ class Recorder:
             layer = layer_of.get(id(module))
             if layer is not None:  # query (batch, head, seq, d_head); key may have fewer (kv) heads
                 groups = query.shape[1] // key.shape[1]
-                self.out[("queries", layer)] = query
-                self.out[("keys", layer)] = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # repeat_kv
+                self._put(("queries", layer), query)
+                self._put(("keys", layer), key.repeat_interleave(groups, dim=1) if groups > 1 else key)  # repeat_kv
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         return eager
 

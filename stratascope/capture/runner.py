@@ -373,11 +373,15 @@ class ShardCapturer:
                         else:
                             stage[name][o:o + n] = values[b, :n]
                 if grads is not None:
-                    for name, per_prompt in gradient_rows(self.model, self.adapter, self.ids, batch, lengths, n_new,
-                                                          grads, plan.depths, self.device).items():
+                    rec.paused = True  # the gradient forwards keep nothing in the recorder
+                    try:
+                        rows = gradient_rows(self.model, self.adapter, self.ids, batch, lengths, n_new, grads,
+                                             plan.depths, self.device)
+                    finally:
+                        rec.paused = False
+                    for name, per_prompt in rows.items():
                         for p, values in zip(batch, per_prompt):
                             stage_rows(stage[name], int(plan.offsets[p]) - shard.start, values)
-                    rec.out.clear()  # the capture hooks also saw the gradient forwards
                 if on_batch:
                     on_batch(len(batch), int(lengths[batch].sum()))
         return stage
