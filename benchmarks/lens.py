@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,6 +32,7 @@ import stratascope as ss  # noqa: E402
 from stratascope.analyze.lens import lens_tokens, readout_for  # noqa: E402
 from stratascope.analyze.lens_kernel import lens_rows  # noqa: E402
 from stratascope.demo import demo_corpus  # noqa: E402
+from stratascope.testing import tile_store  # noqa: E402
 
 WATCH = [" he", " she"]
 
@@ -44,29 +44,6 @@ def matmul_gflops(d: int, cpu_time: bool = False) -> float:
     t = clock()
     a @ b
     return 2 * 4096 * d * 16384 / (clock() - t) / 1e9
-
-
-def tile(src: str, dst: str, reps: int) -> None:
-    """A synthetic store: the capture at `src` repeated `reps` times."""
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    g = zarr.open_group(dst, mode="r+")
-    n, P = g["token_id"].shape[0], g["prompt_text"].shape[0]
-    shift = {"prompt_index": P, "token_offset": n}
-    for name in ("token_id", "position", "prompt_index", "is_generated", "token_str", "hidden",
-                 "prompt_text", "token_offset", "n_tokens", "meta_kind"):
-        if name not in g:
-            continue
-        old = g[name]
-        values, spec = old[:], dict(chunks=old.chunks, dtype=old.dtype, fill_value=old.fill_value,
-                                    dimension_names=old.metadata.dimension_names, compressors=old.compressors or None)
-        del g[name]
-        new = g.create_array(name, shape=(len(values) * reps,) + values.shape[1:], **spec)
-        for r in range(reps):
-            new[r * len(values):(r + 1) * len(values)] = values + r * shift[name] if name in shift else values
-    if "analysis" in g:
-        del g["analysis"]
-    g.attrs["corpus"] = {**g.attrs["corpus"], "n_prompts": P * reps, "n_tokens": n * reps}
 
 
 def peak_rss(path: str) -> float:
@@ -132,7 +109,7 @@ def main() -> None:
     for k in (1, 4, 16):
         path = run.path if k == 1 else str(out / f"x{k}.zarr")
         if k > 1:
-            tile(run.path, path, k)
+            tile_store(run.path, path, k)
         hidden_mib = ss.open_run(path).ds["hidden"].nbytes / 2**20
         rss[f"x{k}"] = {"hidden_mib": round(hidden_mib, 1), "peak_rss_mib": round(peak_rss(path), 1)}
     results["peak_rss"] = rss

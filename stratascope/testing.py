@@ -60,3 +60,29 @@ def synthetic_mlp_store(path: str, n_tokens: int, n_layers: int, d_mlp: int,
         mlp[start:stop] = np.asarray(rows(start, stop), dtype=np.float32).reshape(stop - start, n_layers, d_mlp)
     root.attrs["complete"] = True
     return path
+
+
+def tile_store(src: str, dst: str, reps: int) -> None:
+    """A store `reps` times larger: the capture at `src` (token table, prompt table, hidden,
+    metadata) repeated, prompts renumbered; analysis results are dropped."""
+    import shutil
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    g = zarr.open_group(dst, mode="r+")
+    n, P = g["token_id"].shape[0], g["prompt_text"].shape[0]
+    shift = {"prompt_index": P, "token_offset": n}
+    for name in ("token_id", "position", "prompt_index", "is_generated", "token_str", "hidden",
+                 "prompt_text", "token_offset", "n_tokens", *[k for k in g.array_keys() if k.startswith("meta_")]):
+        if name not in g:
+            continue
+        old = g[name]
+        values, spec = old[:], dict(chunks=old.chunks, dtype=old.dtype, fill_value=old.fill_value,
+                                    dimension_names=old.metadata.dimension_names, compressors=old.compressors or None)
+        del g[name]
+        new = g.create_array(name, shape=(len(values) * reps,) + values.shape[1:], **spec)
+        for r in range(reps):
+            new[r * len(values):(r + 1) * len(values)] = values + r * shift[name] if name in shift else values
+    if "analysis" in g:
+        del g["analysis"]
+    g.attrs["corpus"] = {**g.attrs["corpus"], "n_prompts": P * reps, "n_tokens": n * reps}

@@ -5,20 +5,19 @@ a child started from a big parent (pytest) would report the parent's peak.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-import zarr
 from click.testing import CliRunner
+from conftest import PROMPTS
 
 import stratascope as ss
-from conftest import PROMPTS
 from stratascope.analyze.export import tables
 from stratascope.cli import cli
+from stratascope.testing import tile_store
 
 
 @pytest.fixture(scope="module")
@@ -87,26 +86,6 @@ def test_cli_errors(run, tiny_model_dirs, tmp_path):
 
 # ------------------------------------------------------------ memory
 
-def _tile(src: str, dst: str, reps: int) -> None:
-    """A synthetic store: the capture at `src` repeated `reps` times (prompts and tokens)."""
-    shutil.copytree(src, dst)
-    g = zarr.open_group(dst, mode="r+")
-    n, P = g["token_id"].shape[0], g["prompt_text"].shape[0]
-    shift = {"prompt_index": P, "token_offset": n}
-    for name in ("token_id", "position", "prompt_index", "is_generated", "token_str", "hidden",
-                 "prompt_text", "token_offset", "n_tokens"):
-        old = g[name]
-        values, spec = old[:], dict(chunks=old.chunks, dtype=old.dtype, fill_value=old.fill_value,
-                                    dimension_names=old.metadata.dimension_names, compressors=old.compressors or None)
-        del g[name]
-        new = g.create_array(name, shape=(len(values) * reps,) + values.shape[1:], **spec)
-        for r in range(reps):
-            new[r * len(values):(r + 1) * len(values)] = values + r * shift[name] if name in shift else values
-    attrs = dict(g.attrs)
-    attrs["corpus"] = {**attrs["corpus"], "n_prompts": P * reps, "n_tokens": n * reps}
-    g.attrs.update(attrs)
-
-
 def _peak_rss_mib(path: str) -> float:
     code = ("import stratascope as ss\n"
             f"run = ss.open_run({path!r})\n"
@@ -121,7 +100,7 @@ def test_memory_stays_bounded(tiny_model_dirs, tmp_path):
     base = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS * 450, out=str(tmp_path / "base.zarr"),
                       capture=("hidden",), device="cpu", progress=False)
     assert base.n_tokens >= 2 * base.attrs["capture"]["token_chunk"]  # several chunks even in the small store
-    _tile(base.path, str(tmp_path / "big.zarr"), 10)
+    tile_store(base.path, str(tmp_path / "big.zarr"), 10)
     big = ss.open_run(str(tmp_path / "big.zarr"))
     assert big.n_tokens == 10 * base.n_tokens
     hidden_mib = big.ds["hidden"].nbytes / 2**20
