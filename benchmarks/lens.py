@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stratascope as ss  # noqa: E402
 from stratascope.analyze.lens import lens_tokens, readout_for  # noqa: E402
 from stratascope.analyze.lens_kernel import lens_rows  # noqa: E402
-from stratascope.demo import demo_corpus  # noqa: E402
+from stratascope.workflows.demo import demo_corpus  # noqa: E402
 from stratascope.testing import tile_store  # noqa: E402
 
 WATCH = [" he", " she"]

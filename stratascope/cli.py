@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from . import __version__
+from .version import __version__
+from .capture.config import CaptureConfig
 from .errors import StratascopeError
 
 
@@ -37,7 +38,30 @@ def cli():
     """Capture what a transformer computes on a corpus into a Zarr store, and analyse it without the model."""
 
 
-CAPTURE_HELP = "comma-separated: hidden, attention, mlp, qk (per-head queries and keys), attribution, grad"
+def click_options(cls, only=None):
+    """The click options of the fields of `cls` (stratascope.options.option), in field order:
+    --name-with-dashes, the field's default and help; booleans become flags."""
+    from .options import fields
+
+    def decorate(fn):
+        for f in reversed([f for f in fields(cls) if f.metadata["cli"] and (only is None or f.name in only)]):
+            meta, default, flag = f.metadata, f.default, "--" + f.name.replace("_", "-")
+            if isinstance(default, bool):
+                fn = click.option(flag, f.name, is_flag=True, default=default, help=meta["help"])(fn)
+                continue
+            if meta["choices"]:
+                kind = click.Choice(meta["choices"])
+            elif meta["min"] is not None:
+                kind = click.IntRange(meta["min"]) if meta["type"] is int else click.FloatRange(meta["min"])
+            else:
+                kind = meta["type"] or str
+            if isinstance(default, tuple):  # a list option written comma-separated
+                default = ",".join(default)
+            fn = click.option(flag, f.name, type=kind, default=default, show_default=default is not None,
+                              help=meta["help"])(fn)
+        return fn
+
+    return decorate
 
 
 def cluster_options(fn):
@@ -61,46 +85,19 @@ def cluster_options(fn):
 @click.option("--corpus", required=True, type=click.Path(dir_okay=False),
               help=".txt (a prompt per line), .jsonl, .csv or .parquet")
 @click.option("--out", required=True, help="the store to write (a directory, or an fsspec URL)")
-@click.option("--capture", "capture_", default="hidden,attention,mlp", show_default=True, help=CAPTURE_HELP)
-@click.option("--layers", default=None, help="blocks to capture, e.g. 0-5,7 (default: all)")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
-@click.option("--text-column", default="text", show_default=True, help="the corpus column holding the prompt")
-@click.option("--max-length", default=512, show_default=True, type=int, help="tokens kept per prompt")
 @click.option("--overwrite", is_flag=True, help="replace an existing stratascope store at --out")
 @click.option("--resume", is_flag=True, help="finish an interrupted capture (same corpus, model and options)")
 @click.option("--dry-run", is_flag=True, help="print sizes, bytes, chunks and free disk, then stop")
 @click.option("--workers", type=click.IntRange(1), default=None, help="run shards on a local dask cluster of N workers")
 @click.option("--scheduler", default=None, help="run shards on an existing dask cluster, e.g. tcp://host:8786")
-@click.option("--shard-tokens", type=click.IntRange(1), default=None,
-              help="tokens per shard (the unit of work and of resume); default: what fits 256 MiB")
-@click.option("--zarr-shards", is_flag=True, help="pack each shard's chunks into one stored object (big runs)")
-@click.option("--generate", default=0, show_default=True, type=int,
-              help="extend each prompt by exactly N generated tokens (no stop at EOS), then capture it all")
-@click.option("--sample", is_flag=True, help="sample the generated tokens instead of greedy decoding")
-@click.option("--seed", default=0, show_default=True, type=int, help="sampling seed (per prompt: seed, index)")
-@click.option("--temperature", default=1.0, show_default=True, type=float, help="sampling temperature")
-@click.option("--attribution", default="grad_x_input", show_default=True,
-              help="with --capture attribution: grad_x_input, integrated_gradients, gradient_norm (comma-separated)")
-@click.option("--ig-steps", default=32, show_default=True, type=int, help="integrated gradients path steps")
-@click.option("--ig-method", default="gausslegendre", show_default=True,
-              help="gausslegendre, riemann_trapezoid, riemann_middle, riemann_left or riemann_right")
-@click.option("--attribute", default=None, type=click.Choice(["generated", "all"]),
-              help="attribution targets: predictions of generated tokens (default with --generate) or of all")
+@click_options(CaptureConfig)
 @friendly
-def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, text_column, max_length,
-            overwrite, resume, dry_run, workers, scheduler, shard_tokens, zarr_shards, generate, sample, seed,
-            temperature, attribution, ig_steps, ig_method, attribute):
+def capture(model, corpus, out, overwrite, resume, dry_run, workers, scheduler, **options):
     """Run a corpus through a model and store hidden states, attention and MLP activations."""
-    from .capture.runner import capture as run_capture
+    from .api import capture as run_capture
 
-    result = run_capture(model=model, corpus=corpus, out=out, capture=capture_, layers=layers, dtype=dtype,
-                         batch_size=batch_size, device=device, text_column=text_column, max_length=max_length,
-                         overwrite=overwrite, resume=resume, dry_run=dry_run, workers=workers, scheduler=scheduler,
-                         shard_tokens=shard_tokens, zarr_shards=zarr_shards, generate=generate, sample=sample,
-                         seed=seed, temperature=temperature, attribution=attribution, ig_steps=ig_steps,
-                         ig_method=ig_method, attribute=attribute)
+    result = run_capture(model=model, corpus=corpus, out=out, overwrite=overwrite, resume=resume, dry_run=dry_run,
+                         workers=workers, scheduler=scheduler, **options)
     if dry_run:
         click.echo(result.summary(out))
         return
@@ -109,7 +106,7 @@ def capture(model, corpus, out, capture_, layers, dtype, batch_size, device, tex
 
 
 def _print_info(info: dict) -> None:
-    from .store import human_bytes
+    from .formatting import human_bytes
 
     click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {human_bytes(info['bytes_on_disk'])} on disk)")
     click.echo(f"model      {info['model']} ({info['class']}, family {info['family']}): {info['layers']} layers, "
@@ -131,7 +128,7 @@ def _print_info(info: dict) -> None:
 @friendly
 def info(run_path, as_json):
     """Summarize a stored run: model, sizes, what was captured, prompts, tokens, bytes."""
-    from .run import open_run
+    from .api import open_run
 
     summary = open_run(run_path).info()
     if as_json:
@@ -156,7 +153,7 @@ def info(run_path, as_json):
 @cluster_options
 def nmf(run_path, factors, layers, iterations, seed, negative, device, top, factors_from):
     """Non-negative factors of MLP neuron activations over the whole corpus, out of core."""
-    from .run import open_run
+    from .api import open_run
 
     run = open_run(run_path)
     if factors_from:
@@ -188,7 +185,7 @@ def _token_counts(tokens) -> str:
 def heads(run_path, top, recompute):
     """Summarize every attention head over the corpus into analysis/heads and print the pattern counts."""
     from .analyze.heads import heads_frame, summarize_heads, summary_lines
-    from .run import open_run
+    from .api import open_run
 
     frame = heads_frame(summarize_heads(open_run(run_path), top=top, recompute=recompute, progress=True))
     click.echo(f"wrote {run_path}/analysis/heads")
@@ -213,7 +210,7 @@ def models():
 @friendly
 def demo(out, model, overwrite):
     """The main job: capture the bundled example corpus with SmolLM2, then summarize it."""
-    from .demo import run_demo
+    from .workflows.demo import run_demo
 
     run_demo(out=out, model=model, overwrite=overwrite, echo=click.echo)
 
@@ -246,9 +243,9 @@ def probe():
 def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
                device, top):
     """Gender bias at every depth: log p(she) - log p(he) after occupation prompts, vs. labour statistics."""
-    from .analyze.bias import bias_probe
+    from .workflows.bias_probe import bias_probe
     from .errors import ConfigError
-    from .run import open_run
+    from .api import open_run
 
     if run_path:
         given = [f for f, v in (("--out", out), ("--model", model), ("--templates", templates), ("--corpus", corpus))
@@ -276,7 +273,7 @@ def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, stat
 @friendly
 def report(run_path, out, prompts, layers, views):
     """Write a self-contained HTML report (opens offline) of a run's views, and print its path."""
-    from .run import open_run
+    from .api import open_run
     from .viewer.report import write_report
 
     path = write_report(open_run(run_path), out, prompts=prompts, layers=layers, views=views)
@@ -298,7 +295,7 @@ def report(run_path, out, prompts, layers, views):
 def lens(run_path, topk, watch, depths, device, precision, norm):
     """Logit lens of every token at every depth: top-k, rank of the next token, watched tokens, entropy, KL."""
     from .analyze.lens import run_lens, summary
-    from .run import open_run
+    from .api import open_run
 
     run = open_run(run_path)
     ds = run_lens(run, topk=topk, watch=list(watch), depths=depths, norm=norm, device=device, precision=precision)
@@ -313,7 +310,7 @@ def lens(run_path, topk, watch, depths, device, precision, norm):
 @friendly
 def view(run_path, port, host):
     """Serve a local web app over a run; it reads only the slices shown, so any store size opens at once."""
-    from .run import open_run
+    from .api import open_run
     from .viewer.app import make_server
 
     try:
@@ -351,7 +348,7 @@ def view(run_path, port, host):
 @cluster_options
 def probe_linear(run_path, label, at, depths, folds, control, seed, task, group_by, control_by, epochs, recompute):
     """Train a linear probe for LABEL at every depth; print accuracy (or R²), control and baseline."""
-    from .run import open_run
+    from .api import open_run
 
     res = open_run(run_path).linear_probe(label, at=at, folds=folds, depths=depths, control=control, seed=seed,
                                           task=task, group_by=group_by, control_by=control_by, epochs=epochs,
@@ -372,7 +369,7 @@ def probe_linear(run_path, label, at, depths, folds, control, seed, task, group_
 def export(run_path, job, fmt, out):
     """Write a stored analysis result (analysis/JOB, e.g. lens) as a tidy parquet or csv table."""
     from .analyze.export import export_result
-    from .run import open_run
+    from .api import open_run
 
     rows = export_result(open_run(run_path), job, out, fmt)
     click.echo(f"wrote {rows} rows to {out}")

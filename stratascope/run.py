@@ -8,77 +8,20 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import ConfigError, MissingArrayError, OutOfRangeError
-from .schemas import META_PREFIX, VARIABLES
-from .store import open_capture, open_dataset, store_bytes
+from .store import Store, store_bytes
 
 
-class Run:
-    """A stored capture. `ds` is the lazy Dataset; nothing is read until asked for."""
+class Run(Store):
+    """A stored capture, reopened without the model: the user-facing front over the store handle.
 
-    def __init__(self, path: str, allow_incomplete: bool = False):
-        self.path = str(path)
-        self.attrs, self.ds = open_capture(self.path, allow_incomplete=allow_incomplete)
+    `ds` is the lazy Dataset; nothing is read until asked for. Analyses and views take the
+    handle (stratascope.store.Store); the methods here call them.
+    """
 
     def __repr__(self) -> str:
         m, c = self.attrs["model"], self.attrs["corpus"]
         return (f"<stratascope.Run {self.path}: {m['name']} ({m['family']}, {m['n_layers']} layers), "
                 f"{c['n_prompts']} prompts, {c['n_tokens']} tokens, captured {', '.join(self.captured)}>")
-
-    @property
-    def captured(self) -> list[str]:
-        return list(self.attrs["capture"]["arrays"])
-
-    @property
-    def n_prompts(self) -> int:
-        return int(self.ds.sizes["prompt"])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.ds.sizes["token"])
-
-    @cached_property
-    def readout(self) -> xr.Dataset:
-        return open_dataset(self.path, "readout")
-
-    @cached_property
-    def prompts(self) -> pd.DataFrame:
-        """One row per prompt: text, token offset and count, and the corpus metadata columns."""
-        cols = {"text": self.ds["prompt_text"].values.astype(object),
-                "token_offset": self.ds["token_offset"].values, "n_tokens": self.ds["n_tokens"].values}
-        for name in self.ds.data_vars:
-            if name.startswith(META_PREFIX):
-                values = self.ds[name].values
-                cols[name[len(META_PREFIX):]] = values.astype(object) if values.dtype.kind in "TUO" else values
-        return pd.DataFrame(cols)
-
-    def require(self, name: str, flag: str | None = None) -> xr.DataArray:
-        """The array `name`, or a clear error naming the capture flag that produces it."""
-        if name not in self.ds:
-            flag = flag or name
-            raise MissingArrayError(f"this run has no {name} array; capture with --capture {flag}")
-        return self.ds[name]
-
-    def prompt_index(self, prompt: int) -> int:
-        n = self.n_prompts
-        if not -n <= prompt < n:
-            raise OutOfRangeError(f"prompt {prompt} is out of range; this run has prompts 0-{n - 1}")
-        return prompt % n
-
-    def token_slice(self, prompt: int) -> slice:
-        """The rows of `prompt` in the token dimension."""
-        p = self.prompt_index(prompt)
-        start = int(self.ds["token_offset"][p])
-        return slice(start, start + int(self.ds["n_tokens"][p]))
-
-    def tokens(self, prompt: int) -> pd.DataFrame:
-        """The tokens of one prompt: id, text, position, whether generated."""
-        rows = self.ds.isel(token=self.token_slice(prompt))
-        frame = pd.DataFrame({"token_id": rows["token_id"].values, "token": rows["token_str"].values.astype(object),
-                              "position": rows["position"].values, "is_generated": rows["is_generated"].values})
-        if "token_type_ids" in rows:  # BERT: sentence A (0) or B (1)
-            frame["token_type"] = rows["token_type_ids"].values
-        return frame
 
     def heads(self, top: int = 5, recompute: bool = False, progress: bool = False) -> pd.DataFrame:
         """Every attention head summarized over the corpus (analysis/heads, computed once and reused):
@@ -100,23 +43,11 @@ class Run:
 
         return qk(self, prompt, layer, head)
 
-    @cached_property
-    def _tokenizer(self):
-        """The stored tokenizer (the `tokenizers` library, not transformers), or None if none was stored."""
-        blob = self.readout["tokenizer_json"].values.astype(np.uint8).tobytes()
-        if not blob.strip(b"\x00"):
-            return None
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_str(blob.decode("utf-8"))
-
     def generated_text(self, prompt: int) -> str:
         """The text the model generated after `prompt` ('' if the run generated nothing)."""
-        rows = self.ds.isel(token=self.token_slice(prompt))
-        generated = rows["is_generated"].values
-        if self._tokenizer is None:
-            return "".join(rows["token_str"].values[generated].astype(object))
-        return self._tokenizer.decode(rows["token_id"].values[generated].tolist(), skip_special_tokens=False)
+        from .analyze.views import generated_text
+
+        return generated_text(self, prompt)
 
     def attributions(self, prompt: int, method: str = "grad_x_input", normalize: bool = True) -> pd.DataFrame:
         """Input attributions of one prompt: a row per target token, a column per source token.
@@ -126,28 +57,9 @@ class Run:
         to sum to 1 (what Ecco displays); False gives the stored L2 norms.
         For integrated_gradients, df.attrs['completeness_gap'] holds each row's delta.
         """
-        methods = [n[len("attribution_"):] for n in VARIABLES if n.startswith("attribution_") and
-                   not n.endswith("_delta")]
-        if method not in methods:
-            raise ConfigError(f"attribution method {method!r} is unknown; choose from {', '.join(methods)}")
-        array = self.require(f"attribution_{method}", f"attribution --attribution {method}")
-        rows = self.token_slice(prompt)
-        n = rows.stop - rows.start
-        values = array.isel(token=rows, key=slice(0, n)).values
-        targets = np.flatnonzero(~np.isnan(values[:, 0]))  # rows r predicting token r+1
-        tokens = self.ds["token_str"].isel(token=rows).values.astype(object)
-        block = values[targets, :n - 1].astype(np.float64)
-        if normalize:
-            block = block / block.sum(axis=1, keepdims=True)
-        frame = pd.DataFrame(block,
-                             index=pd.MultiIndex.from_arrays([targets + 1, tokens[targets + 1]],
-                                                             names=["position", "target"]),
-                             columns=pd.MultiIndex.from_arrays([np.arange(n - 1), tokens[:n - 1]],
-                                                               names=["position", "source"]))
-        if method == "integrated_gradients" and "attribution_integrated_gradients_delta" in self.ds:
-            delta = self.ds["attribution_integrated_gradients_delta"].isel(token=rows).values[targets]
-            frame.attrs["completeness_gap"] = pd.Series(delta, index=frame.index)
-        return frame
+        from .analyze.views import attributions
+
+        return attributions(self, prompt, method, normalize)
 
     def nmf(self, factors: int = 8, layers=None, iterations: int = 200, seed: int = 0, negative: str = "clip",
             device: str = "cpu", **kwargs) -> xr.Dataset:
@@ -241,10 +153,3 @@ class Run:
         from .analyze.probe import linear_probe
 
         return linear_probe(self, label, at=at, folds=folds, depths=depths, control=control, seed=seed, **options)
-
-
-def open_run(path: str, allow_incomplete: bool = False) -> Run:
-    """Open a stored run lazily; the model is never loaded."""
-    return Run(path, allow_incomplete=allow_incomplete)
-
-

@@ -1,14 +1,23 @@
-"""The one reader of Zarr: validate a store, then hand out lazy xarray Datasets."""
+"""The one reader of Zarr: validate a store, then hand out lazy xarray Datasets.
+
+`Store` is the handle every analysis and view takes: attrs, the lazy capture Dataset, the
+readout and the prompt table, nothing read until asked for. `Run` (run.py) is the
+user-facing front over it.
+"""
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 import xarray as xr
 import zarr
 
-from .errors import IncompleteRunError, StoreNotFoundError
-from .schemas import parse_schema_version, validate_root
+from .errors import IncompleteRunError, MissingArrayError, OutOfRangeError, StoreNotFoundError
+from .schemas import META_PREFIX, parse_schema_version, validate_root
 
 
 def _open_group(path: str) -> zarr.Group:
@@ -74,9 +83,74 @@ def store_bytes(path: str) -> int:
     return int(fs.du(root, total=True))
 
 
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
+class Store:
+    """An opened, validated store. `ds` is the lazy capture Dataset; nothing is read until asked for."""
+
+    def __init__(self, path: str, allow_incomplete: bool = False):
+        self.path = str(path)
+        self.attrs, self.ds = open_capture(self.path, allow_incomplete=allow_incomplete)
+
+    @property
+    def captured(self) -> list[str]:
+        return list(self.attrs["capture"]["arrays"])
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.ds.sizes["prompt"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ds.sizes["token"])
+
+    @cached_property
+    def readout(self) -> xr.Dataset:
+        return open_dataset(self.path, "readout")
+
+    @cached_property
+    def prompts(self) -> pd.DataFrame:
+        """One row per prompt: text, token offset and count, and the corpus metadata columns."""
+        cols = {"text": self.ds["prompt_text"].values.astype(object),
+                "token_offset": self.ds["token_offset"].values, "n_tokens": self.ds["n_tokens"].values}
+        for name in self.ds.variables:
+            if name.startswith(META_PREFIX):
+                values = self.ds[name].values
+                cols[name[len(META_PREFIX):]] = values.astype(object) if values.dtype.kind in "TUO" else values
+        return pd.DataFrame(cols)
+
+    def require(self, name: str, flag: str | None = None) -> xr.DataArray:
+        """The array `name`, or a clear error naming the capture flag that produces it."""
+        if name not in self.ds:
+            flag = flag or name
+            raise MissingArrayError(f"this run has no {name} array; capture with --capture {flag}")
+        return self.ds[name]
+
+    def prompt_index(self, prompt: int) -> int:
+        n = self.n_prompts
+        if not -n <= prompt < n:
+            raise OutOfRangeError(f"prompt {prompt} is out of range; this run has prompts 0-{n - 1}")
+        return prompt % n
+
+    def token_slice(self, prompt: int) -> slice:
+        """The rows of `prompt` in the token dimension."""
+        p = self.prompt_index(prompt)
+        start = int(self.ds["token_offset"][p])
+        return slice(start, start + int(self.ds["n_tokens"][p]))
+
+    def tokens(self, prompt: int) -> pd.DataFrame:
+        """The tokens of one prompt: id, text, position, whether generated."""
+        rows = self.ds.isel(token=self.token_slice(prompt))
+        frame = pd.DataFrame({"token_id": rows["token_id"].values, "token": rows["token_str"].values.astype(object),
+                              "position": rows["position"].values, "is_generated": rows["is_generated"].values})
+        if "token_type_ids" in rows:  # BERT: sentence A (0) or B (1)
+            frame["token_type"] = rows["token_type_ids"].values
+        return frame
+
+    @cached_property
+    def tokenizer(self):
+        """The stored tokenizer (the `tokenizers` library, not transformers), or None if none was stored."""
+        blob = self.readout["tokenizer_json"].values.astype(np.uint8).tobytes()
+        if not blob.strip(b"\x00"):
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(blob.decode("utf-8"))

@@ -291,7 +291,7 @@ def test_heads_job_never_imports_transformers(runs):
 
 @pytest.mark.real
 def test_smollm2_heads_over_demo_corpus(tmp_path):
-    from stratascope.demo import demo_corpus
+    from stratascope.workflows.demo import demo_corpus
 
     run = ss.capture(model="smollm2", corpus=demo_corpus(), out=str(tmp_path / "demo.zarr"),
                      capture="attention,qk", progress=False)

@@ -204,7 +204,7 @@ def test_nmf_job_never_imports_transformers(planted):
 
 @pytest.mark.real
 def test_smollm2_demo_corpus_factors(tmp_path):
-    from stratascope.demo import demo_corpus
+    from stratascope.workflows.demo import demo_corpus
 
     run = ss.capture(model="smollm2", corpus=demo_corpus(), out=str(tmp_path / "demo.zarr"), capture="mlp",
                      layers="0-5", device="cpu", progress=False)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import stratascope as ss
 from stratascope.cli import cli
 from stratascope.errors import OutOfRangeError
-from stratascope.viewer import data, render
+from stratascope.viewer import data, registry, render
 from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, XSS_ALERT, XSS_IMG,  # noqa: F401 - fixtures
                              XSS_SCRIPT, probe_app, probe_store, viewer_app, viewer_store)
 
@@ -137,7 +137,7 @@ def test_bias_slice_against_numpy_and_scipy(probe_store):
 
     run, s = ss.open_run(probe_store.path), probe_store
     stat = dict(zip(BIAS_OCCUPATIONS["occupation"], BIAS_OCCUPATIONS["bls_pct_female"]))
-    assert data.bias_pairs(run) == BIAS_PAIRS and data.meta(run)["bias_pairs"] == BIAS_PAIRS
+    assert data.bias_pairs(run) == BIAS_PAIRS and registry.meta(run)["bias_pairs"] == BIAS_PAIRS
     for i, pair in enumerate(BIAS_PAIRS):
         d = data.bias(run, pair)
         assert d["occupations"] == BIAS_OCCUPATIONS["occupation"] and d["counts"] == [3] * 8
@@ -176,7 +176,7 @@ def test_bias_slice_of_an_older_result_reads_the_statistic_from_metadata(probe_s
 
 def test_probe_slice_against_numpy(probe_store):
     run, s = ss.open_run(probe_store.path), probe_store
-    assert data.probe_labels(run) == sorted(PROBE_LABELS) == data.meta(run)["probe_labels"]
+    assert data.probe_labels(run) == sorted(PROBE_LABELS) == registry.meta(run)["probe_labels"]
     for label, metric in zip(PROBE_LABELS, ("accuracy", "r2")):
         d, p = data.probe(run, label), s.probes[label]
         assert d["task"] == ("classify" if metric == "accuracy" else "regress") and d["metric"] == metric

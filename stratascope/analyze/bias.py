@@ -354,24 +354,3 @@ def bias(run, pairs=None, strict: bool = False, statistic: str | None = None, oc
     corr = correlate(table, stat)
     _store_correlation(run, ds.attrs["params"], corr, name, stat)
     return BiasResult(table, corr, name, stat, [str(p) for p in ds["pair"].values], run.path, ds)
-
-
-def bias_probe(model: str = "smollm2", out: str = "runs/bias.zarr", occupations=None, templates=None, pairs=None,
-               strict: bool = False, overwrite: bool = False, corpus: str = "builtin", statistic: str | None = None,
-               device: str = "auto", dtype: str = "float32", batch_size: int = 32,
-               progress: bool = True) -> BiasResult:
-    """Capture the occupation corpus (hidden states only) with `model` into `out`, then probe it.
-
-    occupations: None (the built-in `corpus`: 'builtin' = 60 Winogender occupations with BLS
-    statistics, 'professions' = Bolukbasi et al.'s 320), a CSV path, a DataFrame or a list of
-    names. templates: None (the eight built-in ones), a text file (one per line) or a list.
-    """
-    from ..capture.runner import capture
-    from .bias_corpus import load_templates, occupation_prompts
-
-    pairs = parse_pairs(pairs)  # syntax errors before any model work
-    prompts = occupation_prompts(load_occupations(occupations, corpus), load_templates(templates))
-    run = capture(model=model, prompts=prompts, out=out, capture=("hidden",), dtype=dtype, batch_size=batch_size,
-                  device=device, overwrite=overwrite, progress=progress)
-    lens_device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return bias(run, pairs, strict, statistic, device=lens_device, progress=progress)

@@ -1,5 +1,5 @@
-"""One head on one prompt, read from the store: the attention matrix (head view) and the
-queries, keys and q·k terms behind it (neuron view)."""
+"""One prompt read from the store: one head's attention matrix (head view) and the queries,
+keys and q·k terms behind it (neuron view); the generated text; input attributions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import OutOfRangeError
+from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
+from ..schemas import VARIABLES
 
 
 def token_labels(tokens) -> list[str]:
@@ -96,3 +97,44 @@ def qk(run, prompt: int, layer: int, head: int) -> QK:
     return QK(layer=layer, head=head, scale=scale, causal=causal,
               queries=pd.DataFrame(q, index=index, columns=dims), keys=pd.DataFrame(k, index=index, columns=dims),
               scores=pd.DataFrame(scores, index=qx, columns=kx), weights=pd.DataFrame(weights, index=qx, columns=kx))
+
+
+def generated_text(run, prompt: int) -> str:
+    """The text the model generated after `prompt` ('' if the run generated nothing)."""
+    rows = run.ds.isel(token=run.token_slice(prompt))
+    generated = rows["is_generated"].values
+    if run.tokenizer is None:
+        return "".join(rows["token_str"].values[generated].astype(object))
+    return run.tokenizer.decode(rows["token_id"].values[generated].tolist(), skip_special_tokens=False)
+
+
+def attributions(run, prompt: int, method: str = "grad_x_input", normalize: bool = True) -> pd.DataFrame:
+    """Input attributions of one prompt: a row per target token, a column per source token.
+
+    Row t is the prediction of token t (made at position t-1), its columns the tokens
+    0..n-2 of the sequence; sources at or after t are 0. normalize=True scales each row
+    to sum to 1 (what Ecco displays); False gives the stored L2 norms.
+    For integrated_gradients, df.attrs['completeness_gap'] holds each row's delta.
+    """
+    methods = [n[len("attribution_"):] for n in VARIABLES if n.startswith("attribution_") and
+               not n.endswith("_delta")]
+    if method not in methods:
+        raise ConfigError(f"attribution method {method!r} is unknown; choose from {', '.join(methods)}")
+    array = run.require(f"attribution_{method}", f"attribution --attribution {method}")
+    rows = run.token_slice(prompt)
+    n = rows.stop - rows.start
+    values = array.isel(token=rows, key=slice(0, n)).values
+    targets = np.flatnonzero(~np.isnan(values[:, 0]))  # rows r predicting token r+1
+    tokens = run.ds["token_str"].isel(token=rows).values.astype(object)
+    block = values[targets, :n - 1].astype(np.float64)
+    if normalize:
+        block = block / block.sum(axis=1, keepdims=True)
+    frame = pd.DataFrame(block,
+                         index=pd.MultiIndex.from_arrays([targets + 1, tokens[targets + 1]],
+                                                         names=["position", "target"]),
+                         columns=pd.MultiIndex.from_arrays([np.arange(n - 1), tokens[:n - 1]],
+                                                           names=["position", "source"]))
+    if method == "integrated_gradients" and "attribution_integrated_gradients_delta" in run.ds:
+        delta = run.ds["attribution_integrated_gradients_delta"].isel(token=rows).values[targets]
+        frame.attrs["completeness_gap"] = pd.Series(delta, index=frame.index)
+    return frame

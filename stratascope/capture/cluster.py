@@ -29,10 +29,10 @@ def _device(requested: str) -> str:
     return requested
 
 
-def _capturer(model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list[int]], vocab: np.ndarray):
-    """A ShardCapturer around this worker's copy of the model, loaded once per weights."""
+def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list[int]],
+              vocab: np.ndarray):
+    """A capturer_cls (runner.ShardCapturer) around this worker's copy of the model, loaded once per weights."""
     from ..models import find_adapter, load_model
-    from .runner import ShardCapturer
 
     key = (model, weights, cfg.device, cfg.attn_implementation)
     with _LOCK:
@@ -45,34 +45,34 @@ def _capturer(model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list
             loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation)
             _MODELS[key] = (loaded, find_adapter(loaded.model))
         loaded, adapter = _MODELS[key]
-    return ShardCapturer(loaded, adapter, cfg, plan, ids_by_prompt, vocab)
+    return capturer_cls(loaded, adapter, cfg, plan, ids_by_prompt, vocab)
 
 
-def capture_shard_task(out: str, model: str, weights: str, cfg, plan, shard, ids_by_prompt: dict[int, list[int]],
-                       vocab: np.ndarray) -> int:
+def capture_shard_task(capturer_cls, out: str, model: str, weights: str, cfg, plan, shard,
+                       ids_by_prompt: dict[int, list[int]], vocab: np.ndarray) -> int:
     """Runs on a worker: capture one shard, write it, record it complete. Returns its token count."""
     from .shards import write_shard
 
-    stage = _capturer(model, weights, cfg, plan, ids_by_prompt, vocab)(shard)
+    stage = _capturer(capturer_cls, model, weights, cfg, plan, ids_by_prompt, vocab)(shard)
     write_shard(zarr.open_group(out, mode="r+"), shard, stage)
     return plan.shard_tokens(shard)
 
 
-def run_on_cluster(out: str, model: str, weights: str, cfg, plan, ids, vocab: np.ndarray, todo,
-                   workers: int | None, scheduler: str | None, progress: bool) -> None:
+def run_on_cluster(capturer_cls, out: str, model: str, weights: str, cfg, plan, ids, vocab: np.ndarray, todo,
+                   workers: int | None, scheduler: str | None, on_shard) -> None:
+    """Capture the shards `todo` on the cluster; on_shard(tokens) is called as each completes."""
     from distributed import as_completed
 
     from ..cluster import dask_client
-    from .runner import progress_bar
 
     gpu = cfg.device.startswith("cuda")
-    with dask_client(workers, scheduler, gpu) as client, progress_bar(plan, todo, progress) as bar:
+    with dask_client(workers, scheduler, gpu) as client:
         # plan and vocabulary are sent once, not with every task; a shard carries only its own prompts' ids
         shared_plan, shared_vocab = client.scatter([plan, vocab], broadcast=True)
         run_id = uuid.uuid4().hex[:8]  # task keys unique per capture, also on a shared cluster
-        futures = [client.submit(capture_shard_task, out, model, weights, cfg, shared_plan, shard,
+        futures = [client.submit(capture_shard_task, capturer_cls, out, model, weights, cfg, shared_plan, shard,
                                  {p: ids[p] for p in range(shard.lo, shard.hi)}, shared_vocab, pure=False,
                                  resources={"GPU": 1} if gpu else None, key=f"stratascope-{run_id}-shard-{shard.index}")
                    for shard in todo]
         for future in as_completed(futures):
-            bar.update(future.result())  # re-raises a task's error here
+            on_shard(future.result())  # re-raises a task's error here

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
-from ..ranges import parse_ranges  # noqa: F401 - re-exported for callers
+from ..options import option
 from ..schemas import CAPTURE_NAMES
 
 DTYPES = ("float16", "float32")
@@ -24,28 +24,37 @@ def parse_capture(names) -> tuple[str, ...]:
     return names
 
 
+CAPTURE_HELP = "comma-separated: " + ", ".join(CAPTURE_NAMES)
+
+
 @dataclass
 class CaptureConfig:
-    """What to capture and how. `layers` None means every layer."""
+    """What to capture and how: one definition for the CLI, the Python API and the store's attrs."""
 
-    capture: tuple[str, ...] = ("hidden", "attention", "mlp")
-    layers: str | list[int] | None = None
-    dtype: str = "float32"
-    batch_size: int = 16
-    device: str = "auto"
-    text_column: str = "text"
-    max_length: int = 512
-    shard_tokens: int | None = None  # rows per shard (None: what fits a 256 MiB staging buffer)
-    zarr_shards: bool = False  # pack each shard's chunks into one stored object (Zarr sharding codec)
+    capture: tuple[str, ...] = option(("hidden", "attention", "mlp"), CAPTURE_HELP)
+    layers: str | list[int] | None = option(None, "blocks to capture, e.g. 0-5,7 (default: all)")
+    dtype: str = option("float32", "storage dtype of the activations", choices=DTYPES)
+    batch_size: int = option(16, "prompts per forward pass", type=int)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    text_column: str = option("text", "the corpus column holding the prompt")
+    max_length: int = option(512, "tokens kept per prompt", type=int)
+    shard_tokens: int | None = option(None, "tokens per shard (the unit of work and of resume); "
+                                            "default: what fits 256 MiB", type=int, min=1)
+    zarr_shards: bool = option(False, "pack each shard's chunks into one stored object (Zarr sharding codec; "
+                                      "big runs)")
     # generation and gradients (capture/generate.py, capture/gradients.py); they travel with the config to workers
-    generate: int = 0
-    sample: bool = False
-    seed: int = 0
-    temperature: float = 1.0
-    attribution: str = "grad_x_input"
-    ig_steps: int = 32
-    ig_method: str = "gausslegendre"
-    attribute: str | None = None
+    generate: int = option(0, "extend each prompt by exactly N generated tokens (no stop at EOS), then capture "
+                              "it all", type=int)
+    sample: bool = option(False, "sample the generated tokens instead of greedy decoding")
+    seed: int = option(0, "sampling seed (per prompt: seed, index)", type=int)
+    temperature: float = option(1.0, "sampling temperature", type=float)
+    attribution: str = option("grad_x_input", "with --capture attribution: grad_x_input, integrated_gradients, "
+                                              "gradient_norm (comma-separated)")
+    ig_steps: int = option(32, "integrated gradients path steps", type=int)
+    ig_method: str = option("gausslegendre", "gausslegendre, riemann_trapezoid, riemann_middle, riemann_left or "
+                                             "riemann_right")
+    attribute: str | None = option(None, "attribution targets: predictions of generated tokens (default with "
+                                         "--generate) or of all", choices=("generated", "all"))
 
     def __post_init__(self):
         self.capture = parse_capture(self.capture)

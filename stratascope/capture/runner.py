@@ -14,12 +14,14 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
 from ..models import find_adapter, load_model
 from ..schemas import META_PREFIX, SCHEMA_VERSION
-from ..store import human_bytes
-from .config import CaptureConfig, parse_ranges
+from ..formatting import human_bytes
+from ..options import defaults, keyword_signature
+from ..ranges import parse_ranges
+from .config import CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
 from .generate import generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
@@ -173,15 +175,11 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+@keyword_signature(CaptureConfig)
 def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *, corpus: str | None = None,
-            capture=("hidden", "attention", "mlp"), layers=None, dtype: str = "float32", batch_size: int = 16,
-            device: str = "auto", text_column: str = "text", max_length: int = 512, overwrite: bool = False,
-            resume: bool = False, dry_run: bool = False, progress: bool = True, workers: int | None = None,
-            scheduler: str | None = None, shard_tokens: int | None = None, zarr_shards: bool = False,
-            generate: int = 0, sample: bool = False, seed: int = 0, temperature: float = 1.0,
-            attribution="grad_x_input", ig_steps: int = 32, ig_method: str = "gausslegendre",
-            attribute: str | None = None):
-    """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return the opened Run.
+            overwrite: bool = False, resume: bool = False, dry_run: bool = False, progress: bool = True,
+            workers: int | None = None, scheduler: str | None = None, **options):
+    """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return its path.
 
     Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
     With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
@@ -191,11 +189,11 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     generate=N extends every prompt by exactly N tokens (greedy, or sampled with seed and temperature);
     capture 'attribution' and 'grad' add gradient arrays (capture/generate.py, capture/gradients.py).
     """
-    cfg = CaptureConfig(capture=capture, layers=layers, dtype=dtype, batch_size=batch_size, device=device,
-                        text_column=text_column, max_length=max_length, shard_tokens=shard_tokens,
-                        zarr_shards=zarr_shards, generate=generate, sample=sample, seed=seed,
-                        temperature=temperature, attribution=attribution, ig_steps=ig_steps, ig_method=ig_method,
-                        attribute=attribute)
+    unknown = sorted(set(options) - set(defaults(CaptureConfig)))
+    if unknown:
+        raise TypeError(f"capture() got an unknown option {unknown[0]!r}; see help(stratascope.capture)")
+    cfg = CaptureConfig(**options)
+    text_column = cfg.text_column
     if (prompts is None) == (corpus is None):
         raise ConfigError("give either prompts or a corpus file, not both or neither")
     if overwrite and resume:
@@ -247,8 +245,10 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
         from .cluster import run_on_cluster
 
         del loaded, adapter  # workers load their own copy
-        run_on_cluster(out, model, root.attrs["model"]["weights_sha256"], cfg, plan, ids,
-                       np.array(vocab, dtype=object), todo, workers=workers, scheduler=scheduler, progress=progress)
+        with progress_bar(plan, todo, progress) as bar:
+            run_on_cluster(ShardCapturer, out, model, root.attrs["model"]["weights_sha256"], cfg, plan, ids,
+                           np.array(vocab, dtype=object), todo, workers=workers, scheduler=scheduler,
+                           on_shard=bar.update)
     else:
         _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
     seconds = time.perf_counter() - started
@@ -256,9 +256,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     root.attrs.update({"complete": bool(completed(root).all()),
                        "timing": {"seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
                                   "workers": workers or (scheduler and "cluster") or "in-process"}})
-    from ..run import Run
-
-    return Run(out)
+    return out
 
 
 def _identity(loaded, adapter, cfg: CaptureConfig, data: Corpus) -> dict:

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import MissingArrayError, OutOfRangeError, StratascopeError
-from . import data, render
+from . import data, registry, render
 from .registry import VIEWS
 from .report import prompt_list, scripts
 
@@ -62,7 +62,7 @@ class ViewerApp:
         self.static = {name: render.static_text(name).encode() for name in
                        ["core.js", "viewer.css"] + [f"view_{v.name}.js" for v in views]}
         self.static["plotly.min.js"] = render.plotly_js().encode()
-        meta = data.meta(run)
+        meta = registry.meta(run)
         meta["mode"] = "app"
         if run.n_prompts <= PROMPT_LIST_MAX:
             meta["prompt_list"] = prompt_list(run, list(range(run.n_prompts)))

@@ -7,7 +7,6 @@ Each function reads only the rows of one prompt (and one layer), never a whole a
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -424,21 +423,3 @@ def has_lens(run, name: str) -> bool:
     if not has_group(run.path, LENS_GROUP):
         return False
     return name in open_dataset(run.path, LENS_GROUP)
-
-
-def meta(run) -> dict:
-    """What every page needs first: the store, the model, sizes, layers, methods, which views exist."""
-    from .registry import VIEWS
-
-    m = run.attrs["model"]
-    views = []
-    for view in VIEWS.values():
-        reason = view.unavailable(run)
-        views.append({"name": view.name, "title": view.title, "description": view.description,
-                      "available": reason is None, "reason": reason})
-    return {"store": Path(run.path.rstrip("/")).name, "model": {k: m.get(k) for k in ("name", "family", "n_layers",
-                                                                                     "n_heads", "causal")},
-            "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": captured_layers(run),
-            "methods": attribution_methods(run), "views": views, "min_weight": MIN_WEIGHT,
-            "bias_pairs": bias_pairs(run), "probe_labels": probe_labels(run)}
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import data
 
@@ -114,3 +115,19 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
     if view.endpoint == "saliency":
         return [{"prompt": p, "method": m} for p in prompts for m in data.attribution_methods(run)]
     return [{"prompt": p} for p in prompts]
+
+
+def meta(run) -> dict:
+    """What every page needs first: the store, the model, sizes, layers, methods, which views exist."""
+    m = run.attrs["model"]
+    views = []
+    for view in VIEWS.values():
+        reason = view.unavailable(run)
+        views.append({"name": view.name, "title": view.title, "description": view.description,
+                      "available": reason is None, "reason": reason})
+    return {"store": Path(run.path.rstrip("/")).name, "model": {k: m.get(k) for k in ("name", "family", "n_layers",
+                                                                                     "n_heads", "causal")},
+            "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": data.captured_layers(run),
+            "methods": data.attribution_methods(run), "views": views, "min_weight": data.MIN_WEIGHT,
+            "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run)}
+

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
-from . import data, render
+from . import data, registry, render
 from .registry import VIEWS, spread, view_params
 
 DEFAULT_PROMPTS = 10
@@ -81,7 +81,7 @@ def build_report(run, prompts: str | list[int] | None = None, layers: str | list
     chosen_prompts = choose_prompts(run, prompts)
     chosen_layers = choose_layers(run, layers)
     chosen_views = choose_views(run, views)
-    meta = data.meta(run)
+    meta = registry.meta(run)
     meta.update(mode="report", prompt_list=prompt_list(run, chosen_prompts), layers=chosen_layers,
                 views=[v for v in meta["views"] if v["name"] in {c.name for c in chosen_views}], start=start or {})
     meta["included_note"] = (

@@ -1,0 +1,49 @@
+"""The Python API's entry points: capture a corpus, open a run, run the bias probe from a model.
+
+Heavy modules (torch, transformers) are imported when a function is called, so that
+`import stratascope` stays light.
+"""
+
+from __future__ import annotations
+
+from .capture.config import CaptureConfig
+from .options import keyword_signature
+
+
+@keyword_signature(CaptureConfig)
+def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *, corpus: str | None = None,
+            overwrite: bool = False, resume: bool = False, dry_run: bool = False, progress: bool = True,
+            workers: int | None = None, scheduler: str | None = None, **options):
+    """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return the opened Run.
+
+    Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
+    With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
+    resume=True finishes an interrupted capture of the same corpus, model and options.
+    workers=N runs shards on a local dask cluster; scheduler='tcp://...' on an existing one.
+    Everything is checked (corpus, model, options, disk) before an existing store is replaced.
+    """
+    from .capture.runner import capture as run_capture
+
+    result = run_capture(model, prompts, out, corpus=corpus, overwrite=overwrite, resume=resume, dry_run=dry_run,
+                         progress=progress, workers=workers, scheduler=scheduler, **options)
+    return result if dry_run else open_run(result)
+
+
+def open_run(path: str, allow_incomplete: bool = False):
+    """Open a stored run lazily (a stratascope.Run); the model is never loaded."""
+    from .run import Run
+
+    return Run(path, allow_incomplete=allow_incomplete)
+
+
+def bias_probe(model: str = "smollm2", out: str = "runs/bias.zarr", occupations=None, templates=None, pairs=None,
+               strict: bool = False, overwrite: bool = False, corpus: str = "builtin", statistic: str | None = None,
+               device: str = CaptureConfig.device, dtype: str = CaptureConfig.dtype,
+               batch_size: int = CaptureConfig.batch_size,
+               progress: bool = True):
+    """Capture the occupation corpus (hidden states only) with `model` into `out`, then run the bias
+    probe on it and return its BiasResult; see stratascope.workflows.bias_probe."""
+    from .workflows.bias_probe import bias_probe as run_bias_probe
+
+    return run_bias_probe(model, out, occupations, templates, pairs, strict, overwrite, corpus, statistic, device,
+                          dtype, batch_size, progress)

@@ -1,0 +1,1 @@
+"""What captures *then* analyses: the bias probe from a model, the demo."""
