@@ -120,6 +120,25 @@ def _print_info(info: dict) -> None:
     for name, a in info["arrays"].items():
         dims = ", ".join(f"{d} {n}" for d, n in a["dims"].items())
         click.echo(f"  {name:<{width}}{a['dtype']:<9}{dims}")
+    if info["results"]:
+        click.echo("results    (analysis/<job>/<name>; stratascope forget RUN JOB/NAME removes one)")
+    for r in info["results"]:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        stale = "" if r["current"] else "  [from an earlier capture]"
+        click.echo(f"  {r['job'] + '/' + r['name']:<24}{human_bytes(r['bytes']):>10}  {params}{stale}")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.argument("result", metavar="JOB[/NAME]")
+@friendly
+def forget(run_path, result):
+    """Remove a stored analysis result (JOB/NAME as `stratascope info` lists it), or every result of JOB."""
+    from .api import open_run
+
+    job, _, name = result.partition("/")
+    for group in open_run(run_path).forget(job, name or None):
+        click.echo(f"removed {run_path.rstrip('/')}/{group}")
 
 
 @cli.command()

@@ -142,7 +142,23 @@ class Run(Store):
                 "captured": cap["arrays"], "dtype": cap["dtype"], "captured_layers": cap["layers"],
                 "prompts": c["n_prompts"], "tokens": c["n_tokens"], "metadata_columns": c["metadata_columns"],
                 "arrays": arrays, "bytes_on_disk": store_bytes(self.path), "created": self.attrs["created"],
-                "schema_version": self.attrs["schema_version"]}
+                "schema_version": self.attrs["schema_version"], "results": self.results()}
+
+    def results(self) -> list[dict]:
+        """Every stored analysis result: job, name, parameters, bytes, when it was created, and whether
+        it belongs to this capture. Several results of one job live side by side (analysis/<job>/<name>)."""
+        from .analyze.results import stored_results
+
+        rows = stored_results(self)
+        for row in rows:
+            row["bytes"] = store_bytes(f"{self.path.rstrip('/')}/{row['group']}")
+        return rows
+
+    def forget(self, job: str, name: str | None = None) -> list[str]:
+        """Remove one stored result (`job`, `name`) or every result of `job`; returns the groups removed."""
+        from .analyze.results import forget_result
+
+        return forget_result(self, job, name)
 
     def linear_probe(self, label: str, at: str = "last", folds: int = 5, depths=None, control: str = "shuffle",
                      seed: int = 0, **options):

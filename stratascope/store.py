@@ -22,7 +22,7 @@ from .schemas import META_PREFIX, parse_schema_version, validate_root
 
 def _open_group(path: str) -> zarr.Group:
     try:
-        return zarr.open_group(str(path), mode="r")
+        return zarr.open_group(str(path), mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
         raise StoreNotFoundError(f"{path} is not a stratascope store (no Zarr group there)") from e
     except (ImportError, ValueError) as e:  # an unknown protocol, or s3:// without s3fs
@@ -46,16 +46,31 @@ def open_dataset(path: str, group: str | None = None) -> xr.Dataset:
 
 def has_group(path: str, group: str) -> bool:
     try:
-        zarr.open_group(str(path), path=group, mode="r")
+        zarr.open_group(str(path), path=group, mode="r", use_consolidated=False)
         return True
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return False
 
 
+def group_attrs(path: str, group: str) -> dict:
+    """The attrs of one group, read from its own metadata (never a consolidated copy)."""
+    return dict(zarr.open_group(str(path), path=group, mode="r", use_consolidated=False).attrs)
+
+
+def consolidate(path: str) -> None:
+    """Write the store's consolidated metadata (one read opens every group and array), after a
+    capture or an analysis completes; stratascope's own readers never rely on it."""
+    import warnings
+
+    with warnings.catch_warnings():  # zarr notes that v3 consolidated metadata is not in the spec yet
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
 def subgroups(path: str, group: str) -> list[str]:
     """Names of the groups directly under `group` (e.g. the analysis results), [] if there is none."""
     try:
-        return sorted(zarr.open_group(str(path), path=group, mode="r").group_keys())
+        return sorted(zarr.open_group(str(path), path=group, mode="r", use_consolidated=False).group_keys())
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return []
 

@@ -272,10 +272,10 @@ def test_cli_heads_writes_and_reuses(runs):
     counts = {line.split()[0]: int(line.split()[1]) for line in result.output.splitlines()[2:]}
     assert sum(counts.values()) == 12 and set(counts) == {"previous-token", "first-token", "self", "broad", "mixed"}
     first = ss.open_run(run.path).heads(top=2)
-    from stratascope.store import open_dataset
-    created = open_dataset(run.path, "analysis/heads").attrs["created"]
+    from stratascope.analyze.results import latest_result
+    created = latest_result(run, "heads").attrs["created"]
     CliRunner().invoke(cli, ["heads", run.path, "--top", "2"])
-    assert open_dataset(run.path, "analysis/heads").attrs["created"] == created
+    assert latest_result(run, "heads").attrs["created"] == created
     assert first.label.value_counts().to_dict() == {k: v for k, v in counts.items() if v}
 
 

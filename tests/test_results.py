@@ -7,7 +7,7 @@ import xarray as xr
 
 import stratascope as ss
 from conftest import PROMPTS
-from stratascope.analyze.results import load_result, save_result
+from stratascope.analyze.results import load_result, result_name, save_result
 
 
 def _failing(block):
@@ -25,6 +25,74 @@ def test_interrupted_result_is_never_reused_and_keeps_the_old_one(tiny_model_dir
     assert load_result(run, "demo_job", {"k": 2}) is None  # the half-written result is not taken
     kept = load_result(run, "demo_job", {"k": 1})
     np.testing.assert_array_equal(kept["score"].values, good["score"].values)
-    redo = save_result(run, "demo_job", good * 2, {"k": 2})  # a rerun replaces it cleanly
+    redo = save_result(run, "demo_job", good * 2, {"k": 2})  # a rerun lands beside the first result
     np.testing.assert_array_equal(redo["score"].values, 2 * good["score"].values)
-    assert load_result(run, "demo_job", {"k": 1}) is None
+    np.testing.assert_array_equal(load_result(run, "demo_job", {"k": 1})["score"].values, good["score"].values)
+
+
+def test_two_lens_results_live_side_by_side(tiny_model_dirs, tmp_path):
+    """A lens with other depths lands beside the earlier one; both are reused; info lists them;
+    the earlier values are unchanged; forget removes exactly one."""
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(tmp_path / "r.zarr"),
+                     capture="hidden", progress=False)
+    full = run.lens(topk=3, progress=False)
+    before = full["target_rank"].values.copy()
+    part = run.lens(topk=3, depths="1-2", progress=False)
+    assert [int(d) for d in part["depth"]] == [1, 2]
+    assert len(run.results()) == 2 and {r["job"] for r in run.results()} == {"lens"}
+    again = run.lens(topk=3, progress=False)  # reused, not recomputed
+    assert again.attrs["created"] == full.attrs["created"]
+    np.testing.assert_array_equal(again["target_rank"].values, before)
+    np.testing.assert_array_equal(run.lens(topk=3, depths="1-2", progress=False)["target_rank"].values,
+                                  before[:, 1:3])
+    text = CliRunner().invoke(cli, ["info", run.path]).output
+    names = [r["name"] for r in run.results()]
+    assert all(f"lens/{n}" in text for n in names) and "depths=[1, 2]" in text
+    out = CliRunner().invoke(cli, ["forget", run.path, f"lens/{names[0]}"])
+    assert out.exit_code == 0 and [r["name"] for r in run.results()] == names[1:]
+    bad = CliRunner().invoke(cli, ["forget", run.path, "lens/nope"])
+    assert bad.exit_code == 1 and "has no analysis result lens/nope" in bad.output
+
+
+def test_a_store_from_before_keyed_results_still_reads_and_is_adopted(tiny_model_dirs, tmp_path):
+    """A result at analysis/<job> itself (the first layout) is read, and moved under its name
+    when the job writes again; its values are unchanged."""
+    import shutil
+
+    import zarr
+
+    run = ss.capture(model=str(tiny_model_dirs["gpt2"]), prompts=PROMPTS, out=str(tmp_path / "r.zarr"),
+                     capture="hidden", progress=False)
+    good = xr.Dataset({"score": ("token", np.arange(run.n_tokens, dtype=np.float32))})
+    save_result(run, "demo_job", good, {"k": 1})
+    name = list(zarr.open_group(run.path, path="analysis/demo_job", mode="r", use_consolidated=False).group_keys())[0]
+    base = tmp_path / "r.zarr" / "analysis" / "demo_job"
+    shutil.move(str(base / name), str(tmp_path / "aside"))  # lay it out as the first schema did
+    shutil.rmtree(base)
+    shutil.move(str(tmp_path / "aside"), str(base))
+    np.testing.assert_array_equal(load_result(run, "demo_job", {"k": 1})["score"].values, good["score"].values)
+    save_result(run, "demo_job", good * 3, {"k": 2})
+    assert sorted(zarr.open_group(run.path, path="analysis/demo_job", mode="r",
+                                  use_consolidated=False).group_keys()) == sorted([name, result_name({"k": 2})])
+    np.testing.assert_array_equal(load_result(run, "demo_job", {"k": 1})["score"].values, good["score"].values)
+
+
+def test_leftovers_of_a_dead_job_are_cleaned(tiny_model_dirs, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import zarr
+
+    run = ss.capture(model=str(tiny_model_dirs["gpt2"]), prompts=PROMPTS, out=str(tmp_path / "r.zarr"),
+                     capture="hidden", progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    leftover = f"analysis/_staging/abc__{pid}__{socket.gethostname()}__demo_job"
+    zarr.open_group(run.path, path=leftover, mode="w")
+    save_result(run, "demo_job", xr.Dataset({"score": ("token", np.zeros(run.n_tokens, np.float32))}), {"k": 1})
+    assert list(zarr.open_group(run.path, path="analysis/_staging", mode="r", use_consolidated=False).group_keys()) == []

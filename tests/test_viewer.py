@@ -20,7 +20,7 @@ from stratascope.cli import cli
 from stratascope.errors import OutOfRangeError
 from stratascope.viewer import data, registry, render
 from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, XSS_ALERT, XSS_IMG,  # noqa: F401 - fixtures
-                             XSS_SCRIPT, probe_app, probe_store, viewer_app, viewer_store)
+                             XSS_SCRIPT, only_result, probe_app, probe_store, viewer_app, viewer_store)
 
 
 def test_json_for_html_cannot_close_script():
@@ -167,7 +167,7 @@ def test_bias_slice_of_an_older_result_reads_the_statistic_from_metadata(probe_s
 
     path = str(tmp_path / "old.zarr")
     shutil.copytree(probe_store.path, path)
-    g = zarr.open_group(path, mode="r+", path="analysis/bias_correlation")
+    g = only_result(path, "bias_correlation", mode="r+")
     del g["statistic_value"], g["occupation"]
     run = ss.open_run(path)
     assert data.bias(run, BIAS_PAIRS[0])["statistic_values"] == data.bias(

@@ -13,7 +13,7 @@ import pytest
 
 from stratascope.viewer import data
 from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, WATCH, XSS_ALERT, XSS_ALERT2,  # noqa: F401
-                             XSS_IMG, XSS_SCRIPT, probe_app, probe_store, viewer_app, viewer_store)
+                             XSS_IMG, XSS_SCRIPT, only_result, probe_app, probe_store, viewer_app, viewer_store)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -554,13 +554,13 @@ def test_real_smollm2_neuron_heads_nmf(browser, tmp_path):
     np.testing.assert_allclose(got, att[2, 4], atol=3e-3)
     v.done("real_smollm2_neuron")
     v = Viewer(browser, ("report", out.as_uri()), "heads_map")
-    labels = zarr.open_group(store, mode="r", path="analysis/heads")["label"][:]
+    labels = only_result(store, "heads")["label"][:]
     plot = _plot(v, ".ss-heads-map")
     order = v.page.evaluate("() => document.querySelector('.ss-heads-map').data[0].colorbar.ticktext")
     assert [[order[i] for i in row] for row in plot["z"]] == [[str(x) for x in row] for row in labels]
     v.done("real_smollm2_heads_map")
     v = Viewer(browser, ("report", out.as_uri()), "nmf", prompt=0, factor=1)
-    w = zarr.open_group(store, mode="r", path="analysis/nmf")["token_factor"][:n]
+    w = only_result(store, "nmf")["token_factor"][:n]
     values = v.page.eval_on_selector_all(".ss-nmf-box", "es => es.map(e => +e.dataset.value)")
     np.testing.assert_allclose(values, w[:, 1], atol=1e-4)
     v.done("real_smollm2_nmf")
@@ -589,7 +589,7 @@ def test_real_smollm2_bias_and_probe_views(browser, tmp_path):
                  ["report", store, "-o", str(out), "--views", "bias,probe"]):
         res = runner.invoke(cli, args)
         assert res.exit_code == 0, res.output
-    g = zarr.open_group(store, mode="r", path="analysis/bias")
+    g = only_result(store, "bias")
     names = np.array([str(o) for o in g["occupation"][:]])
     lr = g["log_ratio"][:, :, 0].astype(np.float64)  # " she/ he"
     v = Viewer(browser, ("report", out.as_uri()), "bias")
@@ -602,6 +602,6 @@ def test_real_smollm2_bias_and_probe_views(browser, tmp_path):
     assert f"Spearman ρ = {rho:.3f}" in v.page.inner_text(".ss-bias-summary") and "n = 12" in v.text()
     v.done("real_smollm2_bias")
     v = Viewer(browser, ("report", out.as_uri()), "probe")
-    r2 = zarr.open_group(store, mode="r", path="analysis/probe_bls_pct_female")["r2"][:]
+    r2 = only_result(store, "probe_bls_pct_female")["r2"][:]
     np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "score"), r2.mean(1), atol=1e-4)
     v.done("real_smollm2_probe")

@@ -17,6 +17,13 @@ WATCH = [" the", XSS_SCRIPT, XSS_IMG, " fox"]
 METHODS = ("grad_x_input", "integrated_gradients")
 
 
+def only_result(path: str, job: str, mode: str = "r") -> zarr.Group:
+    """The one stored result of `job` (analysis/<job>/<name>), opened with zarr directly."""
+    names = list(zarr.open_group(path, mode="r", path=f"analysis/{job}", use_consolidated=False).group_keys())
+    assert len(names) == 1, f"expected one {job} result, found {names}"
+    return zarr.open_group(path, mode=mode, path=f"analysis/{job}/{names[0]}", use_consolidated=False)
+
+
 class Store:
     """The store's path and raw arrays read with zarr directly (independent of stratascope.viewer.data)."""
 
@@ -28,16 +35,16 @@ class Store:
         self.attention = g["attention"][:]  # token, layer, head, key
         self.segments = g["token_type_ids"][:]
         self.vocab = g["readout/vocab_str"][:]
-        lens = zarr.open_group(path, mode="r", path="analysis/lens")
+        lens = only_result(path, "lens")
         self.topk_ids, self.topk_probs = lens["topk_ids"][:], lens["topk_probs"][:]
         self.target_rank, self.watch_rank = lens["target_rank"][:], lens["watch_rank"][:]
         self.attribution = {m: g[f"attribution_{m}"][:] for m in METHODS}
         self.queries, self.keys = g["queries"][:], g["keys"][:]  # token, layer, head, d_head
         self.qk_scales = dict(g.attrs)["capture"]["qk"]["scales"]
-        heads = zarr.open_group(path, mode="r", path="analysis/heads")
+        heads = only_result(path, "heads")
         self.heads = {name: heads[name][:] for name in ("label", "first_token", "previous_token", "self",
                                                          "entropy_norm", "entropy")}
-        self.token_factor = zarr.open_group(path, mode="r", path="analysis/nmf")["token_factor"][:]
+        self.token_factor = only_result(path, "nmf")["token_factor"][:]
         self.prompt_index = g["prompt_index"][:]
 
     def rows(self, p: int) -> slice:
@@ -122,15 +129,15 @@ class ProbeStore:
 
     def __init__(self, path: str):
         self.path = path
-        b = zarr.open_group(path, mode="r", path="analysis/bias")
+        b = only_result(path, "bias")
         self.log_ratio = b["log_ratio"][:]  # prompt, depth, pair
         self.occupation = np.array([str(o) for o in b["occupation"][:]])
         self.pairs, self.depths = [str(p) for p in b["pair"][:]], b["depth"][:].tolist()
-        c = zarr.open_group(path, mode="r", path="analysis/bias_correlation")
+        c = only_result(path, "bias_correlation")
         self.correlation = {k: c[k][:] for k in ("pearson_r", "spearman_rho", "n")}  # pair, depth
         self.probes = {}
         for label in PROBE_LABELS:
-            g = zarr.open_group(path, mode="r", path=f"analysis/probe_{label}")
+            g = only_result(path, f"probe_{label}")
             self.probes[label] = {k: g[k][:] for k in ("accuracy", "control_accuracy", "majority", "r2", "control_r2")
                                   if k in g}
             self.probes[label]["attrs"] = dict(g.attrs)

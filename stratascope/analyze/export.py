@@ -19,7 +19,8 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
-from ..store import has_group, open_dataset, subgroups
+from ..store import open_dataset
+from .results import result_groups, stored_results
 
 FORMATS = ("parquet", "csv")
 ROWS_PER_PIECE = 2**18  # table rows per written piece: bounded memory whatever the job's size
@@ -27,11 +28,16 @@ TOKEN_COLUMNS = ("prompt_index", "position", "token_id", "token_str")
 
 
 def open_job(run, job: str) -> xr.Dataset:
-    if not re.fullmatch(r"[A-Za-z0-9_]+", job) or not has_group(run.path, f"analysis/{job}"):
-        stored = [g for g in subgroups(run.path, "analysis") if not g.startswith("_partial_")]
-        raise MissingArrayError(f"{run.path} has no analysis/{job} result; stored results: "
-                                f"{', '.join(stored) or 'none yet (run an analysis such as stratascope lens first)'}")
-    return open_dataset(run.path, f"analysis/{job}")
+    """The result `job` or `job/name` (default: the job's newest result)."""
+    job, _, name = job.partition("/")
+    groups = result_groups(run, job) if re.fullmatch(r"[A-Za-z0-9_]+", job) else []
+    if name:
+        groups = [g for g in groups if g.rsplit("/", 1)[-1] == name]
+    if not groups:
+        stored = [f"{r['job']}/{r['name']}" if r["name"] else r["job"] for r in stored_results(run)]
+        raise MissingArrayError(f"{run.path} has no analysis/{job}{'/' + name if name else ''} result; stored "
+                                f"results: {', '.join(stored) or 'none yet (run an analysis such as stratascope lens first)'}")
+    return open_dataset(run.path, groups[0])
 
 
 def row_dims(ds: xr.Dataset) -> tuple[str, ...]:

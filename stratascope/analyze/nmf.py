@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges
-from .results import job_progress, load_result, save_result
+from .results import job_progress, load_result, require_result, save_result
 
 NEGATIVE = ("clip", "shift")
 DEFAULT_LAYERS = 6  # the first six captured layers unless told otherwise
@@ -300,12 +300,9 @@ def _dataset(run, W: np.ndarray, data: dict, layers: list[int]) -> xr.Dataset:
 
 
 def stored_factors(run, job: str = "nmf") -> xr.Dataset:
-    from ..store import has_group, open_dataset
-
-    if not has_group(run.path, f"analysis/{job}"):
-        how = "run.nmf() or `stratascope nmf RUN`" if job == "nmf" else "run.nmf_transform(factors_from=...)"
-        raise MissingArrayError(f"{run.path} has no analysis/{job} result; compute it first with {how}")
-    return open_dataset(run.path, f"analysis/{job}")
+    """The newest stored factors of `job` (nmf or nmf_transform)."""
+    how = "run.nmf() or `stratascope nmf RUN`" if job == "nmf" else "run.nmf_transform(factors_from=...)"
+    return require_result(run, job, how)
 
 
 def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | None = None,

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import MissingArrayError, OutOfRangeError
-from ..store import has_group, open_dataset, subgroups
+from ..analyze.results import jobs, latest_result, require_result, result_groups
+from ..store import open_dataset
 from .render import token_label
 
 # Attention weights below this are not sent: rows sum to 1, so at most 1/MIN_WEIGHT keys per
@@ -19,7 +20,7 @@ from .render import token_label
 MIN_WEIGHT = 0.01
 
 # --- Schema names of other jobs' results, read here (adjust these when those jobs land) -------
-LENS_GROUP = "analysis/lens"
+LENS_JOB = "lens"
 LENS_TOPK_IDS = "topk_ids"          # (token, depth, k) int: top-k vocabulary ids of the lens
 LENS_TOPK_PROBS = "topk_probs"      # (token, depth, k) float: their probabilities
 LENS_TARGET_RANK = "target_rank"    # (token, depth) int: rank of the next token (1 = top); -1 on a last position
@@ -30,12 +31,12 @@ LENS_RANK_BASE = 1                  # the lens job stores 1-based ranks (1 + ent
 # (of token r+1) over keys 0..r, L2 norms (>= 0); rows that are not targets are NaN.
 ATTRIBUTION_PREFIX = "attribution_"
 TOKEN_TYPE_IDS = "token_type_ids"   # optional (token,) array: sentence A/B of an encoder input
-HEADS_GROUP = "analysis/heads"      # (layer, head): entropy, entropy_norm, first_token, previous_token, self, label
+HEADS_JOB = "heads"                 # analysis/heads/<name> (layer, head): entropy, entropy_norm, first_token, previous_token, self, label
 HEADS_SCORES = ("first_token", "previous_token", "self", "entropy_norm", "entropy")
-NMF_GROUP = "analysis/nmf"          # token_factor (token, factor) float32 >= 0; factor coordinate
+NMF_JOB = "nmf"                     # analysis/nmf/<name> token_factor (token, factor) float32 >= 0; factor coordinate
 NMF_WEIGHTS = "token_factor"
-BIAS_GROUP = "analysis/bias"        # (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
-BIAS_CORRELATION_GROUP = "analysis/bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
+BIAS_JOB = "bias"                   # analysis/bias/<name> (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
+BIAS_CORRELATION_JOB = "bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
 PROBE_PREFIX = "probe_"             # analysis/probe_<label>: (depth, fold) accuracy or r2, control_*, majority
 # ------------------------------------------------------------------------------------------------
 
@@ -121,9 +122,7 @@ def _vocab(run) -> np.ndarray:
 
 
 def _lens_dataset(run):
-    if not has_group(run.path, LENS_GROUP):
-        raise MissingArrayError(f"{run.path} has no lens results; run the lens job first (stratascope lens)")
-    return open_dataset(run.path, LENS_GROUP)
+    return require_result(run, LENS_JOB, "the lens job (stratascope lens)")
 
 
 def _display_ranks(ranks: np.ndarray) -> list:
@@ -223,9 +222,7 @@ def qk(run, prompt: int, layer: int, head: int) -> dict:
 
 def heads(run) -> dict:
     """The heads job's summary (analysis/heads): per (layer, head) its scores and pattern label."""
-    if not has_group(run.path, HEADS_GROUP):
-        raise MissingArrayError(f"{run.path} has no head summaries; run `stratascope heads` first")
-    ds = open_dataset(run.path, HEADS_GROUP)
+    ds = require_result(run, HEADS_JOB, "`stratascope heads`")
     from ..analyze.heads import LABELS  # dask/xarray only: no torch
 
     labels = [[str(x) for x in row] for row in ds["label"].values]
@@ -246,9 +243,7 @@ NMF_SCAN_ROWS = 65536  # rows of token_factor read at a time when ranking the wh
 
 
 def _nmf_dataset(run):
-    if not has_group(run.path, NMF_GROUP):
-        raise MissingArrayError(f"{run.path} has no NMF factors; run `stratascope nmf` first")
-    return open_dataset(run.path, NMF_GROUP)
+    return require_result(run, NMF_JOB, "`stratascope nmf`")
 
 
 def _nmf_top(run, ds) -> list[list[dict]]:
@@ -301,9 +296,8 @@ def _strings(values) -> np.ndarray:
 
 def bias_pairs(run) -> list[str]:
     """The word pairs ('female/male') of the stored bias probe, [] if there is none."""
-    if not has_group(run.path, BIAS_GROUP):
-        return []
-    return [str(p) for p in open_dataset(run.path, BIAS_GROUP)["pair"].values]
+    ds = latest_result(run, BIAS_JOB)
+    return [] if ds is None else [str(p) for p in ds["pair"].values]
 
 
 def _bias_statistic(run, ds, corr, occupations: list[str]) -> tuple[str | None, list | None]:
@@ -324,13 +318,21 @@ def _bias_statistic(run, ds, corr, occupations: list[str]) -> tuple[str | None, 
     return name, _rounded([stat.get(o, np.nan) for o in occupations], 6)
 
 
+def _bias_correlation(run, ds):
+    """The newest stored correlation computed from this bias table (same pairs, same capture), or None."""
+    for group in result_groups(run, BIAS_CORRELATION_JOB):
+        corr = open_dataset(run.path, group)
+        params = {k: v for k, v in corr.attrs.get("params", {}).items() if k not in ("statistic", "statistic_sha256")}
+        if params == ds.attrs.get("params") and corr.attrs.get("source") == ds.attrs.get("source"):
+            return corr
+    return None
+
+
 def bias(run, pair: str) -> dict:
     """The bias probe of one word pair: per occupation (in corpus order) the mean over its prompts of
     log p(female) - log p(male) at every depth, the statistic per occupation, and the stored correlation
     (Pearson, Spearman, n) at every depth when it belongs to this table."""
-    if not has_group(run.path, BIAS_GROUP):
-        raise MissingArrayError(f"{run.path} has no bias probe; run `stratascope probe bias --run {run.path}` first")
-    ds = open_dataset(run.path, BIAS_GROUP)
+    ds = require_result(run, BIAS_JOB, f"`stratascope probe bias --run {run.path}`")
     pairs = [str(p) for p in ds["pair"].values]
     if pair not in pairs:
         raise OutOfRangeError(f"pair {pair!r} is not in the stored bias probe; it has {', '.join(map(repr, pairs))}")
@@ -339,11 +341,7 @@ def bias(run, pair: str) -> dict:
     log_ratio = np.asarray(ds["log_ratio"].isel(pair=i).values, dtype=np.float64)  # prompt, depth (small)
     occupations = list(dict.fromkeys(occ))
     means = np.stack([log_ratio[occ == o].mean(0) for o in occupations])
-    corr = open_dataset(run.path, BIAS_CORRELATION_GROUP) if has_group(run.path, BIAS_CORRELATION_GROUP) else None
-    if corr is not None:  # a correlation of another table (other pairs, another capture) is not shown
-        params = {k: v for k, v in corr.attrs.get("params", {}).items() if k not in ("statistic", "statistic_sha256")}
-        if params != ds.attrs.get("params") or corr.attrs.get("source") != ds.attrs.get("source"):
-            corr = None
+    corr = _bias_correlation(run, ds)
     statistic, values = _bias_statistic(run, ds, corr, occupations)
     depths = [int(d) for d in ds["depth"].values]
     out = {"pairs": pairs, "pair": pair, "female": str(ds["female"].values[i]), "male": str(ds["male"].values[i]),
@@ -361,7 +359,7 @@ def bias(run, pair: str) -> dict:
 
 def probe_labels(run) -> list[str]:
     """The labels with a stored linear probe (analysis/probe_<label>)."""
-    return [g[len(PROBE_PREFIX):] for g in subgroups(run.path, "analysis") if g.startswith(PROBE_PREFIX)]
+    return [j[len(PROBE_PREFIX):] for j in jobs(run) if j.startswith(PROBE_PREFIX)]
 
 
 def probe(run, label: str) -> dict:
@@ -373,7 +371,7 @@ def probe(run, label: str) -> dict:
         if not labels:
             raise MissingArrayError(f"{run.path} has no linear probes; run `stratascope probe linear` first")
         raise OutOfRangeError(f"no probe of label {label!r} is stored; this run has {', '.join(map(repr, labels))}")
-    ds = open_dataset(run.path, f"analysis/{PROBE_PREFIX}{label}")
+    ds = latest_result(run, PROBE_PREFIX + label)
     task = str(ds.attrs["task"])
     metric = "accuracy" if task == "classify" else "r2"
     score = np.asarray(ds[metric].values, dtype=np.float64)  # depth, fold
@@ -415,11 +413,10 @@ def call(run, endpoint: str, params: dict) -> dict:
     return fn(run, **params)
 
 
-def has_result(run, group: str) -> bool:
-    return has_group(run.path, group)
+def has_result(run, job: str) -> bool:
+    return bool(result_groups(run, job))
 
 
 def has_lens(run, name: str) -> bool:
-    if not has_group(run.path, LENS_GROUP):
-        return False
-    return name in open_dataset(run.path, LENS_GROUP)
+    ds = latest_result(run, LENS_JOB)
+    return ds is not None and name in ds

@@ -37,7 +37,7 @@ def _needs_attention(run) -> str | None:
 
 def _needs_lens(name: str) -> Callable[[object], str | None]:
     def check(run) -> str | None:
-        return None if data.has_lens(run, name) else f"no {name} in {data.LENS_GROUP}; run the lens job"
+        return None if data.has_lens(run, name) else f"no {name} in analysis/{data.LENS_JOB}; run the lens job"
     return check
 
 
@@ -45,9 +45,9 @@ def _needs_qk(run) -> str | None:
     return None if "queries" in run.ds and "keys" in run.ds else "this run has no queries/keys; capture with --capture qk"
 
 
-def _needs_result(group: str, how: str) -> Callable[[object], str | None]:
+def _needs_result(job: str, how: str) -> Callable[[object], str | None]:
     def check(run) -> str | None:
-        return None if data.has_result(run, group) else f"this run has no {group}; run {how}"
+        return None if data.has_result(run, job) else f"this run has no analysis/{job}; run {how}"
     return check
 
 
@@ -79,13 +79,13 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          _needs_qk, report_layers=3),  # q and k of every head are d_head numbers per token each: keep reports small
     View("heads_map", "Heads map", "heads",
          "layers × heads coloured by pattern label or score; click a head for its lines", _needs_result(
-             data.HEADS_GROUP, "`stratascope heads`"), True),
+             data.HEADS_JOB, "`stratascope heads`"), True),
     View("nmf", "NMF factors", "nmf",
          "the text coloured by each NMF factor's activation; factor picker, top tokens per factor",
-         _needs_result(data.NMF_GROUP, "`stratascope nmf`")),
+         _needs_result(data.NMF_JOB, "`stratascope nmf`")),
     View("bias", "Bias probe", "bias",
          "occupations × depth heatmap of log p(female)/p(male); scatter against the occupation statistic with "
-         "its correlation", _needs_result(data.BIAS_GROUP, "`stratascope probe bias`"), True),
+         "its correlation", _needs_result(data.BIAS_JOB, "`stratascope probe bias`"), True),
     View("probe", "Probe accuracy", "probe",
          "a linear probe's accuracy (or R²) at every depth, ± sd over folds, with the control task and the baseline",
          _needs_probe, True),

@@ -46,8 +46,8 @@ def write_lens(path: str, token_id: np.ndarray, prompt_index: np.ndarray, depths
     }, coords={"depth": np.asarray(depths, dtype=np.int32), "k": np.arange(k, dtype=np.int32),
                data.LENS_WATCH_COORD: np.asarray(watch, dtype=object),
                "watch_id": ("watch", rng.choice(vocab_size, size=W, replace=False).astype(np.int32))})
-    ds.attrs.update({"job": "lens", "synthetic": True, "rank": "1-based"})
-    ds.to_zarr(path, group=data.LENS_GROUP, mode="w", zarr_format=3, consolidated=False)
+    ds.attrs.update({"job": "lens", "synthetic": True, "rank": "1-based", "params": {"synthetic": True}})
+    ds.to_zarr(path, group=f"analysis/{data.LENS_JOB}/synthetic", mode="w", zarr_format=3, consolidated=False)
     return ds
 
 
