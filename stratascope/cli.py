@@ -109,6 +109,10 @@ def _print_info(info: dict) -> None:
     from .formatting import human_bytes
 
     click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {human_bytes(info['bytes_on_disk'])} on disk)")
+    if not info["complete"]:
+        s = info["shards"]
+        click.echo(f"INCOMPLETE {s['complete']} of {s['total']} shards complete; finish with the same capture "
+                   "command plus --resume")
     click.echo(f"model      {info['model']} ({info['class']}, family {info['family']}): {info['layers']} layers, "
                f"{info['heads']} heads, d_model {info['d_model']}, vocab {info['vocab']}")
     click.echo(f"corpus     {info['prompts']} prompts, {info['tokens']} tokens"
@@ -149,7 +153,7 @@ def info(run_path, as_json):
     """Summarize a stored run: model, sizes, what was captured, prompts, tokens, bytes."""
     from .api import open_run
 
-    summary = open_run(run_path).info()
+    summary = open_run(run_path, allow_incomplete=True).info()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -303,6 +307,8 @@ def report(run_path, out, prompts, layers, views):
 @click.argument("run_path", metavar="RUN")
 @click.option("--topk", default=10, show_default=True, type=click.IntRange(1), help="top entries kept per token and depth")
 @click.option("--watch", multiple=True, help='a word whose rank is tracked, e.g. --watch " he" (repeatable)')
+@click.option("--watch-id", "watch_id", multiple=True, type=click.IntRange(0),
+              help="a vocabulary id whose rank is tracked (repeatable)")
 @click.option("--depths", default=None, help="depths to read out, e.g. 0-30 or 0,10,20 (default: all captured)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
@@ -311,13 +317,13 @@ def report(run_path, out, prompts, layers, views):
               help="none = Ecco's variant: unembed the raw residual (no final norm) below the last depth")
 @friendly
 @cluster_options
-def lens(run_path, topk, watch, depths, device, precision, norm):
+def lens(run_path, topk, watch, watch_id, depths, device, precision, norm):
     """Logit lens of every token at every depth: top-k, rank of the next token, watched tokens, entropy, KL."""
     from .analyze.lens import run_lens, summary
     from .api import open_run
 
     run = open_run(run_path)
-    ds = run_lens(run, topk=topk, watch=list(watch), depths=depths, norm=norm, device=device, precision=precision)
+    ds = run_lens(run, topk=topk, watch=list(watch) + list(watch_id), depths=depths, norm=norm, device=device, precision=precision)
     for line in summary(run, ds):
         click.echo(line)
 
@@ -332,8 +338,9 @@ def view(run_path, port, host):
     from .api import open_run
     from .viewer.app import make_server
 
+    run = open_run(run_path)  # a bad store is its own error, not a port problem
     try:
-        server = make_server(open_run(run_path), host, port)
+        server = make_server(run, host, port)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -142,7 +142,15 @@ class Run(Store):
                 "captured": cap["arrays"], "dtype": cap["dtype"], "captured_layers": cap["layers"],
                 "prompts": c["n_prompts"], "tokens": c["n_tokens"], "metadata_columns": c["metadata_columns"],
                 "arrays": arrays, "bytes_on_disk": store_bytes(self.path), "created": self.attrs["created"],
-                "schema_version": self.attrs["schema_version"], "results": self.results()}
+                "schema_version": self.attrs["schema_version"], "results": self.results(),
+                "complete": bool(self.attrs.get("complete")), "shards": self._shards()}
+
+    def _shards(self) -> dict:
+        """How many of the capture's shards are recorded complete."""
+        if "shard_complete" not in self.ds:
+            return {"complete": 0, "total": 0}
+        done = self.ds["shard_complete"].values
+        return {"complete": int(done.sum()), "total": int(done.size)}
 
     def results(self) -> list[dict]:
         """Every stored analysis result: job, name, parameters, bytes, when it was created, and whether

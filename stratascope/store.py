@@ -126,10 +126,12 @@ class Store:
         """One row per prompt: text, token offset and count, and the corpus metadata columns."""
         cols = {"text": self.ds["prompt_text"].values.astype(object),
                 "token_offset": self.ds["token_offset"].values, "n_tokens": self.ds["n_tokens"].values}
-        for name in self.ds.variables:
-            if name.startswith(META_PREFIX):
-                values = self.ds[name].values
-                cols[name[len(META_PREFIX):]] = values.astype(object) if values.dtype.kind in "TUO" else values
+        order = self.attrs["corpus"].get("metadata_columns", [])  # the corpus's own column order
+        names = [META_PREFIX + c for c in order if META_PREFIX + c in self.ds.variables]
+        names += [n for n in self.ds.variables if n.startswith(META_PREFIX) and n not in names]
+        for name in names:
+            values = self.ds[name].values
+            cols[name[len(META_PREFIX):]] = values.astype(object) if values.dtype.kind in "TUO" else values
         return pd.DataFrame(cols)
 
     def require(self, name: str, flag: str | None = None) -> xr.DataArray:

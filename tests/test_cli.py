@@ -165,3 +165,31 @@ def test_unknown_model_fails_fast(corpus, tmp_path):
     code, text = invoke("capture", "--model", "no-such-org/no-such-model", "--corpus", corpus,
                         "--out", tmp_path / "x.zarr")
     assert code == 1 and "not a bundled name" in text and "smollm2" in text
+
+
+def test_input_mistakes_are_named(tiny_model_dirs, tmp_path):
+    """A JSONL without the text field lists its fields; an unknown model suggests the bundled name
+    it resembles; `view` of a non-store says so (not a port problem)."""
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "hi", "label": 1}) + "\n")
+    code, text = invoke("capture", "--model", tiny_model_dirs["llama"], "--corpus", jsonl, "--out", tmp_path / "o.zarr")
+    assert code == 1 and "its fields: prompt, label" in text
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello\n")
+    code, text = invoke("capture", "--model", "smolm2", "--corpus", corpus, "--out", tmp_path / "o.zarr")
+    assert code == 1 and "did you mean --model smollm2?" in text
+    code, text = invoke("view", tmp_path / "nothing.zarr")
+    assert code == 1 and "does not exist" in text and "listen" not in text
+
+
+def test_csv_written_with_its_index_keeps_corpus_columns_in_order(tiny_model_dirs, tmp_path):
+    import pandas as pd
+
+    import stratascope as ss
+
+    path = tmp_path / "c.csv"
+    pd.DataFrame({"zeta": [3, 4], "text": PROMPTS[:2], "alpha": ["a", "b"]}).to_csv(path)  # index written
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), corpus=str(path), out=str(tmp_path / "r.zarr"),
+                     capture="hidden", progress=False)
+    assert list(run.prompts.columns) == ["text", "token_offset", "n_tokens", "zeta", "alpha"]
+    assert run.prompts["zeta"].tolist() == [3, 4]

@@ -138,6 +138,21 @@ def test_multi_token_watch_word_warns(captured):
     np.testing.assert_array_equal(table.iloc[:, 0].values, _rank(logits[:, -1], pieces[0]).numpy())
 
 
+def test_watch_words_sharing_a_first_token_keep_a_column_each(captured):
+    """' zyxwvut' and ' zyxabc' both start with ' z...': two columns (each equal to the direct rank
+    of that first token), with a warning that they share it; the CLI takes ids too."""
+    family, run, model, tok = captured
+    words = [" zyxwvut", " zyxwvuq"]
+    firsts = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    assert firsts[0] == firsts[1]
+    with pytest.warns(UserWarning, match="share their first token"):
+        table = run.rankings_watch(prompt=0, watch=words + [firsts[0]])
+    assert table.shape[1] == 3
+    logits = _direct(family, model, tok, PROMPTS[0])[1]
+    for j in range(3):
+        np.testing.assert_array_equal(table.iloc[:, j].values, _rank(logits[:, -1], firsts[0]).numpy())
+
+
 def test_errors(captured, tiny_model_dirs, tmp_path):
     family, run, *_ = captured
     with pytest.raises(OutOfRangeError, match="depth 9 is out of range"):

@@ -2,6 +2,7 @@
 completion records that never lie, refusal to resume something else, fsspec URLs."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,12 @@ def test_failed_shard_write_is_never_recorded_complete(tiny_model_dirs, tmp_path
     done = zarr.open_group(str(out), mode="r")["shard_complete"][:]
     assert done[0] and not done[1:].any()
     assert shards.completed(zarr.open_group(str(out), mode="r")).sum() == 1
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    info = CliRunner().invoke(cli, ["info", str(out)])  # an incomplete store is shown, with the way on
+    assert info.exit_code == 0 and f"1 of {done.size} shards complete" in info.output and "--resume" in info.output
 
 
 def test_resume_with_other_corpus_is_refused_and_changes_nothing(reference, tiny_model_dirs, tmp_path):
@@ -123,9 +130,10 @@ def test_resume_with_other_corpus_is_refused_and_changes_nothing(reference, tiny
     out = tmp_path / "copy.zarr"
     shutil.copytree(reference.path, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for changed in (dict(prompts=CORPUS[:-1]), dict(prompts=CORPUS, layers="0-1")):
+    for changed, said in ((dict(prompts=CORPUS[:-1]), "the corpus differ"),
+                          (dict(prompts=CORPUS, layers="0-1"), "--layers was None, now '0-1'")):
         kwargs = {**OPTS, **changed}
-        with pytest.raises(ResumeMismatchError, match="cannot resume"):
+        with pytest.raises(ResumeMismatchError, match=re.escape(said)):
             ss.capture(model=str(tiny_model_dirs["llama"]), out=str(out), resume=True, **kwargs)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert before == after

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import ConfigError, MissingMetadataError
 from .bias_corpus import load_occupations

@@ -109,7 +109,7 @@ def export_result(run, job: str, out: str, fmt: str | None = None, progress: boo
     ds = open_job(run, job)
     partial = f"{out}.partial"
     written, writer = 0, None
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     lead = row_dims(ds)[0]
     bar = tqdm(total=ds.sizes[lead], unit=lead, desc=f"export {job}", disable=not progress, mininterval=1.0)

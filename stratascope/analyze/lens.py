@@ -113,9 +113,13 @@ def watch_ids(run, watch) -> tuple[list[str], list[int]]:
                 warnings.warn(f"watch word {w!r} is {len(pieces.ids)} tokens {pieces.tokens}; "
                               f"watching its first token {pieces.tokens[0]!r}", stacklevel=3)
             label, tid = str(w), int(pieces.ids[0])
-        if tid not in ids:
-            labels.append(label)
-            ids.append(tid)
+        if isinstance(w, str) and label in labels:  # the same word asked twice: one column
+            continue
+        if tid in ids and isinstance(w, str):  # two words, a column each, but the lens tells only tokens apart
+            warnings.warn(f"watch words {labels[ids.index(tid)]!r} and {label!r} share their first token (id "
+                          f"{tid}); their columns are the same", stacklevel=3)
+        labels.append(label)
+        ids.append(tid)
     return labels, ids
 
 

@@ -23,7 +23,7 @@ import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges

@@ -24,6 +24,7 @@ import uuid
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
+from ..progress import dask_progress
 from ..store import consolidate, group_attrs, has_group, open_dataset, subgroups
 
 ROOT = "analysis"
@@ -219,13 +220,6 @@ def _consolidate(run) -> None:
     consolidate(run.path)
 
 
-def job_progress(enabled: bool):
-    """dask's progress bar (counts and rate) around a job's compute, shown after 2 s; a no-op
-    context when disabled. (A dask.distributed cluster shows progress on its dashboard.)"""
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext()
-    from dask.diagnostics import ProgressBar
-
-    return ProgressBar(minimum=2.0)
+def job_progress(enabled: bool, desc: str = "analysis"):
+    """The progress bar of a job's dask compute (stratascope.progress.dask_progress)."""
+    return dask_progress(enabled, desc)

@@ -77,6 +77,16 @@ def _utf8_lines(path: Path) -> list[str]:
     return lines
 
 
+def _drop_written_index(frame: pd.DataFrame) -> pd.DataFrame:
+    """A CSV written with its index (DataFrame.to_csv's default) has a first, unnamed column
+    0, 1, 2, ...: that is the writer's row number, not corpus metadata."""
+    first = frame.columns[0] if len(frame.columns) else None
+    if isinstance(first, str) and first.startswith("Unnamed: ") and \
+            frame[first].tolist() == list(range(len(frame))):
+        return frame.drop(columns=[first])
+    return frame
+
+
 def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
     """Read a corpus file; errors name the file and, where it applies, the line."""
     path = Path(path)
@@ -99,12 +109,13 @@ def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
             if not isinstance(row, dict):
                 raise CorpusError(f"corpus {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             if text_column not in row:
-                raise CorpusError(f"corpus {path}, line {lineno}: no '{text_column}' field; choose one with --text-column")
+                raise CorpusError(f"corpus {path}, line {lineno}: no '{text_column}' field (its fields: "
+                                  f"{', '.join(map(str, row)) or 'none'}); choose one with --text-column")
             rows.append(row)
         return _from_frame(pd.DataFrame(rows), text_column, str(path))
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path)
+            frame = _drop_written_index(pd.read_csv(path))
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:

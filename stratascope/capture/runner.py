@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..version import __version__
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
@@ -269,12 +269,23 @@ def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group:
     root = zarr.open_group(out, mode="r+")
     stored, now = root.attrs.get("identity"), _identity(loaded, adapter, cfg, data)
     if stored != now:
-        what = [k for k in now if (stored or {}).get(k) != now[k]] or ["store layout"]
         raise ResumeMismatchError(
-            f"cannot resume {out}: its {' and '.join(w.replace('_sha256', '') for w in what)} differ from this "
-            "command's; rerun with the original corpus, model and options, or use --overwrite (nothing was changed)"
-        )
+            f"cannot resume {out}: {_differences(stored or {}, now)}; rerun with the original corpus, model and "
+            "options, or use --overwrite (nothing was changed)")
     return root
+
+
+def _differences(stored: dict, now: dict) -> str:
+    """'--batch-size was 8, now 16; the corpus differs': what a resume found changed, named as the user gives it."""
+    parts = []
+    for key in ("corpus_sha256", "weights_sha256"):
+        if stored.get(key) != now.get(key):
+            parts.append(f"the {'corpus' if key.startswith('corpus') else 'model weights'} differ")
+    was, new = stored.get("capture", {}), now.get("capture", {})
+    for key in sorted(set(was) | set(new)):
+        if was.get(key) != new.get(key):
+            parts.append(f"--{key.replace('_', '-')} was {was.get(key)!r}, now {new.get(key)!r}")
+    return "; ".join(parts) or "the store layout differs"
 
 
 def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, vocab,

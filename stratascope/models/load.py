@@ -173,7 +173,11 @@ def load_model(name: str, device: str = "cpu", attn: str = "sdpa") -> LoadedMode
 
 
 def _load_hub(name: str, attn: str):
-    hint = (f"model '{name}' is not a bundled name ({', '.join(BUNDLED)}) or a local directory")
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(BUNDLED), n=1, cutoff=0.6)
+    hint = (f"model '{name}' is not a bundled name ({', '.join(BUNDLED)}) or a local directory"
+            + (f" (did you mean --model {close[0]}?)" if close else ""))
     try:  # a model already in the local Hugging Face cache loads without the network
         return _load_dir(name, attn, local_files_only=True)
     except (OSError, ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
