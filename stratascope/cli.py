@@ -9,6 +9,7 @@ import sys
 import click
 
 from .version import __version__
+from .analyze.targets import POSITIONS_HELP
 from .capture.config import CaptureConfig
 from .errors import StratascopeError
 
@@ -315,16 +316,27 @@ def report(run_path, out, prompts, layers, views):
               help="bfloat16 is faster where supported; ranks then become approximate")
 @click.option("--norm", default="final", show_default=True, type=click.Choice(["final", "none"]),
               help="none = Ecco's variant: unembed the raw residual (no final norm) below the last depth")
+@click.option("--positions", default="all", show_default=True, help=POSITIONS_HELP)
+@click.option("--target", default=None, help='score this word at every chosen row, e.g. --target " Paris" '
+                                             "(default: the token that came next)")
+@click.option("--target-column", default=None, help="score the word each prompt holds in this metadata column")
+@click.option("--contrast", default=None, help="a second word: also its logit and the logit difference")
+@click.option("--contrast-column", default=None, help="a metadata column holding each prompt's contrast word")
+@click.option("--strict", is_flag=True, help="refuse target words of several tokens (default: score the first)")
 @friendly
 @cluster_options
-def lens(run_path, topk, watch, watch_id, depths, device, precision, norm):
-    """Logit lens of every token at every depth: top-k, rank of the next token, watched tokens, entropy, KL."""
-    from .analyze.lens import run_lens, summary
+def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, positions, target, target_column,
+         contrast, contrast_column, strict):
+    """Logit lens at every depth: top-k, rank of the next token (or of a chosen word), watched tokens, entropy, KL."""
+    from .analyze.lens import summary
+    from .analyze.targets import study_summary
     from .api import open_run
 
     run = open_run(run_path)
-    ds = run_lens(run, topk=topk, watch=list(watch) + list(watch_id), depths=depths, norm=norm, device=device, precision=precision)
-    for line in summary(run, ds):
+    res = run.lens(topk=topk, watch=list(watch) + list(watch_id), depths=depths, norm=norm, device=device,
+                   precision=precision, positions=positions, target=target, target_column=target_column,
+                   contrast=contrast, contrast_column=contrast_column, strict=strict)
+    for line in (study_summary(run, res.ds) if "row" in res.ds.dims else summary(run, res.ds)):
         click.echo(line)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .errors import ConfigError
 from .store import Store, store_bytes
 
 
@@ -97,11 +98,37 @@ class Run(Store):
 
     # The logit lens (analyze/lens.py): a stored corpus job, and direct one-prompt views.
     def lens(self, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
-             precision: str = "float32", progress: bool = True) -> xr.Dataset:
-        """Logit lens of every token, stored in analysis/lens (reused for the same parameters)."""
-        from .analyze.lens import run_lens
+             precision: str = "float32", progress: bool = True, *, positions: str = "all", target: str | None = None,
+             target_column: str | None = None, contrast: str | None = None, contrast_column: str | None = None,
+             strict: bool = False):
+        """Logit lens, stored in analysis/lens/<name> (reused for the same parameters); a LensResult.
 
-        return run_lens(self, topk, watch, depths, norm, device, precision, progress)
+        By default every token, scored on the token that came next. A study selects rows and words:
+        positions 'last' (each prompt's last prompt token), 'first', 'N,M' or 'label:<name>';
+        target a word for every prompt, or target_column a prompt metadata column holding one word
+        per prompt (scored through its first token; strict refuses words of several tokens);
+        contrast / contrast_column a second word, for the logit difference. `.table` is then one
+        row per (prompt row, depth) with the metadata. See stratascope.analyze.targets.
+        """
+        from .analyze.lens import run_lens
+        from .analyze.targets import LensResult, is_study, run_study
+
+        if is_study(positions, target, target_column, contrast, contrast_column):
+            if watch:
+                raise ConfigError("watch words belong to the lens of every token; a study scores --target words")
+            ds = run_study(self, positions, target, target_column, contrast, contrast_column, strict, topk, depths,
+                           norm, device, precision, progress)
+        else:
+            ds = run_lens(self, topk, watch, depths, norm, device, precision, progress)
+        return LensResult(self, ds)
+
+    def rank_of(self, targets, position: int = -1, depths=None, norm: str = "final", device: str = "cpu",
+                strict: bool = False) -> pd.DataFrame:
+        """Prompt x depth ranks of one word per prompt (or one word for all) at `position` of every
+        prompt (-1: its last prompt token), computed now in batches; nothing is stored."""
+        from .analyze.targets import rank_of
+
+        return rank_of(self, targets, position, depths, norm, device, strict)
 
     def layer_predictions(self, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
                           norm: str = "final") -> pd.DataFrame:

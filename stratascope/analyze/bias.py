@@ -18,7 +18,6 @@ depth, for every pair; that is stored in analysis/bias_correlation.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +28,9 @@ from ..progress import tqdm
 
 from ..errors import ConfigError, MissingMetadataError
 from .bias_corpus import load_occupations
-from .lens import captured_depths, lens_tokens, readout_for, require_hidden, watch_ids
+from .lens import captured_depths, lens_tokens, readout_for, require_hidden
 from .results import load_result, save_result
+from .targets import first_token_ids, last_prompt_rows
 
 JOB, CORRELATION_JOB = "bias", "bias_correlation"
 DEFAULT_PAIRS = ((" she", " he"), (" her", " his"), (" her", " him"))
@@ -62,23 +62,11 @@ def pair_label(pair: tuple[str, str]) -> str:
 
 def pair_ids(run, pairs: list[tuple[str, str]], strict: bool = False) -> list[tuple[int, int]]:
     """Vocabulary ids of each pair's words, tokenized with the run's stored tokenizer. A word that
-    is several tokens is read out through its first token, with a warning; refused if `strict`."""
-    model = run.attrs["model"]["name"]
+    is several tokens is read out through its first token, with a warning; refused if `strict`
+    (the mechanism every per-word score uses: analyze.targets.first_token_ids)."""
     out = []
     for pair in pairs:
-        ids = []
-        for word in pair:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                _, (tid,) = watch_ids(run, [word])
-            split = [w for w in caught if "tokens" in str(w.message)]
-            if split and strict:
-                raise ConfigError(f"pair word {word!r} is several tokens for {model}; with --strict every pair word "
-                                  "must be one token: choose another word, or drop --strict to use its first token")
-            if split:
-                warnings.warn(f"pair word {word!r} is several tokens for {model}; the probe uses its first token "
-                              f"({split[0].message})", stacklevel=3)
-            ids.append(tid)
+        ids = [int(first_token_ids(run, [word], strict, "pair")[0]) for word in pair]
         if ids[0] == ids[1]:
             raise ConfigError(f"pair {pair_label(pair)!r}: both words read out as the same token (id {ids[0]}); "
                               "choose words whose first tokens differ")
@@ -103,17 +91,6 @@ def occupation_rows(run) -> pd.DataFrame:
         rows["template"] = [t.replace(o, "{occupation}", 1) for t, o in zip(rows["text"], rows["occupation"])]
     rows.insert(0, "prompt", rows.index.to_numpy())
     return rows.reset_index(drop=True)
-
-
-def last_prompt_rows(run, prompts: np.ndarray) -> np.ndarray:
-    """Each prompt's last token row that is part of the prompt (not generated)."""
-    offset = run.ds["token_offset"].values[prompts].astype(np.int64)
-    ends = offset + run.ds["n_tokens"].values[prompts].astype(np.int64) - 1
-    generated = run.ds["is_generated"].isel(token=ends).values
-    for i in np.flatnonzero(generated):
-        flags = run.ds["is_generated"].isel(token=slice(offset[i], ends[i] + 1)).values
-        ends[i] = offset[i] + int(np.flatnonzero(~flags)[-1])
-    return ends
 
 
 # ---------------------------------------------------------------- the probe

@@ -83,6 +83,10 @@ def _frame(run, piece: xr.Dataset, dims: tuple[str, ...], start: int) -> pd.Data
         for name in TOKEN_COLUMNS:
             values = table[name].values
             cols[name] = (values.astype(object) if values.dtype.kind in "TUO" else values)[grids[0].ravel()]
+    for name, coord in piece.coords.items():  # where each row is (a study's token, prompt, position, words)
+        if coord.dims == (dims[0],) and name != dims[0]:
+            values = coord.values
+            cols[name] = (values.astype(object) if values.dtype.kind in "TUO" else values)[grids[0].ravel()]
     for name, var in sorted(piece.data_vars.items()):
         extra = [d for d in var.dims if d not in dims]
         values = var.transpose(*[d for d in dims if d in var.dims], *extra).values
@@ -96,7 +100,22 @@ def _frame(run, piece: xr.Dataset, dims: tuple[str, ...], start: int) -> pd.Data
     frame = pd.DataFrame(cols)
     if dims[0] == "token":  # masked padding rows between shards are not tokens
         frame = frame[frame["prompt_index"] >= 0].reset_index(drop=True)
+    _tokens_as_text(run, frame)
+    prompt = "prompt_index" if "prompt_index" in frame else "prompt" if "prompt" in frame else None
+    if prompt is not None:  # every prompt metadata column, and the prompt's text
+        meta = run.prompts.drop(columns=["token_offset", "n_tokens"])
+        frame = frame.join(meta.rename(columns={c: f"meta_{c}" for c in meta.columns if c in frame}), on=prompt)
     return frame
+
+
+def _tokens_as_text(run, frame: pd.DataFrame) -> None:
+    """Beside every column of vocabulary ids (top-k, targets, watched), the tokens as text."""
+    vocab = None
+    for name in [c for c in frame.columns if re.fullmatch(r"(topk_ids|target_id|contrast_id)(\[.*\])?", c)]:
+        vocab = run.readout["vocab_str"].values if vocab is None else vocab
+        ids = frame[name].to_numpy()
+        text = np.where(ids >= 0, vocab[np.clip(ids, 0, len(vocab) - 1)].astype(object), "")
+        frame[name.replace("_ids", "_token").replace("_id", "_token")] = text
 
 
 def export_result(run, job: str, out: str, fmt: str | None = None, progress: bool = True) -> int:

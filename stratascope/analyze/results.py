@@ -82,16 +82,16 @@ def load_result(run, job: str, params: dict) -> xr.Dataset | None:
     return None
 
 
-def latest_result(run, job: str) -> xr.Dataset | None:
-    """The newest stored result of `job` (whatever its parameters), or None: what views and
-    exports show when no parameters are asked for."""
-    groups = result_groups(run, job)
+def latest_result(run, job: str, where=None) -> xr.Dataset | None:
+    """The newest stored result of `job` (whatever its parameters, or those whose parameters pass
+    `where`), or None: what views and exports show when no parameters are asked for."""
+    groups = [g for g in result_groups(run, job) if where is None or where(_attrs(run, g).get("params", {}))]
     return open_dataset(run.path, groups[0]) if groups else None
 
 
-def require_result(run, job: str, how: str) -> xr.Dataset:
-    """The newest result of `job`, or one sentence saying how to compute it."""
-    ds = latest_result(run, job)
+def require_result(run, job: str, how: str, where=None) -> xr.Dataset:
+    """The newest result of `job` (passing `where`), or one sentence saying how to compute it."""
+    ds = latest_result(run, job, where)
     if ds is None:
         raise MissingArrayError(f"{run.path} has no analysis/{job} result; compute it first with {how}")
     return ds

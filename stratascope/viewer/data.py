@@ -122,7 +122,13 @@ def _vocab(run) -> np.ndarray:
 
 
 def _lens_dataset(run):
-    return require_result(run, LENS_JOB, "the lens job (stratascope lens)")
+    return require_result(run, LENS_JOB, "the lens job of every token (stratascope lens)", where=every_token)
+
+
+def every_token(params: dict) -> bool:
+    """A lens result of every token (the views' kind), not a study of chosen rows or words."""
+    return params.get("positions", "all") == "all" and params.get("target") is None and \
+        params.get("target_column") is None
 
 
 def _display_ranks(ranks: np.ndarray) -> list:
@@ -418,5 +424,5 @@ def has_result(run, job: str) -> bool:
 
 
 def has_lens(run, name: str) -> bool:
-    ds = latest_result(run, LENS_JOB)
+    ds = latest_result(run, LENS_JOB, where=every_token)
     return ds is not None and name in ds
