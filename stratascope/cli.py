@@ -110,6 +110,10 @@ def _print_info(info: dict) -> None:
     from .formatting import human_bytes
 
     click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {human_bytes(info['bytes_on_disk'])} on disk)")
+    verified = info.get("verified")
+    click.echo("verified   " + ("never (stratascope verify RUN checks every chunk)" if not verified else
+                                f"{verified['at'][:19]}Z: " + ("intact" if verified["ok"] else
+                                                             f"{verified['problems']} damaged or missing chunks")))
     if not info["complete"]:
         s = info["shards"]
         click.echo(f"INCOMPLETE {s['complete']} of {s['total']} shards complete; finish with the same capture "
@@ -131,6 +135,18 @@ def _print_info(info: dict) -> None:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         stale = "" if r["current"] else "  [from an earlier capture]"
         click.echo(f"  {r['job'] + '/' + r['name']:<24}{human_bytes(r['bytes']):>10}  {params}{stale}")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@friendly
+def verify(run_path):
+    """Check every chunk of a store (present, checksum intact) and its shard records; exit 1 on damage."""
+    from .verify import raise_if_damaged, summary, verify_store
+
+    report = verify_store(run_path)
+    raise_if_damaged(run_path, report)
+    click.echo(summary(run_path, report))
 
 
 @cli.command()

@@ -67,3 +67,7 @@ class ResumeMismatchError(StratascopeError, ValueError):
 
 class MissingMetadataError(StratascopeError, LookupError):
     """An analysis needs corpus metadata (a prompt column) this run does not carry."""
+
+
+class DamagedStoreError(StratascopeError, OSError):
+    """A chunk of a store is damaged or missing: its checksum or length is wrong, or it was never found."""

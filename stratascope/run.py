@@ -170,7 +170,8 @@ class Run(Store):
                 "prompts": c["n_prompts"], "tokens": c["n_tokens"], "metadata_columns": c["metadata_columns"],
                 "arrays": arrays, "bytes_on_disk": store_bytes(self.path), "created": self.attrs["created"],
                 "schema_version": self.attrs["schema_version"], "results": self.results(),
-                "complete": bool(self.attrs.get("complete")), "shards": self._shards()}
+                "complete": bool(self.attrs.get("complete")), "shards": self._shards(),
+                "verified": self.attrs.get("verified")}
 
     def _shards(self) -> dict:
         """How many of the capture's shards are recorded complete."""

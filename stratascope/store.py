@@ -16,6 +16,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from .checked_store import open_checked
 from .errors import IncompleteRunError, MissingArrayError, OutOfRangeError, StoreNotFoundError
 from .schemas import META_PREFIX, parse_schema_version, validate_root
 
@@ -36,10 +37,13 @@ def root_attrs(path: str) -> dict:
     return attrs
 
 
-def open_dataset(path: str, group: str | None = None) -> xr.Dataset:
-    """A lazy, dask-backed Dataset of the capture (group None) or of a subgroup such as 'readout'."""
+def open_dataset(path: str, group: str | None = None, require_all: bool = False) -> xr.Dataset:
+    """A lazy, dask-backed Dataset of the capture (group None) or of a subgroup such as 'readout'.
+
+    Reads go through a CheckedStore: a damaged chunk is an error naming it; with require_all
+    (a complete capture whose every chunk was written) so is a missing one."""
     try:
-        return xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3)
+        return xr.open_zarr(open_checked(path, require_all), group=group, consolidated=False, zarr_format=3)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
         raise StoreNotFoundError(f"{path} has no group '{group}'") from e
 
@@ -80,7 +84,7 @@ def open_capture(path: str, allow_incomplete: bool = False) -> tuple[dict, xr.Da
     if "://" not in str(path) and not Path(path).exists():
         raise StoreNotFoundError(f"{path} does not exist; capture a run there first (stratascope capture)")
     attrs = root_attrs(path)
-    ds = open_dataset(path)
+    ds = open_dataset(path, require_all=every_chunk_written(attrs))
     validate_root(attrs, {name: (v.dims, str(v.dtype)) for name, v in ds.variables.items()}, str(path))
     if not attrs.get("complete") and not allow_incomplete:
         raise IncompleteRunError(
@@ -88,6 +92,11 @@ def open_capture(path: str, allow_incomplete: bool = False) -> tuple[dict, xr.Da
             "plus --resume (or start over with --overwrite)"
         )
     return attrs, ds
+
+
+def every_chunk_written(attrs: dict) -> bool:
+    """Whether every chunk of the capture must exist: a complete capture written with that promise."""
+    return bool(attrs.get("complete")) and bool(attrs.get("integrity", {}).get("every_chunk_written"))
 
 
 def store_bytes(path: str) -> int:
@@ -119,7 +128,17 @@ class Store:
 
     @cached_property
     def readout(self) -> xr.Dataset:
-        return open_dataset(self.path, "readout")
+        return open_dataset(self.path, "readout", require_all=every_chunk_written(self.attrs))
+
+    @cached_property
+    def _root(self) -> zarr.Group:
+        return zarr.open_group(open_checked(self.path, every_chunk_written(self.attrs)), mode="r",
+                               use_consolidated=False)
+
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array `name` (e.g. 'hidden', 'readout/unembed') for direct slicing without dask:
+        what one-prompt reads use, since a dask graph costs more than the read itself."""
+        return self._root[name]
 
     @cached_property
     def prompts(self) -> pd.DataFrame:

@@ -17,7 +17,7 @@ LAYERS = [
     {"schemas"},
     {"models"},
     {"capture"},
-    {"store"},
+    {"store", "checked_store", "verify"},
     {"analyze"},
     {"viewer"},
     {"workflows"},

@@ -134,8 +134,10 @@ def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     _clean_staging(run)
     ds = ds.copy()
     ds.attrs = {k: v for k, v in ds.attrs.items() if k not in ("params", "source")}
-    for var in ds.variables.values():
-        var.encoding.clear()
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    for var in ds.variables.values():  # every chunk of a result ends with a checksum, as the capture's do
+        var.encoding = {"compressors": (ZstdCodec(), Crc32cCodec())} if var.ndim else {}
     # the writer is in the staging name, so a dead job's leftovers are known before anything is written
     staging = f"{STAGING}/{_SEP.join([uuid.uuid4().hex[:12], str(os.getpid()), socket.gethostname(), job])}"
     zarr.open_group(run.path, path=STAGING, mode="a")

@@ -300,6 +300,9 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         "stratascope_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "complete": False,
+        # every chunk of every capture array is written and ends with a checksum (capture/writer.py):
+        # readers can then tell damage from data (store.py, stratascope verify)
+        "integrity": {"checksum": "crc32c", "every_chunk_written": True},
         "model": {"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),

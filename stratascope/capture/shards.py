@@ -55,6 +55,6 @@ def completed(root: zarr.Group) -> np.ndarray:
 
 def write_shard(root: zarr.Group, shard: Shard, stage: dict[str, np.ndarray]) -> None:
     """Write every array's rows of the shard, then, and only then, record it complete."""
-    for name, values in stage.items():
-        root[name][shard.start:shard.stop] = values
+    for name, values in stage.items():  # every chunk written, zeros too (a missing chunk is then damage)
+        root[name].with_config({"write_empty_chunks": True})[shard.start:shard.stop] = values
     root["shard_complete"][shard.index] = True

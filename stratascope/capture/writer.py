@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..errors import ConfigError, StoreExistsError, StoreNotFoundError
 from ..schemas import VARIABLES
@@ -16,6 +16,10 @@ from ..schemas import VARIABLES
 CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
 # lz4 with byte shuffle: fast enough that compression keeps pace with the model on two cores.
 FLOAT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# Every chunk ends with a crc32c of its compressed bytes, so damage is found before decompression;
+# every chunk is written, also one of zeros, so a missing chunk is damage, never a region of zeros.
+CHECKSUM = Crc32cCodec()
+DENSE = {"write_empty_chunks": True}
 
 
 def _fs(path: str):
@@ -76,15 +80,16 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_row
     chunks = (min(chunk_rows, shape[0]),) + tuple(shape[1:])
     shards = {"shards": (shard_rows,) + tuple(shape[1:])} if shard_rows else {}
     if dtype == "str":
-        return group.create_array(name, shape=shape, chunks=chunks, dtype=str, dimension_names=dims, **shards)
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=str, dimension_names=dims,
+                                  compressors=[ZstdCodec(), CHECKSUM], config=DENSE, **shards)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(shape) > 1 and row_bytes > CHUNK_BYTES and not shard_rows:  # a very wide row: split its second axis
         per_item = row_bytes // shape[1]
         chunks = (1, max(1, CHUNK_BYTES // per_item)) + tuple(shape[2:])
     fill = False if dtype == "bool" else 0
-    codecs = [FLOAT_CODEC] if np.dtype(dtype).kind == "f" else "auto"
+    codecs = [FLOAT_CODEC if np.dtype(dtype).kind == "f" else ZstdCodec(), CHECKSUM]
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
-                              compressors=codecs, fill_value=fill, **shards)
+                              compressors=codecs, fill_value=fill, config=DENSE, **shards)
 
 
 class ShardWriter:

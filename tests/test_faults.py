@@ -1,0 +1,80 @@
+"""Damaged stores: a deleted, truncated or bit-flipped chunk of any array kind is one sentence
+naming the array and the chunk, never a wrong answer or a crash; `verify` finds each."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import stratascope as ss
+from conftest import PROMPTS
+from stratascope.cli import cli
+from stratascope.errors import DamagedStoreError
+
+ARRAYS = ["hidden", "attention", "mlp", "token_id", "token_str", "readout/unembed"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "r.zarr"
+    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(out), capture="hidden,attention,mlp",
+               progress=False)
+    return out
+
+
+def _damage(store, array: str, how: str):
+    chunk = sorted((store / array / "c").rglob("*"))
+    chunk = [c for c in chunk if c.is_file()][0]
+    data = chunk.read_bytes()
+    if how == "delete":
+        chunk.unlink()
+    elif how == "truncate":
+        chunk.write_bytes(data[: len(data) // 2])
+    else:
+        flipped = bytearray(data)
+        flipped[len(data) // 3] ^= 0x10
+        chunk.write_bytes(bytes(flipped))
+
+
+def _read(path: str, array: str):
+    run = ss.open_run(path)
+    if array.startswith("readout/"):
+        return run.readout[array.split("/")[1]].values
+    return run.ds[array].values
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
+@pytest.mark.parametrize("array", ARRAYS)
+def test_damage_is_one_sentence_naming_the_chunk(pristine, tmp_path, array, how):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(pristine, store)
+    _damage(store, array, how)
+    with pytest.raises(DamagedStoreError, match=rf"chunk 0(/0)* of array '{array}' is (missing|damaged)"):
+        _read(str(store), array)
+    result = CliRunner().invoke(cli, ["verify", str(store)])
+    assert result.exit_code == 1 and f"of '{array}'" in result.output and "1 of" in result.output
+
+
+def test_truncated_chunk_in_a_subprocess_never_segfaults(pristine, tmp_path):
+    """The report over a store with a truncated attention chunk exits 1 with a sentence (not 139)."""
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(pristine, store)
+    _damage(store, "attention", "truncate")
+    done = subprocess.run([sys.executable, "-m", "stratascope", "report", str(store), "-o", str(tmp_path / "r.html")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "of array 'attention' is damaged" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_intact_store_verifies_and_reads_the_same(pristine, tiny_model_dirs):
+    result = CliRunner().invoke(cli, ["verify", str(pristine)])
+    assert result.exit_code == 0 and "present and intact" in result.output
+    info = CliRunner().invoke(cli, ["info", str(pristine)]).output
+    assert "verified   20" in info and "intact" in info
+    run = ss.open_run(str(pristine))
+    assert np.isfinite(run.ds["hidden"].values).all()
