@@ -8,12 +8,12 @@ import xarray as xr
 import zarr
 
 from .errors import IncompleteRunError, StoreNotFoundError
-from .schemas import parse_schema_version, validate_root
+from .schemas import parse_schema_version, token_coords, validate_root
 
 
 def _open_group(path: str) -> zarr.Group:
     try:
-        return zarr.open_group(str(path), mode="r")
+        return zarr.open_group(str(path), mode="r", use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
         raise StoreNotFoundError(f"{path} is not a stratascope store (no Zarr group there)") from e
     except (ImportError, ValueError) as e:  # an unknown protocol, or s3:// without s3fs
@@ -28,16 +28,21 @@ def root_attrs(path: str) -> dict:
 
 
 def open_dataset(path: str, group: str | None = None) -> xr.Dataset:
-    """A lazy, dask-backed Dataset of the capture (group None) or of a subgroup such as 'readout'."""
+    """A lazy, dask-backed Dataset of the capture (group None) or of a subgroup such as 'readout'.
+
+    Consolidated metadata is not used: it is for outside readers, and an array added since the
+    last consolidation would be missing from it. The capture's token table are coordinates,
+    also in stores written before the root `coordinates` attribute (schemas.token_coords)."""
     try:
-        return xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3)
+        ds = xr.open_zarr(str(path), group=group, consolidated=False, zarr_format=3)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
         raise StoreNotFoundError(f"{path} has no group '{group}'") from e
+    return token_coords(ds) if group is None else ds
 
 
 def has_group(path: str, group: str) -> bool:
     try:
-        zarr.open_group(str(path), path=group, mode="r")
+        zarr.open_group(str(path), path=group, mode="r", use_consolidated=False)
         return True
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return False
@@ -46,7 +51,7 @@ def has_group(path: str, group: str) -> bool:
 def subgroups(path: str, group: str) -> list[str]:
     """Names of the groups directly under `group` (e.g. the analysis results), [] if there is none."""
     try:
-        return sorted(zarr.open_group(str(path), path=group, mode="r").group_keys())
+        return sorted(zarr.open_group(str(path), path=group, mode="r", use_consolidated=False).group_keys())
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return []
 

@@ -28,11 +28,12 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MissingMetadataError
+from ..schemas import BIAS, BIAS_CORRELATION
 from .bias_corpus import load_occupations
 from .lens import captured_depths, lens_tokens, readout_for, require_hidden, watch_ids
 from .results import load_result, save_result
 
-JOB, CORRELATION_JOB = "bias", "bias_correlation"
+JOB, CORRELATION_JOB = BIAS.job, BIAS_CORRELATION.job
 DEFAULT_PAIRS = ((" she", " he"), (" her", " his"), (" her", " him"))
 PREFERRED_STATISTICS = ("bls_pct_female", "stereotypical")
 NOT_STATISTICS = ("text", "token_offset", "n_tokens", "occupation", "template")

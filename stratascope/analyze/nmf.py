@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges
+from ..schemas import NMF, NMF_TRANSFORM
 from .results import job_progress, load_result, save_result
 
 NEGATIVE = ("clip", "shift")
@@ -276,7 +277,7 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
         raise ConfigError(f"--factors {factors} exceeds the {m.n_features} features (layer x neuron) chosen")
     params = {"factors": int(factors), "layers": m.layers, "iterations": int(iterations), "seed": int(seed),
               "negative": negative}
-    if not recompute and (stored := load_result(run, "nmf", params)) is not None:
+    if not recompute and (stored := load_result(run, NMF.job, params)) is not None:
         return stored
     out = fit(m, int(factors), int(iterations), int(seed), negative, device, progress)
     W, H = _normalized(out["W"], out["H"])
@@ -290,7 +291,7 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
     }, m.layers)
     ds.attrs.update(relative_error=rel, algorithm="HALS (streaming, one pass per iteration)", device=device,
                     chunk_tokens=m.sizes[0], negative=negative, seconds_per_iteration=out["seconds_per_iteration"])
-    return save_result(run, "nmf", ds, params)
+    return save_result(run, NMF.job, ds, params)
 
 
 def _dataset(run, W: np.ndarray, data: dict, layers: list[int]) -> xr.Dataset:
@@ -329,7 +330,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
                               f"capture (it has mlp for layers {format_ranges(captured)}); capture those layers")
     negative = src.attrs["params"]["negative"]
     params = {"factors_from": str(factors_from.path), "source_created": src.attrs["created"], "sweeps": int(sweeps)}
-    if not recompute and (stored := load_result(run, "nmf_transform", params)) is not None:
+    if not recompute and (stored := load_result(run, NMF_TRANSFORM.job, params)) is not None:
         return stored
     m = open_matrix(run, layers, chunk_tokens)
     H = H.reshape(len(H), -1)
@@ -345,7 +346,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
         "relative_error": ((), rel)}, layers)
     ds.attrs.update(relative_error=rel, negative=negative, factors_from=str(factors_from.path),
                     source_params=src.attrs["params"], source_run=src.attrs["source"])
-    return save_result(run, "nmf_transform", ds, params)
+    return save_result(run, NMF_TRANSFORM.job, ds, params)
 
 
 # ---------------------------------------------------------------- reading results

@@ -24,7 +24,7 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import ConfigError, OutOfRangeError
-from ..schemas import LABEL_PREFIX, META_PREFIX
+from ..schemas import LABEL_PREFIX, META_PREFIX, PROBE
 from .probe_rows import ArrayRows, PromptRows, TokenRows
 from .probe_train import Targets, accuracy_f1, evaluate, fit, r2, raw_weights
 from .results import load_result, save_result
@@ -227,7 +227,7 @@ def linear_probe(run, label: str, at: str = "last", folds: int = 5, depths=None,
               "depths": ds["depth"].values[depth_idx].tolist(), "control": control, "seed": seed, "task": task,
               "group_by": group_by, "control_by": control_by, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "l2": l2}
-    job = f"probe_{label}"
+    job = PROBE.prefix + label
     if not recompute and (stored := load_result(run, job, params)) is not None:
         return ProbeResult(stored)
 

@@ -7,6 +7,7 @@ import json
 
 import xarray as xr
 
+from ..schemas import analysis_spec, check_group, consolidate, describe
 from ..store import has_group, open_dataset
 
 
@@ -44,6 +45,9 @@ def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
 
     ds = ds.copy()
     ds.attrs = {k: v for k, v in ds.attrs.items() if k not in ("params", "source")}
+    if (spec := analysis_spec(job)) is not None:  # names, dims, dtypes and attrs from schemas/groups.py
+        check_group(spec, {n: (v.dims, v.dtype) for n, v in ds.variables.items()}, f"analysis/{job}")
+        ds = describe(spec, ds)
     for var in ds.variables.values():
         var.encoding.clear()
     staging, final = f"analysis/_partial_{job}", f"analysis/{job}"
@@ -56,6 +60,7 @@ def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     if fs.exists(dst):
         fs.rm(dst, recursive=True)
     fs.mv(src, dst, recursive=True)
+    consolidate(run.path)  # kept true after every analysis, so outside readers see this group
     return open_dataset(run.path, final)
 
 
