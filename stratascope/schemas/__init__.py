@@ -35,6 +35,7 @@ from .spec import (
     PROMPT_TABLE,
     RECORDS,
     REQUIRED_ATTRS,
+    ROOT_PATTERNS,
     SCHEMA_VERSION,
     TOKEN_COORDS,
     TOKEN_TABLE,
@@ -48,7 +49,7 @@ __all__ = [
     "ACTIVATIONS", "ANALYSIS", "ATTRIBUTION_METHODS", "ATTRIBUTION_PREFIX", "BIAS", "BIAS_CORRELATION", "CAPTURE_NAMES", "CORPUS_COLUMNS",
     "CORPUS_KEYS", "DIMS", "GRADIENTS", "GROUPS", "HEADS", "INDEX_COORDS", "LABEL_PREFIX", "LENS", "META_PREFIX",
     "MODEL_KEYS", "NMF", "NMF_TRANSFORM", "PROBE", "PROMPT_TABLE", "READOUT", "READOUT_ATTRS", "RECORDS",
-    "REQUIRED_ATTRS", "SCHEMA_VERSION", "TOKEN_COORDS", "TOKEN_TABLE", "VARIABLES", "GroupSpec", "RootAttrs",
+    "REQUIRED_ATTRS", "ROOT_PATTERNS", "SCHEMA_VERSION", "TOKEN_COORDS", "TOKEN_TABLE", "VARIABLES", "GroupSpec", "RootAttrs",
     "VariableSpec", "analysis_spec", "check_group", "consolidate", "describe", "dtype_matches", "group_path",
     "parse_schema_version", "root_spec", "token_coords", "upgrade_store", "validate_root",
 ]
