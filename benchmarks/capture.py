@@ -54,7 +54,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     bare, cap = [], []
     try:
-        for r in range(args.repeats):  # interleaved, best of each: the machine is noisy
+        for _ in range(args.repeats):  # interleaved, best of each: the machine is noisy
             bare.append(bare_forward(loaded.model, ids, lengths, args.batch_size))
             run = ss.capture(model=args.model, prompts=texts, out=str(tmp / "b.zarr"), overwrite=True,
                              capture=("hidden", "attention", "mlp"), dtype="float16", batch_size=args.batch_size,

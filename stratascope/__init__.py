@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import capture as _capture_package  # noqa: F401 - bound first, so the function below wins the name
+from . import capture as _capture_package  # bound first, so the function below wins the name
 
 try:
     __version__ = version("stratascope")

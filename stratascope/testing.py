@@ -52,7 +52,8 @@ def synthetic_mlp_store(path: str, n_tokens: int, n_layers: int, d_mlp: int,
              "is_generated": np.zeros(n_tokens, dtype=bool),
              "token_str": np.array([f"t{i}" for i in tokens], dtype=object)}
     for name, values in table.items():
-        create_array(root, name, (n_tokens,), chunk_rows, "str" if name == "token_str" else str(values.dtype))[:] = values
+        dtype = "str" if name == "token_str" else str(values.dtype)
+        create_array(root, name, (n_tokens,), chunk_rows, dtype)[:] = values
     mlp = create_array(root, "mlp", (n_tokens, n_layers, d_mlp), chunk_rows, "float32")
     for start in range(0, n_tokens, chunk_rows):
         stop = min(n_tokens, start + chunk_rows)

@@ -170,7 +170,8 @@ def test_head_view(browser, target, viewer_store):
 def test_head_view_long_prompt_scrolls(browser, target, viewer_store):
     v = Viewer(browser, target, "head", prompt=4, layer=1)
     assert v.count(".ss-tok-q") == viewer_store.n(4) == 100
-    box = v.page.evaluate("() => { const e = document.querySelector('.ss-scroll'); return [e.clientHeight, e.scrollHeight]; }")
+    box = v.page.evaluate("() => { const e = document.querySelector('.ss-scroll'); "
+                          "return [e.clientHeight, e.scrollHeight]; }")
     assert box[1] > box[0]  # the tall drawing scrolls inside its box; rows keep their height
     v.done("head_long")
 

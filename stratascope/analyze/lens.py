@@ -203,7 +203,8 @@ class _ChunkLens:
     """The dask task: lens of one token chunk; masked rows (prompt_index < 0) are filled, not computed."""
 
     def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int):
-        self.readout, self.ids, self.topk, self.norm, self.final, self.n_depths = readout, ids, topk, norm, final, n_depths
+        self.readout, self.ids, self.topk, self.norm = readout, ids, topk, norm
+        self.final, self.n_depths = final, n_depths
 
     def __call__(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
@@ -29,6 +30,9 @@ from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeErro
 from ..ranges import format_ranges
 from ..schemas import NMF, NMF_TRANSFORM
 from .results import job_progress, load_result, save_result
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NEGATIVE = ("clip", "shift")
 DEFAULT_LAYERS = 6  # the first six captured layers unless told otherwise
@@ -284,7 +288,8 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
     rel = float(np.sqrt(out["objective"][-1] / out["norm2"])) if out["norm2"] > 0 else 0.0
     shift = out["shift"] if out["shift"] is not None else np.zeros(m.n_features, dtype=np.float32)
     ds = _dataset(run, W, {
-        "factor_neuron": (("factor", "layer", "neuron"), H.reshape(len(H), len(m.layers), m.n_neuron).astype(np.float32)),
+        "factor_neuron": (("factor", "layer", "neuron"),
+                          H.reshape(len(H), len(m.layers), m.n_neuron).astype(np.float32)),
         "shift": (("layer", "neuron"), shift.reshape(len(m.layers), m.n_neuron)),
         "objective": (("iteration",), out["objective"]),
         "relative_error": ((), rel),

@@ -77,7 +77,8 @@ class Plan:
                  + (f", {self.truncated} prompts truncated to --max-length" if self.truncated else ""),
                  f"token chunk {self.chunk_rows} rows, {len(self.shards)} shards, "
                  f"{self.n_rows - self.n_tokens} padding rows"
-                 + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""), f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
+                 + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""),
+                 f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
         counts = self.chunk_counts()
         for name, nbytes in self.bytes_per_array().items():
             lines.append(f"{name:<14}{str(self.shapes[name]):<28}{human_bytes(nbytes):>14}{counts[name]:>9}")
@@ -168,7 +169,8 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
     if dtype == "float16":
         half = t.to(torch.float16)
         if torch.isinf(half).any() and torch.isfinite(t).all():
-            raise OverflowError16(f"a '{name}' value exceeds the float16 range (|x| > 65504); capture with --dtype float32")
+            raise OverflowError16(f"a '{name}' value exceeds the float16 range (|x| > 65504); "
+                                  "capture with --dtype float32")
         return half
     return t.to(torch.float32)
 

@@ -31,7 +31,7 @@ def is_store(path: str | Path) -> bool:
     """True if `path` (a directory or fsspec URL) holds a Zarr group written by stratascope."""
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception:  # noqa: BLE001 - anything unreadable is not one of ours
+    except Exception:  # anything unreadable is not one of ours
         return False
     return "schema_version" in group.attrs
 
@@ -139,5 +139,5 @@ class ShardWriter:
             if self._error is None:
                 try:
                     write_shard(self.root, *item)
-                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                except BaseException as e:  # handed to the caller's thread
                     self._error = e
