@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stratascope.capture.corpus import read_corpus  # noqa: E402
-from stratascope.capture.generate import GenerationConfig, generate_batch  # noqa: E402
-from stratascope.capture.gradients import GradientConfig, attribute, target_positions  # noqa: E402
-from stratascope.workflows.demo import demo_corpus  # noqa: E402
-from stratascope.models import load_model  # noqa: E402
+from stratascope.capture.corpus import read_corpus
+from stratascope.capture.generate import GenerationConfig, generate_batch
+from stratascope.capture.gradients import GradientConfig, attribute, target_positions
+from stratascope.models import load_model
+from stratascope.workflows.demo import demo_corpus
 
 
 def main(argv=None) -> dict:

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmarks_corpus import corpus
 
 import stratascope as ss
 from stratascope.capture.runner import _batches, tokenize
 from stratascope.models import load_model
-from benchmarks_corpus import corpus  # noqa: E402 - sibling module
-
 
 
 def bare_forward(model, ids, lengths, batch_size) -> float:
@@ -54,7 +53,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     bare, cap = [], []
     try:
-        for r in range(args.repeats):  # interleaved, best of each: the machine is noisy
+        for _ in range(args.repeats):  # interleaved, best of each: the machine is noisy
             bare.append(bare_forward(loaded.model, ids, lengths, args.batch_size))
             run = ss.capture(model=args.model, prompts=texts, out=str(tmp / "b.zarr"), overwrite=True,
                              capture=("hidden", "attention", "mlp"), dtype="float16", batch_size=args.batch_size,

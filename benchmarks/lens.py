@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stratascope as ss  # noqa: E402
-from stratascope.analyze.lens import lens_tokens, readout_for  # noqa: E402
-from stratascope.analyze.lens_kernel import lens_rows  # noqa: E402
-from stratascope.workflows.demo import demo_corpus  # noqa: E402
-from stratascope.testing import tile_store  # noqa: E402
+import stratascope as ss
+from stratascope.analyze.lens import lens_tokens, readout_for
+from stratascope.analyze.lens_kernel import lens_rows
+from stratascope.testing import tile_store
+from stratascope.workflows.demo import demo_corpus
 
 WATCH = [" he", " she"]
 

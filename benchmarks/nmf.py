@@ -51,7 +51,7 @@ def measure(kind: str, store: str, iterations: int) -> dict:
     import numpy as np
 
     import stratascope as ss
-    import stratascope.analyze.nmf  # noqa: F401 - torch and dask count in the baseline of both
+    import stratascope.analyze.nmf  # torch and dask count in the baseline of both
 
     if kind == "sklearn":
         from sklearn.decomposition import NMF
@@ -103,13 +103,15 @@ def main() -> None:
     small, big = args.tokens, 10 * args.tokens
     for kind in ("stratascope", "sklearn"):
         a, b = by[(kind, small)], by[(kind, big)]
-        print(f"{kind}: peak RSS above imports grows x{(b['peak_rss_mib'] - b['import_rss_mib']) / max(1.0, a['peak_rss_mib'] - a['import_rss_mib']):.2f} "
+        growth = (b['peak_rss_mib'] - b['import_rss_mib']) / max(1.0, a['peak_rss_mib'] - a['import_rss_mib'])
+        print(f"{kind}: peak RSS above imports grows x{growth:.2f} "
               f"for x10 tokens")
     for n in (small, big):
         s, k = by[("stratascope", n)], by[("sklearn", n)]
         print(f"tokens {n}: time per iteration stratascope/sklearn = "
               f"{s['seconds_per_iteration'] / k['seconds_per_iteration']:.2f}, peak RSS above imports "
-              f"stratascope/sklearn = {(s['peak_rss_mib'] - s['import_rss_mib']) / (k['peak_rss_mib'] - k['import_rss_mib']):.2f}")
+              f"stratascope/sklearn = "
+              f"{(s['peak_rss_mib'] - s['import_rss_mib']) / (k['peak_rss_mib'] - k['import_rss_mib']):.2f}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks_corpus import corpus
+
 import stratascope as ss
-from benchmarks_corpus import corpus  # noqa: E402 - sibling module
 
 OPTIONS = dict(capture=("hidden", "mlp"), dtype="float16", device="cpu", progress=False, overwrite=True)
 

@@ -1,6 +1,6 @@
 """stratascope: capture what a transformer computes on a corpus, store it, analyse it without the model."""
 
-from . import capture as _capture_package  # noqa: F401 - bound first, so the function below wins the name
+from . import capture as _capture_package
 from .api import bias_probe, capture, open_run
 from .version import __version__
 

@@ -8,10 +8,10 @@ import sys
 
 import click
 
-from .version import __version__
 from .analyze.targets import POSITIONS_HELP
 from .capture.config import CaptureConfig
 from .errors import StratascopeError
+from .version import __version__
 
 
 def friendly(fn):
@@ -109,7 +109,8 @@ def capture(model, corpus, out, overwrite, resume, dry_run, workers, scheduler, 
 def _print_info(info: dict) -> None:
     from .formatting import human_bytes
 
-    click.echo(f"store      {info['path']} (schema v{info['schema_version']}, {human_bytes(info['bytes_on_disk'])} on disk)")
+    click.echo(f"store      {info['path']} (schema v{info['schema_version']}, "
+               f"{human_bytes(info['bytes_on_disk'])} on disk)")
     verified = info.get("verified")
     click.echo("verified   " + ("never (stratascope verify RUN checks every chunk)" if not verified else
                                 f"{verified['at'][:19]}Z: " + ("intact" if verified["ok"] else
@@ -124,7 +125,8 @@ def _print_info(info: dict) -> None:
                + (f"; metadata {', '.join(info['metadata_columns'])}" if info["metadata_columns"] else ""))
     layers = info["captured_layers"]
     click.echo(f"captured   {', '.join(info['captured'])} as {info['dtype']}, layers "
-               f"{layers[0]}-{layers[-1]}" + ("" if len(layers) == layers[-1] - layers[0] + 1 else f" ({len(layers)} chosen)"))
+               f"{layers[0]}-{layers[-1]}"
+               + ("" if len(layers) == layers[-1] - layers[0] + 1 else f" ({len(layers)} chosen)"))
     width = max((len(n) for n in info["arrays"]), default=0) + 2
     for name, a in info["arrays"].items():
         dims = ", ".join(f"{d} {n}" for d, n in a["dims"].items())
@@ -218,7 +220,8 @@ def _token_counts(tokens) -> str:
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
-@click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="rows kept per head where it deviates most from its pattern")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1),
+              help="rows kept per head where it deviates most from its pattern")
 @click.option("--recompute", is_flag=True, help="compute again even if analysis/heads matches")
 @friendly
 @cluster_options
@@ -278,14 +281,15 @@ def probe():
 @click.option("--overwrite", is_flag=True, help="replace an existing store at --out")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
-@click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="female/male-leaning occupations printed")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1),
+              help="female/male-leaning occupations printed")
 @friendly
 def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
                device, top):
     """Gender bias at every depth: log p(she) - log p(he) after occupation prompts, vs. labour statistics."""
-    from .workflows.bias_probe import bias_probe
-    from .errors import ConfigError
     from .api import open_run
+    from .errors import ConfigError
+    from .workflows.bias_probe import bias_probe
 
     if run_path:
         given = [f for f, v in (("--out", out), ("--model", model), ("--templates", templates), ("--corpus", corpus))
@@ -322,7 +326,8 @@ def report(run_path, out, prompts, layers, views):
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
-@click.option("--topk", default=10, show_default=True, type=click.IntRange(1), help="top entries kept per token and depth")
+@click.option("--topk", default=10, show_default=True, type=click.IntRange(1),
+              help="top entries kept per token and depth")
 @click.option("--watch", multiple=True, help='a word whose rank is tracked, e.g. --watch " he" (repeatable)')
 @click.option("--watch-id", "watch_id", multiple=True, type=click.IntRange(0),
               help="a vocabulary id whose rank is tracked (repeatable)")
@@ -359,7 +364,8 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
 @cli.command()
 @click.argument("run_path", metavar="RUN")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless you mean it)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind (keep 127.0.0.1 unless you mean it)")
 @friendly
 def view(run_path, port, host):
     """Serve a local web app over a run; it reads only the slices shown, so any store size opens at once."""
@@ -388,7 +394,8 @@ def view(run_path, port, host):
 @click.option("--at", default="last", show_default=True, type=click.Choice(["last", "mean"]),
               help="prompt labels: the last prompt token, or the mean over the prompt's tokens")
 @click.option("--depths", default=None, help="depths to probe, e.g. 0-30 (default: every captured depth)")
-@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="cross-validation folds, split by prompt")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2),
+              help="cross-validation folds, split by prompt")
 @click.option("--control", default="shuffle", show_default=True, type=click.Choice(["shuffle", "none"]),
               help="control task: labels shuffled by type (Hewitt & Liang 2019)")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -396,7 +403,8 @@ def view(run_path, port, host):
 @click.option("--group-by", default=None, help="metadata column: prompts sharing a value share a fold")
 @click.option("--control-by", default=None,
               help="metadata column giving prompt labels' control types (default: the prompt text)")
-@click.option("--epochs", default=None, type=click.IntRange(1), help="passes over the rows (default: enough for ~1000 steps)")
+@click.option("--epochs", default=None, type=click.IntRange(1),
+              help="passes over the rows (default: enough for ~1000 steps)")
 @click.option("--recompute", is_flag=True, help="ignore a stored result with the same parameters")
 @friendly
 @cluster_options

@@ -16,7 +16,7 @@ def _interactive() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-class tqdm(_tqdm):  # noqa: N801 - a drop-in for tqdm.tqdm
+class tqdm(_tqdm):
     def __init__(self, *args, **kwargs):
         tty = _interactive()
         kwargs.setdefault("file", sys.stderr)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from functools import cached_property
 
-import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -71,7 +70,7 @@ class Run(Store):
         return nmf(self, factors=factors, layers=layers, iterations=iterations, seed=seed, negative=negative,
                    device=device, **kwargs)
 
-    def nmf_transform(self, factors_from: "Run", device: str = "cpu", **kwargs) -> xr.Dataset:
+    def nmf_transform(self, factors_from: Run, device: str = "cpu", **kwargs) -> xr.Dataset:
         """This run's token weights on the factors another run's nmf stored (analysis/nmf_transform)."""
         from .analyze.nmf import nmf_transform
 

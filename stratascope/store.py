@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 import xarray as xr
 import zarr
 
 from .checked_store import open_checked
 from .errors import IncompleteRunError, MissingArrayError, OutOfRangeError, StoreNotFoundError
-from .schemas import META_PREFIX, parse_schema_version, validate_root
+from .schemas import META_PREFIX, parse_schema_version, token_coords, validate_root
 
 
 def _open_group(path: str) -> zarr.Group:
@@ -41,11 +40,15 @@ def open_dataset(path: str, group: str | None = None, require_all: bool = False)
     """A lazy, dask-backed Dataset of the capture (group None) or of a subgroup such as 'readout'.
 
     Reads go through a CheckedStore: a damaged chunk is an error naming it; with require_all
-    (a complete capture whose every chunk was written) so is a missing one."""
+    (a complete capture whose every chunk was written) so is a missing one. Consolidated
+    metadata is not used: it is for outside readers, and an array added since the last
+    consolidation would be missing from it. The capture's token table are coordinates, also
+    in stores written before the root `coordinates` attribute (schemas.token_coords)."""
     try:
-        return xr.open_zarr(open_checked(path, require_all), group=group, consolidated=False, zarr_format=3)
+        ds = xr.open_zarr(open_checked(path, require_all), group=group, consolidated=False, zarr_format=3)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as e:
         raise StoreNotFoundError(f"{path} has no group '{group}'") from e
+    return token_coords(ds) if group is None else ds
 
 
 def has_group(path: str, group: str) -> bool:
@@ -59,16 +62,6 @@ def has_group(path: str, group: str) -> bool:
 def group_attrs(path: str, group: str) -> dict:
     """The attrs of one group, read from its own metadata (never a consolidated copy)."""
     return dict(zarr.open_group(str(path), path=group, mode="r", use_consolidated=False).attrs)
-
-
-def consolidate(path: str) -> None:
-    """Write the store's consolidated metadata (one read opens every group and array), after a
-    capture or an analysis completes; stratascope's own readers never rely on it."""
-    import warnings
-
-    with warnings.catch_warnings():  # zarr notes that v3 consolidated metadata is not in the spec yet
-        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-        zarr.consolidate_metadata(str(path))
 
 
 def subgroups(path: str, group: str) -> list[str]:

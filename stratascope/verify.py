@@ -93,14 +93,14 @@ def _check_sharded(array: zarr.Array, name: str, meta: dict, store, keys: list[s
         region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(idx, grid, meta["shape"]))
         try:
             array[region]
-        except Exception as e:  # noqa: BLE001 - any decode failure is damage to report, not to raise
+        except Exception as e:
             out.append(f"shard {'/'.join(map(str, idx))} of '{name}' cannot be read: {str(e).splitlines()[0]}")
     return out
 
 
 def _record(path: str, problems: list[str]) -> None:
     group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    group.attrs["verified"] = {"at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    group.attrs["verified"] = {"at": datetime.datetime.now(datetime.UTC).isoformat(),
                                "ok": not problems, "problems": len(problems)}
     consolidate(path)
 
@@ -113,8 +113,9 @@ def summary(path: str, report: dict) -> str:
     listed = "\n".join(f"  {p}" for p in report["problems"][:MAX_LISTED])
     more = len(report["problems"]) - MAX_LISTED
     return (f"{listed}" + (f"\n  ... and {more} more" if more > 0 else "") +
-            f"\n{path}: {len(report['problems'])} of {report['chunks']} chunks are damaged or missing; capture again "
-            "with --overwrite (an interrupted capture: the same command plus --resume), or restore the store from a copy")
+            f"\n{path}: {len(report['problems'])} of {report['chunks']} chunks are damaged or missing; capture "
+            "again with --overwrite (an interrupted capture: the same command plus --resume), or restore the store "
+            "from a copy")
 
 
 def raise_if_damaged(path: str, report: dict) -> None:

@@ -76,7 +76,7 @@ def test_integrated_gradients_equal_captum(captured):
         n = len(ids)
         E = emb(ids).detach()[None]
         for r in (n - N_NEW - 1, n - 2):
-            ig = IntegratedGradients(lambda x, r=r: _score(model, x, r, ids[r + 1]))
+            ig = IntegratedGradients(lambda x, r=r, ids=ids: _score(model, x, r, ids[r + 1]))
             attr, delta = ig.attribute(E, baselines=torch.zeros_like(E), n_steps=STEPS, method="gausslegendre",
                                        return_convergence_delta=True)
             stored = rows.attribution_integrated_gradients.values[r]

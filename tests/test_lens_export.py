@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import PROMPTS
 
 import stratascope as ss
+from conftest import PROMPTS
 from stratascope.analyze.export import tables
 from stratascope.cli import cli
 from stratascope.testing import tile_store

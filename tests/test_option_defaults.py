@@ -26,7 +26,8 @@ PAIRS = [
     ("lens", Run.lens), ("lens", lens.run_lens),
     ("nmf", Run.nmf), ("nmf", nmf.nmf),
     ("heads", Run.heads), ("heads", heads.summarize_heads),
-    ("probe bias", ss.bias_probe), ("probe bias", bias_probe.bias_probe), ("probe bias", Run.bias), ("probe bias", bias),
+    ("probe bias", ss.bias_probe), ("probe bias", bias_probe.bias_probe), ("probe bias", Run.bias),
+    ("probe bias", bias),
     ("probe linear", Run.linear_probe), ("probe linear", probe.linear_probe),
     ("report", build_report),
 ]

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 import stratascope as ss
-from stratascope.cli import cli
 from stratascope.analyze.bias_corpus import TEMPLATES, builtin_occupations, occupation_prompts
+from stratascope.cli import cli
 
 
 def occupation_corpus() -> pd.DataFrame:

@@ -95,4 +95,5 @@ def test_leftovers_of_a_dead_job_are_cleaned(tiny_model_dirs, tmp_path):
     leftover = f"analysis/_staging/abc__{pid}__{socket.gethostname()}__demo_job"
     zarr.open_group(run.path, path=leftover, mode="w")
     save_result(run, "demo_job", xr.Dataset({"score": ("token", np.zeros(run.n_tokens, np.float32))}), {"k": 1})
-    assert list(zarr.open_group(run.path, path="analysis/_staging", mode="r", use_consolidated=False).group_keys()) == []
+    staging = zarr.open_group(run.path, path="analysis/_staging", mode="r", use_consolidated=False)
+    assert list(staging.group_keys()) == []

@@ -19,8 +19,19 @@ import stratascope as ss
 from stratascope.cli import cli
 from stratascope.errors import OutOfRangeError
 from stratascope.viewer import data, registry, render
-from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, XSS_ALERT, XSS_IMG,  # noqa: F401 - fixtures
-                             XSS_SCRIPT, only_result, probe_app, probe_store, viewer_app, viewer_store)
+from viewer_fixtures import (
+    BIAS_OCCUPATIONS,
+    BIAS_PAIRS,
+    PROBE_LABELS,
+    XSS_ALERT,
+    XSS_IMG,
+    XSS_SCRIPT,
+    only_result,
+    probe_app,
+    probe_store,
+    viewer_app,
+    viewer_store,
+)
 
 
 def test_json_for_html_cannot_close_script():
@@ -270,7 +281,8 @@ def test_cli_report_and_bad_input(viewer_store, tmp_path):
     html = out.read_text()
     assert "prompts 0-1 of 5 and layers 1 of 3" in html and "https://" not in html.split("<script")[0]
     assert '"attention?layer=1\\u0026prompt=0"' in html and '"attention?layer=0\\u0026prompt=0"' not in html
-    for args, words in ((["--prompts", "0-9"], "prompts"), (["--layers", "5"], "layers"), (["--views", "bogus"], "view")):
+    for args, words in ((["--prompts", "0-9"], "prompts"), (["--layers", "5"], "layers"),
+                        (["--views", "bogus"], "view")):
         res = CliRunner().invoke(cli, ["report", viewer_store.path, "-o", str(out), *args])
         assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output
 
@@ -292,7 +304,7 @@ def test_notebook_view_is_the_report_page_in_an_iframe(viewer_store):
     page = view.html()
     assert '"attention?layer=2\\u0026prompt=1"' in page and '"view":"head"' in page
     with pytest.raises(AttributeError):
-        run.view.nonexistent
+        run.view.nonexistent  # noqa: B018 - the attribute access is what raises
 
 
 def test_large_store_opens_at_once(tmp_path):

@@ -12,8 +12,21 @@ import numpy as np
 import pytest
 
 from stratascope.viewer import data
-from viewer_fixtures import (BIAS_OCCUPATIONS, BIAS_PAIRS, PROBE_LABELS, WATCH, XSS_ALERT, XSS_ALERT2,  # noqa: F401
-                             XSS_IMG, XSS_SCRIPT, only_result, probe_app, probe_store, viewer_app, viewer_store)
+from viewer_fixtures import (
+    BIAS_OCCUPATIONS,
+    BIAS_PAIRS,
+    PROBE_LABELS,
+    WATCH,
+    XSS_ALERT,
+    XSS_ALERT2,
+    XSS_IMG,
+    XSS_SCRIPT,
+    only_result,
+    probe_app,
+    probe_store,
+    viewer_app,
+    viewer_store,
+)
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -170,7 +183,8 @@ def test_head_view(browser, target, viewer_store):
 def test_head_view_long_prompt_scrolls(browser, target, viewer_store):
     v = Viewer(browser, target, "head", prompt=4, layer=1)
     assert v.count(".ss-tok-q") == viewer_store.n(4) == 100
-    box = v.page.evaluate("() => { const e = document.querySelector('.ss-scroll'); return [e.clientHeight, e.scrollHeight]; }")
+    box = v.page.evaluate("() => { const e = document.querySelector('.ss-scroll'); "
+                          "return [e.clientHeight, e.scrollHeight]; }")
     assert box[1] > box[0]  # the tall drawing scrolls inside its box; rows keep their height
     v.done("head_long")
 
@@ -186,7 +200,7 @@ def test_model_view(browser, target, viewer_store):
     v.done("model")
 
 
-def _plot(v: "Viewer", cls: str = ".ss-heat") -> dict:
+def _plot(v: Viewer, cls: str = ".ss-heat") -> dict:
     return v.page.evaluate("c => { const d = document.querySelector(c).data[0]; return {z: d.z, text: d.text}; }", cls)
 
 
@@ -357,7 +371,7 @@ def test_nmf_view(browser, target, viewer_store):
     v.done("nmf")
 
 
-def _trace(v: "Viewer", cls: str, meta: str | None = None, key: str = "y") -> list:
+def _trace(v: Viewer, cls: str, meta: str | None = None, key: str = "y") -> list:
     """A plotly chart's trace (the first, or the one whose `meta` is given) values."""
     return v.page.evaluate("([c, m, k]) => { const d = document.querySelector(c).data; "
                            "return (m === null ? d[0] : d.find(t => t.meta === m))[k]; }", [cls, meta, key])

@@ -64,7 +64,8 @@ def viewer_store(tiny_model_dirs, tmp_path_factory) -> Store:
     from stratascope.viewer import synthetic
 
     path = str(tmp_path_factory.mktemp("viewer") / "run.zarr")
-    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=VIEWER_PROMPTS, out=path, capture=("attention", "qk", "mlp"),
+    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=VIEWER_PROMPTS, out=path,
+               capture=("attention", "qk", "mlp"),
                batch_size=8, device="cpu", max_length=100, progress=False)
     g = zarr.open_group(path, mode="r+")
     offsets, lengths = g["token_offset"][:], g["n_tokens"][:]
@@ -119,7 +120,8 @@ BIAS_TEMPLATES = ["The {occupation} said that", "{A} {occupation} is", "The {occ
 BIAS_OCCUPATIONS = {
     "occupation": ["nurse", "doctor", XSS_ALERT, "engineer", "fox", XSS_ALERT2, "airport", "dog"],
     "bls_pct_female": [88.0, 38.0, 11.0, 20.0, 50.0, 62.0, 45.0, float("nan")],  # dog: no statistic, not in n
-    XSS_ALERT: ["a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2],  # a label whose name and classes are payloads
+    # a label whose name and classes are payloads
+    XSS_ALERT: ["a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2, "a", XSS_ALERT2],
 }
 PROBE_LABELS = (XSS_ALERT, "bls_pct_female")  # classification (text classes) and regression
 

@@ -24,15 +24,16 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from ..progress import tqdm
 
 from ..errors import ConfigError, MissingMetadataError
+from ..progress import tqdm
+from ..schemas import BIAS, BIAS_CORRELATION
 from .bias_corpus import load_occupations
 from .lens import captured_depths, lens_tokens, readout_for, require_hidden
 from .results import load_result, save_result
 from .targets import first_token_ids, last_prompt_rows
 
-JOB, CORRELATION_JOB = "bias", "bias_correlation"
+JOB, CORRELATION_JOB = BIAS.job, BIAS_CORRELATION.job
 DEFAULT_PAIRS = ((" she", " he"), (" her", " his"), (" her", " him"))
 PREFERRED_STATISTICS = ("bls_pct_female", "stereotypical")
 NOT_STATISTICS = ("text", "token_offset", "n_tokens", "occupation", "template")

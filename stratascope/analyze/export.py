@@ -35,8 +35,9 @@ def open_job(run, job: str) -> xr.Dataset:
         groups = [g for g in groups if g.rsplit("/", 1)[-1] == name]
     if not groups:
         stored = [f"{r['job']}/{r['name']}" if r["name"] else r["job"] for r in stored_results(run)]
+        none = "none yet (run an analysis such as stratascope lens first)"
         raise MissingArrayError(f"{run.path} has no analysis/{job}{'/' + name if name else ''} result; stored "
-                                f"results: {', '.join(stored) or 'none yet (run an analysis such as stratascope lens first)'}")
+                                f"results: {', '.join(stored) or none}")
     return open_dataset(run.path, groups[0])
 
 

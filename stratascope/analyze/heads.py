@@ -35,9 +35,10 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import ConfigError
+from ..schemas import HEADS
 from .results import job_progress, load_result, save_result
 
-JOB = "heads"
+JOB = HEADS.job
 MIN_POSITION = 2
 PATTERN = 0.5
 BROAD = 0.8

@@ -25,11 +25,12 @@ import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges
+from ..schemas import LENS
 from .lens_kernel import LensArrays, lens_rows
 from .readout import NORMS, PRECISIONS, Readout, load_readout
 from .results import job_progress, load_result, save_result
 
-JOB = "lens"
+JOB = LENS.job
 _FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "kl_final", "watch_rank", "watch_prob")
 _FILL = {"int32": -1, "float32": np.nan}
 
@@ -206,7 +207,8 @@ class _ChunkLens:
     """The dask task: lens of one token chunk; masked rows (prompt_index < 0) are filled, not computed."""
 
     def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int):
-        self.readout, self.ids, self.topk, self.norm, self.final, self.n_depths = readout, ids, topk, norm, final, n_depths
+        self.readout, self.ids, self.topk, self.norm = readout, ids, topk, norm
+        self.final, self.n_depths = final, n_depths
 
     def __call__(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         try:
@@ -278,7 +280,7 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     token = dask.base.tokenize(run.path, run.attrs["created"], json.dumps(params, sort_keys=True), device)
     shapes = {"topk_ids": (D, k), "topk_probs": (D, k), "target_rank": (D,), "target_prob": (D,),
               "entropy": (D,), "kl_final": (D,), "watch_rank": (D, W), "watch_prob": (D, W)}
-    dtypes = {f: np.int32 if f.endswith(("_ids", "_rank")) else np.float32 for f in _FIELDS}
+    dtypes = {f: np.dtype(LENS[f].dtype) for f in _FIELDS}
     columns: dict[str, list] = {f: [] for f in _FIELDS}
     blocks = zip(hid.to_delayed().ravel(), target.to_delayed().ravel(), pidx.to_delayed().ravel())
     for i, (hb, tb, pb) in enumerate(blocks):
@@ -287,11 +289,8 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
             hb, tb, pb, dask_key_name=f"lens-{token}-{i}")
         for f, part in zip(_FIELDS, parts):
             columns[f].append(da.from_delayed(part, (n,) + shapes[f], dtype=dtypes[f]))
-    dims = {"topk_ids": ("token", "depth", "k"), "topk_probs": ("token", "depth", "k"),
-            "watch_rank": ("token", "depth", "watch"), "watch_prob": ("token", "depth", "watch")}
-    data = {f: (dims.get(f, ("token", "depth")), da.concatenate(columns[f])) for f in _FIELDS
-            if W or not f.startswith("watch")}
-    data["target_id"] = (("token",), target)
+    data = {f: (LENS[f].dims, da.concatenate(columns[f])) for f in _FIELDS if W or "watch" not in LENS[f].dims}
+    data["target_id"] = (LENS["target_id"].dims, target)
     coords = {"depth": np.array(depths, dtype=np.int32), "k": np.arange(k, dtype=np.int32)}
     if W:
         coords.update(watch=np.array(params["watch"], dtype=object), watch_id=("watch", np.array(ids, dtype=np.int32)))

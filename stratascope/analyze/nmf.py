@@ -17,17 +17,22 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
 import numpy as np
 import torch
 import xarray as xr
-from ..progress import tqdm
 
 from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
+from ..progress import tqdm
 from ..ranges import format_ranges
+from ..schemas import NMF, NMF_TRANSFORM
 from .results import job_progress, load_result, require_result, save_result
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 NEGATIVE = ("clip", "shift")
 DEFAULT_LAYERS = 6  # the first six captured layers unless told otherwise
@@ -276,21 +281,22 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
         raise ConfigError(f"--factors {factors} exceeds the {m.n_features} features (layer x neuron) chosen")
     params = {"factors": int(factors), "layers": m.layers, "iterations": int(iterations), "seed": int(seed),
               "negative": negative}
-    if not recompute and (stored := load_result(run, "nmf", params)) is not None:
+    if not recompute and (stored := load_result(run, NMF.job, params)) is not None:
         return stored
     out = fit(m, int(factors), int(iterations), int(seed), negative, device, progress)
     W, H = _normalized(out["W"], out["H"])
     rel = float(np.sqrt(out["objective"][-1] / out["norm2"])) if out["norm2"] > 0 else 0.0
     shift = out["shift"] if out["shift"] is not None else np.zeros(m.n_features, dtype=np.float32)
     ds = _dataset(run, W, {
-        "factor_neuron": (("factor", "layer", "neuron"), H.reshape(len(H), len(m.layers), m.n_neuron).astype(np.float32)),
+        "factor_neuron": (("factor", "layer", "neuron"),
+                          H.reshape(len(H), len(m.layers), m.n_neuron).astype(np.float32)),
         "shift": (("layer", "neuron"), shift.reshape(len(m.layers), m.n_neuron)),
         "objective": (("iteration",), out["objective"]),
         "relative_error": ((), rel),
     }, m.layers)
     ds.attrs.update(relative_error=rel, algorithm="HALS (streaming, one pass per iteration)", device=device,
                     chunk_tokens=m.sizes[0], negative=negative, seconds_per_iteration=out["seconds_per_iteration"])
-    return save_result(run, "nmf", ds, params)
+    return save_result(run, NMF.job, ds, params)
 
 
 def _dataset(run, W: np.ndarray, data: dict, layers: list[int]) -> xr.Dataset:
@@ -326,7 +332,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
                               f"capture (it has mlp for layers {format_ranges(captured)}); capture those layers")
     negative = src.attrs["params"]["negative"]
     params = {"factors_from": str(factors_from.path), "source_created": src.attrs["created"], "sweeps": int(sweeps)}
-    if not recompute and (stored := load_result(run, "nmf_transform", params)) is not None:
+    if not recompute and (stored := load_result(run, NMF_TRANSFORM.job, params)) is not None:
         return stored
     m = open_matrix(run, layers, chunk_tokens)
     H = H.reshape(len(H), -1)
@@ -342,13 +348,13 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
         "relative_error": ((), rel)}, layers)
     ds.attrs.update(relative_error=rel, negative=negative, factors_from=str(factors_from.path),
                     source_params=src.attrs["params"], source_run=src.attrs["source"])
-    return save_result(run, "nmf_transform", ds, params)
+    return save_result(run, NMF_TRANSFORM.job, ds, params)
 
 
 # ---------------------------------------------------------------- reading results
 
 
-def factor_tokens(run, factor: int, top: int = 20, job: str = "nmf") -> "pd.DataFrame":
+def factor_tokens(run, factor: int, top: int = 20, job: str = "nmf") -> pd.DataFrame:
     """The `top` tokens with the largest weight on `factor`: token text, prompt, position, weight."""
     import pandas as pd
 
@@ -373,7 +379,7 @@ def factor_tokens(run, factor: int, top: int = 20, job: str = "nmf") -> "pd.Data
                          "weight": weights[idx]}, index=pd.Index(idx, name="row"))
 
 
-def factor_activations(run, prompt: int, job: str = "nmf") -> "pd.DataFrame":
+def factor_activations(run, prompt: int, job: str = "nmf") -> pd.DataFrame:
     """Per position of one prompt, its weight on every factor (for colouring the text), with a token column."""
     import pandas as pd
 

@@ -24,7 +24,7 @@ import pandas as pd
 import xarray as xr
 
 from ..errors import ConfigError, OutOfRangeError
-from ..schemas import LABEL_PREFIX, META_PREFIX
+from ..schemas import LABEL_PREFIX, META_PREFIX, PROBE
 from .probe_rows import ArrayRows, PromptRows, TokenRows
 from .probe_train import Targets, accuracy_f1, evaluate, fit, r2, raw_weights
 from .results import load_result, save_result
@@ -184,7 +184,8 @@ def fit_and_score(reader, y, groups, types, *, folds: int, regress: bool, n_clas
 
 
 def probe_matrix(x: np.ndarray, y, groups, *, folds: int = 5, types=None, task: str = "auto", seed: int = 0,
-                 epochs=None, batch_size: int = 128, lr: float = 0.05, l2: float = 1e-3, progress: bool = False) -> dict:
+                 epochs=None, batch_size: int = 128, lr: float = 0.05, l2: float = 1e-3,
+                 progress: bool = False) -> dict:
     """The same probe on an in-memory matrix x (rows, d) or (rows, depth, d): for small studies and checks."""
     x = np.asarray(x, dtype=np.float32)
     x = x[:, None, :] if x.ndim == 2 else x
@@ -220,14 +221,15 @@ def linear_probe(run, label: str, at: str = "last", folds: int = 5, depths=None,
         raise ConfigError(f"--folds {folds} must be at least 2 (cross-validation needs a held-out fold)")
     for col in (group_by, control_by):
         if col is not None and col not in prompt_labels:
-            raise ConfigError(f"no metadata column '{col}' to group by; available: {', '.join(prompt_labels) or 'none'}")
+            raise ConfigError(f"no metadata column '{col}' to group by; "
+                              f"available: {', '.join(prompt_labels) or 'none'}")
     depth_idx = _parse_depths(depths, ds["depth"].values)
     level = "token" if label in token_labels else "prompt"
     params = {"label": label, "level": level, "at": at if level == "prompt" else "token", "folds": folds,
               "depths": ds["depth"].values[depth_idx].tolist(), "control": control, "seed": seed, "task": task,
               "group_by": group_by, "control_by": control_by, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "l2": l2}
-    job = f"probe_{label}"
+    job = PROBE.prefix + label
     if not recompute and (stored := load_result(run, job, params)) is not None:
         return ProbeResult(stored)
 

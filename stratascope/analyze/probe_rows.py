@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from ..progress import tqdm
 
 
@@ -118,7 +119,8 @@ def _gather(ds, prompts, at, depth_idx, out, progress: bool) -> None:
             continue
         p_here = np.asarray(pidx[a:b].compute())
         # prompts are in token order, so those touching chunk c are one contiguous run
-        for r in range(np.searchsorted(last_chunk, c), np.searchsorted(first_chunk, c, side="right")):  # a chunk holds few prompt boundaries; each prompt's slice is contiguous
+        # a chunk holds few prompt boundaries; each prompt's slice is contiguous
+        for r in range(np.searchsorted(last_chunk, c), np.searchsorted(first_chunk, c, side="right")):
             lo, hi = max(int(offset[r]), a) - a, min(int(offset[r] + n[r]), b) - a
             sel = x[lo:hi][p_here[lo:hi] == prompts[r]]
             out[r] += (sel.astype(np.float64).sum(axis=0) / n[r]).astype(np.float32)

@@ -25,7 +25,8 @@ import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
 from ..progress import dask_progress
-from ..store import consolidate, group_attrs, has_group, open_dataset, subgroups
+from ..schemas import analysis_spec, check_group, consolidate, describe
+from ..store import group_attrs, has_group, open_dataset, subgroups
 
 ROOT = "analysis"
 STAGING = f"{ROOT}/_staging"
@@ -134,6 +135,9 @@ def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     _clean_staging(run)
     ds = ds.copy()
     ds.attrs = {k: v for k, v in ds.attrs.items() if k not in ("params", "source")}
+    if (spec := analysis_spec(job, ds.dims)) is not None:  # names, dims, dtypes and attrs from schemas/groups.py
+        check_group(spec, {n: (v.dims, v.dtype) for n, v in ds.variables.items()}, f"analysis/{job}")
+        ds = describe(spec, ds)
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     for var in ds.variables.values():  # every chunk of a result ends with a checksum, as the capture's do
@@ -144,7 +148,7 @@ def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     ds.to_zarr(run.path, group=staging, mode="w", zarr_format=3, consolidated=False)
     zarr.open_group(run.path, path=staging, mode="r+").attrs.update(
         {"job": job, "params": _normalize(params), "source": source_fingerprint(run),
-         "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+         "created": datetime.datetime.now(datetime.UTC).isoformat()})
     final = f"{ROOT}/{job}/{result_name(params)}"
     _adopt_legacy(run, job)
     zarr.open_group(run.path, path=f"{ROOT}/{job}", mode="a")

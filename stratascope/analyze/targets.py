@@ -113,7 +113,8 @@ def first_token_ids(run, words, strict: bool = False, what: str = "target") -> n
     if split and strict:
         word, tokens = split[0]
         raise ConfigError(f"{what} word {word!r} is several tokens for {model} ({tokens}); with --strict every "
-                          f"{what} word must be one token: choose another word, or drop --strict to use its first token")
+                          f"{what} word must be one token: choose another word, or drop --strict to use its "
+                          "first token")
     if split:
         word, tokens = split[0]
         count = f"{len(split)} of {len(unique)} {what} words are several tokens; e.g. " if len(unique) > 1 else ""

@@ -39,7 +39,8 @@ def from_prompts(prompts, text_column: str = "text", source: str = "<python>") -
         frame = prompts
     else:
         prompts = list(prompts)
-        frame = pd.DataFrame(prompts) if prompts and isinstance(prompts[0], dict) else pd.DataFrame({text_column: prompts})
+        records = prompts and isinstance(prompts[0], dict)
+        frame = pd.DataFrame(prompts) if records else pd.DataFrame({text_column: prompts})
     return _from_frame(frame.reset_index(drop=True), text_column, source)
 
 
@@ -54,7 +55,8 @@ def _from_frame(frame: pd.DataFrame, text_column: str, source: str) -> Corpus:
     texts = frame[text_column]
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
-            raise CorpusError(f"corpus {source}, record {i + 1}: the '{text_column}' value is {text!r}, not a non-empty text")
+            raise CorpusError(f"corpus {source}, record {i + 1}: the '{text_column}' value is {text!r}, "
+                              "not a non-empty text")
     for col in frame.columns:  # column names become array names in the store
         name = str(col)
         if "/" in name or name.startswith(".") or name.startswith("__") or not name.strip():

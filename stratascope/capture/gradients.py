@@ -182,7 +182,8 @@ def attribute(model: torch.nn.Module, seqs: list[list[int]], targets: list[np.nd
     alphas, weights = IG_METHODS[cfg.ig_method](cfg.ig_steps) if ig else (np.zeros(0), np.zeros(0))
     # A row: (sequence, target r, alpha, weight); weight None marks the plain gradient at alpha 1.
     rows = [(i, int(r), 1.0, None) for i, rs in enumerate(targets) for r in rs] if plain else []
-    rows += [(i, int(r), float(a), float(w)) for i, rs in enumerate(targets) for r in rs for a, w in zip(alphas, weights)]
+    rows += [(i, int(r), float(a), float(w))
+             for i, rs in enumerate(targets) for r in rs for a, w in zip(alphas, weights)]
     rows.sort(key=lambda row: (row[1], row[0]))
     out = {f"attribution_{m}": [np.full((len(s), len(s)), np.nan, dtype=np.float32) for s in seqs] for m in cfg.methods}
     ig_sum = {(i, int(r)): torch.zeros_like(E[i][:r + 1]) for i, rs in enumerate(targets) for r in rs} if ig else {}
@@ -230,7 +231,7 @@ def _finish_ig(model, E, ids, targets, ig_sum, rows_out, device) -> list[np.ndar
             mask = torch.ones((1, n), dtype=torch.long, device=device)
             token = ids[i][at + 1]
             gap = []
-            for r, tok in zip(rs, token):
+            for r, _tok in zip(rs, token):
                 attr = ig_sum.pop((i, int(r))) * E[i][:r + 1]
                 rows_out[i][r, :] = 0
                 rows_out[i][r, :r + 1] = attr.norm(dim=-1).cpu().numpy()

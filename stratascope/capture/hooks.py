@@ -107,14 +107,16 @@ class Recorder:
         if "hidden" in self.capture:
             result["hidden"] = torch.stack([self.out[("hidden", d)] for d in self.depths], dim=2)
         if "attention" in self.capture:
-            result["attention"] = torch.stack([self.out[("attention", l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
+            stacked = torch.stack([self.out[("attention", l)] for l in self.layers], dim=1)
+            result["attention"] = stacked.permute(0, 3, 1, 2, 4)
         if "mlp" in self.capture:
             result["mlp"] = torch.stack([self.out[("mlp", l)] for l in self.layers], dim=2)
         if "qk" in self.capture:
             if ("queries", self.layers[0]) not in self.out:
                 raise RuntimeError("the attention modules did not call eager_attention_forward; --capture qk "
                                    "needs eager attention (GPT-2's reorder_and_upcast_attn is not supported)")
-            for name in ("queries", "keys"):  # per layer (batch, head, seq, d_head) -> (batch, seq, layer, head, d_head)
+            # per layer (batch, head, seq, d_head) -> (batch, seq, layer, head, d_head)
+            for name in ("queries", "keys"):
                 result[name] = torch.stack([self.out[(name, l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
         return result
 
@@ -138,5 +140,6 @@ def qk_attrs(model: torch.nn.Module, adapter: Adapter, layers: list[int]) -> dic
         "gqa_expanded": kv_heads < adapter.n_heads,
         "kv_heads": kv_heads,
         "mask": "causal" if adapter.causal else "none (every key of the sequence)",
-        "recipe": "attention[q, h] = softmax(queries[q, h] . keys[k, h] * scale + mask) over the keys k of q's sequence",
+        "recipe": ("attention[q, h] = softmax(queries[q, h] . keys[k, h] * scale + mask) "
+                   "over the keys k of q's sequence"),
     }

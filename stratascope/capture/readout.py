@@ -9,6 +9,7 @@ import torch
 import zarr
 
 from ..models import Adapter, norm_spec
+from ..schemas import READOUT
 from .writer import create_array
 
 
@@ -31,28 +32,32 @@ def unembed_hash(adapter: Adapter, model: torch.nn.Module) -> str:
     return hashlib.sha256(w.tobytes()).hexdigest()
 
 
+def _create(group: zarr.Group, name: str, shape: tuple[int, ...], rows: int) -> zarr.Array:
+    spec = READOUT[name]
+    return create_array(group, name, shape, rows, spec.dtype, spec=spec)
+
+
 def write_readout(root: zarr.Group, adapter: Adapter, tokenizer, vocab: list[str]) -> None:
-    group = root.create_group("readout")
+    group = root.create_group(READOUT.path)
     V = adapter.vocab_size
-    arr = create_array(group, "vocab_str", (V,), V, "str", ("vocab",))
-    arr[:] = np.array(vocab, dtype=object)
+    _create(group, "vocab_str", (V,), V)[:] = np.array(vocab, dtype=object)
     blob = np.frombuffer(tokenizer_json(tokenizer), dtype=np.uint8)
-    arr = create_array(group, "tokenizer_json", (max(1, len(blob)),), max(1, len(blob)), "uint8", ("byte",))
+    arr = _create(group, "tokenizer_json", (max(1, len(blob)),), max(1, len(blob)))
     if len(blob):
         arr[:] = blob
     attrs = {"lens": adapter.unembed is not None, "norm_type": "none"}
     if adapter.unembed is not None:
         w = adapter.unembed.weight.detach().float().cpu().numpy()  # (vocab, d_model)
         rows = max(1, (8 * 2**20) // (w.shape[1] * 4))
-        create_array(group, "unembed", w.shape, rows, "float32", ("vocab", "d_model"))[:] = w
+        _create(group, "unembed", w.shape, rows)[:] = w
         bias = getattr(adapter.unembed, "bias", None)
         if isinstance(bias, torch.Tensor):
-            create_array(group, "unembed_bias", (V,), V, "float32", ("vocab",))[:] = bias.detach().float().cpu().numpy()
+            _create(group, "unembed_bias", (V,), V)[:] = bias.detach().float().cpu().numpy()
         spec = norm_spec(adapter.final_norm)
         d = adapter.d_model
-        create_array(group, "norm_weight", (d,), d, "float32", ("d_model",))[:] = spec["weight"].numpy()
+        _create(group, "norm_weight", (d,), d)[:] = spec["weight"].numpy()
         if spec["bias"] is not None:
-            create_array(group, "norm_bias", (d,), d, "float32", ("d_model",))[:] = spec["bias"].numpy()
+            _create(group, "norm_bias", (d,), d)[:] = spec["bias"].numpy()
         attrs.update(norm_type=spec["type"], norm_eps=spec["eps"], norm_weight_offset=spec["weight_offset"],
                      has_norm_bias=spec["bias"] is not None, has_unembed_bias=isinstance(bias, torch.Tensor))
     group.attrs.update(attrs)

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from ..progress import tqdm
 
-from ..version import __version__
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
-from ..models import find_adapter, load_model
-from ..schemas import META_PREFIX, SCHEMA_VERSION
 from ..formatting import human_bytes
+from ..models import find_adapter, load_model
 from ..options import defaults, keyword_signature
+from ..progress import tqdm
 from ..ranges import parse_ranges
+from ..schemas import META_PREFIX, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
+from ..version import __version__
 from .config import CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
 from .generate import generate_window, require_lm
@@ -79,7 +79,8 @@ class Plan:
                  + (f", {self.truncated} prompts truncated to --max-length" if self.truncated else ""),
                  f"token chunk {self.chunk_rows} rows, {len(self.shards)} shards, "
                  f"{self.n_rows - self.n_tokens} padding rows"
-                 + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""), f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
+                 + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""),
+                 f"{'array':<14}{'shape':<28}{'bytes':>14}{'chunks':>9}"]
         counts = self.chunk_counts()
         for name, nbytes in self.bytes_per_array().items():
             lines.append(f"{name:<14}{str(self.shapes[name]):<28}{human_bytes(nbytes):>14}{counts[name]:>9}")
@@ -116,9 +117,9 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     layers = parse_ranges(cfg.layers, L, "layers") or list(range(L))
     depths = list(range(L + 1)) if len(layers) == L else sorted({0} | {l + 1 for l in layers})
     n_tokens, max_len = int(lengths.sum()), int(lengths.max())
-    widths = {"token_id": (), "position": (), "prompt_index": (), "is_generated": (), "token_str": ()}
-    dtypes = {"token_id": "int32", "position": "int32", "prompt_index": "int32", "is_generated": "bool",
-              "token_str": "str"}
+    table = [v for v in TOKEN_TABLE if v.name != "token_type_ids"]  # written by every capture
+    widths = {v.name: () for v in table}
+    dtypes = {v.name: v.dtype for v in table}
     if "hidden" in cfg.capture:
         widths["hidden"] = (len(depths), adapter.d_model)
     if "attention" in cfg.capture:
@@ -128,7 +129,7 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     if "qk" in cfg.capture:
         widths["queries"] = widths["keys"] = (len(layers), adapter.n_heads, adapter.d_head)
     if adapter.family == "bert":
-        widths["token_type_ids"], dtypes["token_type_ids"] = (), "int8"
+        widths["token_type_ids"], dtypes["token_type_ids"] = (), VARIABLES["token_type_ids"].dtype
     for name in ACTS:
         if name in widths:
             dtypes[name] = cfg.dtype
@@ -170,7 +171,8 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
     if dtype == "float16":
         half = t.to(torch.float16)
         if torch.isinf(half).any() and torch.isfinite(t).all():
-            raise OverflowError16(f"a '{name}' value exceeds the float16 range (|x| > 65504); capture with --dtype float32")
+            raise OverflowError16(f"a '{name}' value exceeds the float16 range (|x| > 65504); "
+                                  "capture with --dtype float32")
         return half
     return t.to(torch.float32)
 
@@ -256,6 +258,7 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     root.attrs.update({"complete": bool(completed(root).all()),
                        "timing": {"seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
                                   "workers": workers or (scheduler and "cluster") or "in-process"}})
+    consolidate(out)  # last: `xr.open_zarr(out)` then opens in one read, without a warning
     return out
 
 
@@ -295,33 +298,32 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
 
     labels = labels or {}
     root = zarr.open_group(out, mode="w")
-    root.attrs.update({
-        "schema_version": SCHEMA_VERSION,
-        "stratascope_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "complete": False,
+    root.attrs.update(RootAttrs(
+        stratascope_version=__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(),
+        complete=False,
         # every chunk of every capture array is written and ends with a checksum (capture/writer.py):
-        # readers can then tell damage from data (store.py, stratascope verify)
-        "integrity": {"checksum": "crc32c", "every_chunk_written": True},
-        "model": {"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
+        # readers can then tell damage from data (checked_store.py, stratascope verify)
+        integrity={"checksum": "crc32c", "every_chunk_written": True},
+        model={"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
                   "attn_implementation": loaded.model.config._attn_implementation},
-        "capture": {**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
+        capture={**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
                     **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {})},
-        "corpus": {"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
+        corpus={"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
                    "token_labels": list(labels)},
-        "generation": cfg.generation.to_attrs() if cfg.generate else None,
-        "gradients": cfg.gradients.to_attrs() if cfg.gradients else None,
-        "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "zarr": zarr.__version__,
-                     "xarray": xarray.__version__, "numpy": np.__version__},
-    })
+        generation=cfg.generation.to_attrs() if cfg.generate else None,
+        gradients=cfg.gradients.to_attrs() if cfg.gradients else None,
+        software={"python": platform.python_version(), "torch": torch.__version__,
+                  "transformers": transformers.__version__, "zarr": zarr.__version__,
+                  "xarray": xarray.__version__, "numpy": np.__version__},
+    ).to_dict())
     P = plan.n_prompts
     create_array(root, "prompt_text", (P,), P, "str")[:] = np.array(data.texts, dtype=object)
     create_array(root, "token_offset", (P,), P, "int64")[:] = plan.offsets
@@ -329,7 +331,10 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     for col in [c for c in data.metadata.columns if str(c) not in labels]:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
-    for name, coords in (("depth", plan.depths), ("layer", plan.layers)):
+    index = [("depth", plan.depths), ("layer", plan.layers)]
+    if any("head" in VARIABLES[n].dims for n in plan.shapes if n in VARIABLES):
+        index.append(("head", list(range(adapter.n_heads))))
+    for name, coords in index:
         create_array(root, name, (len(coords),), len(coords), "int32", (name,))[:] = np.array(coords, dtype=np.int32)
     for name, shape in plan.shapes.items():
         create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows)

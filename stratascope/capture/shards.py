@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
+from ..schemas import VARIABLES
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -45,8 +47,9 @@ def plan_shards(lengths: np.ndarray, unit: int, target_rows: int) -> tuple[list[
 
 def create_records(root: zarr.Group, n_shards: int) -> None:
     """One completion flag per shard, each in its own chunk so writers never share one."""
-    root.create_array("shard_complete", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False,
-                      dimension_names=("shard",))
+    spec = VARIABLES["shard_complete"]
+    root.create_array(spec.name, shape=(n_shards,), chunks=(1,), dtype=spec.dtype, fill_value=False,
+                      dimension_names=spec.dims, attributes=spec.attrs())
 
 
 def completed(root: zarr.Group) -> np.ndarray:

@@ -11,7 +11,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ..errors import ConfigError, StoreExistsError, StoreNotFoundError
-from ..schemas import VARIABLES
+from ..schemas import VariableSpec, root_spec
 
 CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
 # lz4 with byte shuffle: fast enough that compression keeps pace with the model on two cores.
@@ -35,7 +35,7 @@ def is_store(path: str | Path) -> bool:
     """True if `path` (a directory or fsspec URL) holds a Zarr group written by stratascope."""
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception:  # noqa: BLE001 - anything unreadable is not one of ours
+    except Exception:  # anything unreadable is not one of ours
         return False
     return "schema_version" in group.attrs
 
@@ -73,15 +73,19 @@ def token_chunk_rows(row_bytes: list[int], n_rows: int) -> int:
 
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
-                 dims: tuple[str, ...] | None = None, shard_rows: int | None = None) -> zarr.Array:
-    """Create one array; with shard_rows, Zarr's sharding codec packs that many rows of chunks
-    into one stored object (so a big run is not millions of small files)."""
-    dims = dims or VARIABLES[name].dims
+                 dims: tuple[str, ...] | None = None, shard_rows: int | None = None,
+                 spec: VariableSpec | None = None) -> zarr.Array:
+    """Create one array, its dims and long_name/description attrs from its spec (`spec`, else the
+    root array of that name); with shard_rows, Zarr's sharding codec packs that many rows of
+    chunks into one stored object (so a big run is not millions of small files)."""
+    spec = spec or root_spec(name)
+    dims = dims or spec.dims
+    attrs = {"attributes": spec.attrs(name)} if spec is not None else {}
     chunks = (min(chunk_rows, shape[0]),) + tuple(shape[1:])
     shards = {"shards": (shard_rows,) + tuple(shape[1:])} if shard_rows else {}
     if dtype == "str":
         return group.create_array(name, shape=shape, chunks=chunks, dtype=str, dimension_names=dims,
-                                  compressors=[ZstdCodec(), CHECKSUM], config=DENSE, **shards)
+                                  compressors=[ZstdCodec(), CHECKSUM], config=DENSE, **shards, **attrs)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
     if len(shape) > 1 and row_bytes > CHUNK_BYTES and not shard_rows:  # a very wide row: split its second axis
         per_item = row_bytes // shape[1]
@@ -89,7 +93,7 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_row
     fill = False if dtype == "bool" else 0
     codecs = [FLOAT_CODEC if np.dtype(dtype).kind == "f" else ZstdCodec(), CHECKSUM]
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
-                              compressors=codecs, fill_value=fill, config=DENSE, **shards)
+                              compressors=codecs, fill_value=fill, config=DENSE, **shards, **attrs)
 
 
 class ShardWriter:
@@ -139,5 +143,5 @@ class ShardWriter:
             if self._error is None:
                 try:
                     write_shard(self.root, *item)
-                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                except BaseException as e:  # handed to the caller's thread
                     self._error = e

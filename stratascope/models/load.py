@@ -162,7 +162,8 @@ def load_model(name: str, device: str = "cpu", attn: str = "sdpa") -> LoadedMode
             model, tokenizer = _load_dir(Path(name), attn)
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(f"--model {name} is a directory but not a Hugging Face model that loads here "
-                                     f"(it needs config.json, weights and a tokenizer): {str(e).splitlines()[0]}") from e
+                                     "(it needs config.json, weights and a tokenizer): "
+                                     f"{str(e).splitlines()[0]}") from e
         source = str(Path(name).resolve())
     else:
         model, tokenizer = _load_hub(name, attn)

@@ -1,21 +1,56 @@
-"""The store contract: names, dims, dtypes, version and validation. Imports no other subpackage."""
+"""The store contract: names, dims, dtypes, attrs, conventions, version and validation.
 
+Imports no other stratascope subpackage (errors.py aside).
+"""
+
+from .attrs import CORPUS_KEYS, MODEL_KEYS, RootAttrs
+from .conventions import consolidate, describe, token_coords, upgrade_store
+from .groups import (
+    ANALYSIS,
+    BIAS,
+    BIAS_CORRELATION,
+    GROUPS,
+    HEADS,
+    LENS,
+    NMF,
+    NMF_TRANSFORM,
+    PROBE,
+    READOUT,
+    READOUT_ATTRS,
+    GroupSpec,
+    analysis_spec,
+    group_path,
+)
 from .spec import (
     ACTIVATIONS,
+    ATTRIBUTION_METHODS,
+    ATTRIBUTION_PREFIX,
     CAPTURE_NAMES,
+    CORPUS_COLUMNS,
     DIMS,
+    GRADIENTS,
+    INDEX_COORDS,
     LABEL_PREFIX,
     META_PREFIX,
     PROMPT_TABLE,
+    RECORDS,
     REQUIRED_ATTRS,
+    ROOT_PATTERNS,
     SCHEMA_VERSION,
+    TOKEN_COORDS,
     TOKEN_TABLE,
     VARIABLES,
     VariableSpec,
+    root_spec,
 )
-from .validate import parse_schema_version, validate_root
+from .validate import check_group, dtype_matches, parse_schema_version, validate_root
 
 __all__ = [
-    "ACTIVATIONS", "CAPTURE_NAMES", "DIMS", "LABEL_PREFIX", "META_PREFIX", "PROMPT_TABLE", "REQUIRED_ATTRS",
-    "SCHEMA_VERSION", "TOKEN_TABLE", "VARIABLES", "VariableSpec", "parse_schema_version", "validate_root",
+    "ACTIVATIONS", "ANALYSIS", "ATTRIBUTION_METHODS", "ATTRIBUTION_PREFIX", "BIAS", "BIAS_CORRELATION",
+    "CAPTURE_NAMES", "CORPUS_COLUMNS", "CORPUS_KEYS", "DIMS", "GRADIENTS", "GROUPS", "HEADS", "INDEX_COORDS",
+    "LABEL_PREFIX", "LENS", "META_PREFIX", "MODEL_KEYS", "NMF", "NMF_TRANSFORM", "PROBE", "PROMPT_TABLE", "READOUT",
+    "READOUT_ATTRS", "RECORDS", "REQUIRED_ATTRS", "ROOT_PATTERNS", "SCHEMA_VERSION", "TOKEN_COORDS", "TOKEN_TABLE",
+    "VARIABLES", "GroupSpec", "RootAttrs", "VariableSpec", "analysis_spec", "check_group", "consolidate",
+    "describe", "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords", "upgrade_store",
+    "validate_root",
 ]

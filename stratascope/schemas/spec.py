@@ -1,4 +1,8 @@
-"""Store schema v1: dimensions, arrays and their dims/dtypes. The prose lives in docs/store-format.md."""
+"""Store schema v1, root group: dimensions, arrays, coordinates and their dims/dtypes.
+
+The prose lives in docs/store-format.md (tests/test_schema_doc.py keeps the two in step).
+readout/ and analysis/<job> are in schemas/groups.py, the root attrs in schemas/attrs.py.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ SCHEMA_VERSION = 1
 
 DIMS = ("prompt", "token", "depth", "layer", "head", "key", "d_model", "neuron", "d_head", "vocab")
 
+CAPTURE_DTYPE = None  # a VariableSpec dtype: the capture's activation dtype (float16 or float32)
+
 
 @dataclass(frozen=True)
 class VariableSpec:
-    """One array of the capture: its dims, dtype and the --capture name that produces it.
+    """One array: its dims, dtype, the --capture name that produces it and what it means.
 
-    dtype None means the capture's activation dtype (float16 or float32).
-    capture None means the array is always written.
+    dtype None means the capture's activation dtype (float16 or float32); several allowed
+    dtypes are written "int64|float64". capture None means the array is always written.
+    long_name is the short label xarray puts on plot axes; description the full meaning.
     """
 
     name: str
@@ -22,55 +29,93 @@ class VariableSpec:
     dtype: str | None
     capture: str | None
     description: str
+    long_name: str = ""
+
+    @property
+    def dtypes(self) -> tuple[str, ...] | None:
+        return None if self.dtype is None else tuple(self.dtype.split("|"))
+
+    @property
+    def is_pattern(self) -> bool:
+        """A family of arrays such as meta_<column>: the name holds a <placeholder>."""
+        return "<" in self.name
+
+    def matches(self, name: str) -> bool:
+        if not self.is_pattern:
+            return name == self.name
+        prefix, _, rest = self.name.partition("<")
+        suffix = rest.partition(">")[2]
+        return name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix)
+
+    def attrs(self, name: str | None = None) -> dict[str, str]:
+        """The array attrs the store carries for it (CF/xarray conventions); an array of a pattern
+        such as meta_<column> is labelled with its own column name."""
+        if self.is_pattern and name:
+            prefix, _, rest = self.name.partition("<")
+            suffix = rest.partition(">")[2]
+            return {"long_name": name[len(prefix):len(name) - len(suffix)], "description": self.description}
+        return {"long_name": self.long_name or self.name.replace("_", " "), "description": self.description}
+
+
+def _v(name, dims, dtype, capture, long_name, description) -> VariableSpec:
+    return VariableSpec(name, tuple(dims), dtype, capture, description, long_name)
 
 
 TOKEN_TABLE = (
-    VariableSpec("token_id", ("token",), "int32", None, "vocabulary id; -1 on masked padding rows"),
-    VariableSpec("position", ("token",), "int32", None, "position within its sequence"),
-    VariableSpec("prompt_index", ("token",), "int32", None, "the prompt the row belongs to; -1 on masked rows"),
-    VariableSpec("is_generated", ("token",), "bool", None, "true for tokens the model generated"),
-    VariableSpec("token_str", ("token",), "str", None, "decoded token text, for display"),
-    VariableSpec("token_type_ids", ("token",), "int8", None,
-                 "BERT-family models only: segment of the token (0 = sentence A, 1 = sentence B of a text_pair)"),
+    _v("token_id", ("token",), "int32", None, "token id", "vocabulary id; -1 on masked padding rows"),
+    _v("position", ("token",), "int32", None, "position", "position within its sequence"),
+    _v("prompt_index", ("token",), "int32", None, "prompt", "the prompt the row belongs to; -1 on masked rows"),
+    _v("is_generated", ("token",), "bool", None, "generated", "true for tokens the model generated"),
+    _v("token_str", ("token",), "str", None, "token", "decoded token text, for display"),
+    _v("token_type_ids", ("token",), "int8", None, "segment",
+       "BERT-family models only: segment of the token (0 = sentence A, 1 = sentence B of a text_pair)"),
 )
 
+# The token table rides along every token-dim array as non-dimension coordinates of `token`:
+# the root group's "coordinates" attribute lists them (the CF convention xarray decodes).
+TOKEN_COORDS = tuple(v.name for v in TOKEN_TABLE)
+
 PROMPT_TABLE = (
-    VariableSpec("prompt_text", ("prompt",), "str", None, "the prompt as it appeared in the corpus"),
-    VariableSpec("token_offset", ("prompt",), "int64", None, "first row of the prompt in the token dimension"),
-    VariableSpec("n_tokens", ("prompt",), "int32", None, "number of rows (prompt + generated tokens)"),
+    _v("prompt_text", ("prompt",), "str", None, "prompt text", "the prompt as it appeared in the corpus"),
+    _v("token_offset", ("prompt",), "int64", None, "first row", "first row of the prompt in the token dimension"),
+    _v("n_tokens", ("prompt",), "int32", None, "tokens", "number of rows (prompt + generated tokens)"),
+)
+
+# Index coordinates of the root group (dimension coordinates in xarray's terms).
+INDEX_COORDS = (
+    _v("depth", ("depth",), "int32", None, "depth",
+       "captured depths: 0 = embedding output, i = output of block i-1, before the final norm"),
+    _v("layer", ("layer",), "int32", None, "layer", "captured blocks (--layers)"),
+    _v("head", ("head",), "int32", None, "head", "attention head number (written with attention or qk)"),
 )
 
 ACTIVATIONS = (
-    VariableSpec("hidden", ("token", "depth", "d_model"), None, "hidden",
-                 "residual stream before the final norm; depth 0 = embeddings, depth i = output of block i-1"),
-    VariableSpec("attention", ("token", "layer", "head", "key"), None, "attention",
-                 "attention weights of this query token over the positions of its sequence"),
-    VariableSpec("mlp", ("token", "layer", "neuron"), None, "mlp",
-                 "MLP neuron activations: the input of the MLP output projection"),
-    VariableSpec("queries", ("token", "layer", "head", "d_head"), None, "qk",
-                 "per-head queries as the attention scores use them (after rotary embeddings, if any)"),
-    VariableSpec("keys", ("token", "layer", "head", "d_head"), None, "qk",
-                 "per-head keys as the scores use them (after rotary; repeated to every query head under GQA)"),
+    _v("hidden", ("token", "depth", "d_model"), None, "hidden", "residual stream",
+       "residual stream before the final norm; depth 0 = embeddings, depth i = output of block i-1"),
+    _v("attention", ("token", "layer", "head", "key"), None, "attention", "attention weight",
+       "attention weights of this query token over the positions of its sequence"),
+    _v("mlp", ("token", "layer", "neuron"), None, "mlp", "MLP activation",
+       "MLP neuron activations: the input of the MLP output projection"),
+    _v("queries", ("token", "layer", "head", "d_head"), None, "qk", "query",
+       "per-head queries as the attention scores use them (after rotary embeddings, if any)"),
+    _v("keys", ("token", "layer", "head", "d_head"), None, "qk", "key",
+       "per-head keys as the scores use them (after rotary; repeated to every query head under GQA)"),
 )
 
 # Gradients (float32 whatever --dtype says). Attribution row r: the prediction made at position r
 # of token r+1, over keys 0..r; rows that are not targets are NaN. See capture/gradients.py.
+ATTRIBUTION_PREFIX = "attribution_"
+ATTRIBUTION_METHODS = ("grad_x_input", "integrated_gradients", "gradient_norm")
 GRADIENTS = tuple(
-    VariableSpec(f"attribution_{m}", ("token", "key"), "float32", "attribution",
-                 f"{m} attribution of the log-probability of the next token over input positions")
-    for m in ("grad_x_input", "integrated_gradients", "gradient_norm")
+    _v(f"{ATTRIBUTION_PREFIX}{m}", ("token", "key"), "float32", "attribution", f"{m.replace('_', ' ')} attribution",
+       f"{m} attribution of the log-probability of the next token over input positions")
+    for m in ATTRIBUTION_METHODS
 ) + (
-    VariableSpec("attribution_integrated_gradients_delta", ("token",), "float32", "attribution",
-                 "integrated gradients completeness gap: sum of attributions - (score(input) - score(baseline))"),
-    VariableSpec("grad_hidden", ("token", "depth", "d_model"), "float32", "grad",
-                 "gradient of the sequence's summed next-token log-likelihood w.r.t. hidden"),
+    _v(f"{ATTRIBUTION_PREFIX}integrated_gradients_delta", ("token",), "float32", "attribution", "IG completeness gap",
+       "integrated gradients completeness gap: sum of attributions - (score(input) - score(baseline))"),
+    _v("grad_hidden", ("token", "depth", "d_model"), "float32", "grad", "gradient of hidden",
+       "gradient of the sequence's summed next-token log-likelihood w.r.t. hidden"),
 )
-
-VARIABLES = {v.name: v for v in TOKEN_TABLE + PROMPT_TABLE + ACTIVATIONS + GRADIENTS}
-
-# --capture names -> the arrays each produces.
-CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS}
-CAPTURE_NAMES.update({"attribution": "attribution_<method>", "grad": "grad_hidden"})
 
 # Prompt metadata columns from the corpus are stored as meta_<column> with dims (prompt,).
 META_PREFIX = "meta_"
@@ -79,5 +124,31 @@ META_PREFIX = "meta_"
 # stored as label_<field> with dims (token,): text ("" = unlabelled) or float64 (NaN = unlabelled).
 LABEL_PREFIX = "label_"
 
-# Root attrs every store carries.
+CORPUS_COLUMNS = (
+    _v(META_PREFIX + "<column>", ("prompt",), "int64|float64|bool|str", None, "metadata",
+       "a non-text corpus column, one value per prompt"),
+    _v(LABEL_PREFIX + "<name>", ("token",), "float64|str", None, "token label",
+       "a JSONL list field: one label per word or token; NaN / '' on generated and padding rows"),
+)
+
+RECORDS = (
+    _v("shard_complete", ("shard",), "bool", None, "shard complete",
+       "one flag per shard, each in its own chunk; true only after all the shard's rows were written"),
+)
+
+VARIABLES = {v.name: v for v in TOKEN_TABLE + PROMPT_TABLE + INDEX_COORDS + ACTIVATIONS + GRADIENTS + RECORDS}
+ROOT_PATTERNS = CORPUS_COLUMNS
+
+# --capture names -> the arrays each produces.
+CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS}
+CAPTURE_NAMES.update({"attribution": ATTRIBUTION_PREFIX + "<method>", "grad": "grad_hidden"})
+
+# Root attrs every store carries (the RootAttrs dataclass in schemas/attrs.py has them all).
 REQUIRED_ATTRS = ("schema_version", "model", "capture", "corpus", "software", "created", "complete")
+
+
+def root_spec(name: str) -> VariableSpec | None:
+    """The spec of a root array by name (meta_<column> and label_<name> included), or None."""
+    if name in VARIABLES:
+        return VARIABLES[name]
+    return next((p for p in ROOT_PATTERNS if p.matches(name)), None)

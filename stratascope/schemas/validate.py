@@ -1,11 +1,14 @@
-"""Checks a store's root attrs and arrays against schema v1 before anything reads it."""
+"""Checks a store's root attrs and arrays, and analysis results, against schema v1."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from ..errors import SchemaError, SchemaVersionError
-from .spec import LABEL_PREFIX, META_PREFIX, REQUIRED_ATTRS, SCHEMA_VERSION, VARIABLES
+from .groups import GroupSpec
+from .spec import LABEL_PREFIX, META_PREFIX, SCHEMA_VERSION, VariableSpec, root_spec
 
 
 def parse_schema_version(attrs: Mapping, where: str) -> int:
@@ -24,20 +27,42 @@ def parse_schema_version(attrs: Mapping, where: str) -> int:
     return version
 
 
+def dtype_matches(spec: VariableSpec, dtype) -> bool:
+    """Whether a numpy dtype is one the spec allows ('str' covers object, unicode and StringDType)."""
+    allowed = spec.dtypes or ("float16", "float32")
+    dt = np.dtype(dtype)
+    if dt.kind in "OUT":
+        return "str" in allowed
+    return dt.name in allowed
+
+
 def validate_root(attrs: Mapping, arrays: Mapping[str, tuple[tuple[str, ...], str]], where: str) -> None:
     """Validate root attrs and each array's dims. `arrays` maps name -> (dims, dtype str)."""
-    parse_schema_version(attrs, where)
-    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
-    if missing:
-        raise SchemaError(f"{where} lacks the root attributes {', '.join(missing)}; capture it again")
+    from .attrs import RootAttrs
+
+    RootAttrs.from_dict(attrs, where)
     for name in ("token_id", "position", "prompt_index", "is_generated", "prompt_text", "token_offset", "n_tokens"):
         if name not in arrays:
             raise SchemaError(f"{where} has no '{name}' array; it is not a complete stratascope store")
     for name, (dims, _dtype) in arrays.items():
-        spec = VARIABLES.get(name)
+        spec = root_spec(name)
         if spec is not None and tuple(dims) != spec.dims:
-            raise SchemaError(f"{where}: array '{name}' has dims {tuple(dims)}, schema v1 says {spec.dims}")
-        if name.startswith(META_PREFIX) and tuple(dims) != ("prompt",):
-            raise SchemaError(f"{where}: metadata array '{name}' has dims {tuple(dims)}, expected ('prompt',)")
-        if name.startswith(LABEL_PREFIX) and tuple(dims) != ("token",):
-            raise SchemaError(f"{where}: token label array '{name}' has dims {tuple(dims)}, expected ('token',)")
+            kind = ("metadata array" if name.startswith(META_PREFIX) else
+                    "token label array" if name.startswith(LABEL_PREFIX) else "array")
+            raise SchemaError(f"{where}: {kind} '{name}' has dims {tuple(dims)}, schema v1 says {spec.dims}")
+
+
+def check_group(spec: GroupSpec, arrays: Mapping[str, tuple[tuple[str, ...], object]], where: str) -> None:
+    """Every array of a group (name -> (dims, dtype)) must be in its spec with those dims and a dtype
+    the spec allows: the check that keeps a job's output and schemas/groups.py the same."""
+    for name, (dims, dtype) in arrays.items():
+        var = spec.get(name)
+        if var is None:
+            raise SchemaError(f"{where}: array '{name}' is not in the schema of {spec.path}; "
+                              "add it to stratascope/schemas/groups.py and docs/store-format.md")
+        if tuple(dims) != var.dims:
+            raise SchemaError(f"{where}: array '{name}' has dims {tuple(dims)}, the schema of {spec.path} says "
+                              f"{var.dims}")
+        if not dtype_matches(var, dtype):
+            raise SchemaError(f"{where}: array '{name}' has dtype {np.dtype(dtype)}, the schema of {spec.path} "
+                              f"says {var.dtype}")

@@ -112,10 +112,10 @@ def make_handler(app: ViewerApp, quiet: bool = True) -> type[BaseHTTPRequestHand
         server_version = "stratascope"
         sys_version = ""
 
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):  # http.server's name
             try:
                 status, kind, body = app.respond(self.path)
-            except Exception as e:  # noqa: BLE001 - a bug must not leak a traceback to the browser
+            except Exception as e:  # a bug must not leak a traceback to the browser
                 print(f"stratascope view: error on {self.path[:200]}: {type(e).__name__}: {e}", file=sys.stderr)
                 status, kind, body = _error(500, "internal error; see the server's terminal")
             self.send_response(status)
@@ -128,10 +128,10 @@ def make_handler(app: ViewerApp, quiet: bool = True) -> type[BaseHTTPRequestHand
             self.end_headers()
             self.wfile.write(body)
 
-        def do_HEAD(self):  # noqa: N802
+        def do_HEAD(self):
             self.send_error(405)
 
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             body = _error(405, "the viewer only answers GET")[2]
             self.send_response(405)
             self.send_header("Content-Type", "application/json")
@@ -152,7 +152,7 @@ def make_handler(app: ViewerApp, quiet: bool = True) -> type[BaseHTTPRequestHand
             except OSError:
                 pass
 
-        def log_message(self, format, *args):  # noqa: A002 - http.server's signature
+        def log_message(self, format, *args):  # http.server's signature
             if not quiet:
                 super().log_message(format, *args)
 

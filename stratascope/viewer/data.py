@@ -10,8 +10,19 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import MissingArrayError, OutOfRangeError
 from ..analyze.results import jobs, latest_result, require_result, result_groups
+from ..errors import MissingArrayError, OutOfRangeError
+from ..schemas import (
+    ATTRIBUTION_PREFIX,
+    BIAS,
+    BIAS_CORRELATION,
+    HEADS,
+    LENS,
+    META_PREFIX,
+    NMF,
+    PROBE,
+    VARIABLES,
+)
 from ..store import open_dataset
 from .render import token_label
 
@@ -19,25 +30,25 @@ from .render import token_label
 # query survive and a long prompt's payload grows linearly, not quadratically, with its length.
 MIN_WEIGHT = 0.01
 
-# --- Schema names of other jobs' results, read here (adjust these when those jobs land) -------
-LENS_JOB = "lens"
-LENS_TOPK_IDS = "topk_ids"          # (token, depth, k) int: top-k vocabulary ids of the lens
-LENS_TOPK_PROBS = "topk_probs"      # (token, depth, k) float: their probabilities
-LENS_TARGET_RANK = "target_rank"    # (token, depth) int: rank of the next token (1 = top); -1 on a last position
-LENS_WATCH_RANK = "watch_rank"      # (token, depth, watch) int: ranks of the watched tokens (1 = top)
-LENS_WATCH_COORD = "watch"          # coordinate of the watch dim holding the watched words
-LENS_RANK_BASE = 1                  # the lens job stores 1-based ranks (1 + entries with a larger logit)
+# --- The names read here, from the schema (schemas/groups.py; a rename there fails at import) -----
+# Results live at analysis/<job>/<name>; the views show each job's newest result.
+LENS_JOB = LENS.job
+LENS_TOPK_IDS = LENS["topk_ids"].name          # (token, depth, k) int: top-k vocabulary ids of the lens
+LENS_TOPK_PROBS = LENS["topk_probs"].name      # (token, depth, k) float: their probabilities
+LENS_TARGET_RANK = LENS["target_rank"].name    # (token, depth) int: rank of the next token; -1 on a last position
+LENS_WATCH_RANK = LENS["watch_rank"].name      # (token, depth, watch) int: ranks of the watched tokens
+LENS_WATCH_COORD = LENS["watch"].name          # coordinate of the watch dim holding the watched words
+LENS_RANK_BASE = 1                             # the lens job stores 1-based ranks (1 + entries with a larger logit)
 # root arrays attribution_<method> (token, key): row r = attribution of the prediction made at position r
 # (of token r+1) over keys 0..r, L2 norms (>= 0); rows that are not targets are NaN.
-ATTRIBUTION_PREFIX = "attribution_"
-TOKEN_TYPE_IDS = "token_type_ids"   # optional (token,) array: sentence A/B of an encoder input
-HEADS_JOB = "heads"                 # analysis/heads/<name> (layer, head): entropy, entropy_norm, first_token, previous_token, self, label
-HEADS_SCORES = ("first_token", "previous_token", "self", "entropy_norm", "entropy")
-NMF_JOB = "nmf"                     # analysis/nmf/<name> token_factor (token, factor) float32 >= 0; factor coordinate
-NMF_WEIGHTS = "token_factor"
-BIAS_JOB = "bias"                   # analysis/bias/<name> (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
-BIAS_CORRELATION_JOB = "bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
-PROBE_PREFIX = "probe_"             # analysis/probe_<label>: (depth, fold) accuracy or r2, control_*, majority
+TOKEN_TYPE_IDS = VARIABLES["token_type_ids"].name  # optional (token,) array: sentence A/B of an encoder input
+HEADS_JOB = HEADS.job
+HEADS_SCORES = tuple(HEADS[n].name for n in ("first_token", "previous_token", "self", "entropy_norm", "entropy"))
+NMF_JOB = NMF.job
+NMF_WEIGHTS = NMF["token_factor"].name         # (token, factor) float32 >= 0
+BIAS_JOB = BIAS.job                            # (prompt, depth, pair) log_ratio; occupation (prompt)
+BIAS_CORRELATION_JOB = BIAS_CORRELATION.job    # (pair, depth) pearson_r/_p, spearman_rho/_p, n
+PROBE_PREFIX = PROBE.prefix                    # analysis/probe_<label>/<name>
 # ------------------------------------------------------------------------------------------------
 
 
@@ -314,8 +325,8 @@ def _bias_statistic(run, ds, corr, occupations: list[str]) -> tuple[str | None, 
     name = str(corr.attrs["statistic"])
     if "statistic_value" in corr:
         stat = dict(zip((str(o) for o in corr["occupation"].values), corr["statistic_value"].values.astype(float)))
-    elif "meta_" + name in run.ds and run.ds["meta_" + name].dtype.kind in "biuf":
-        values = run.ds["meta_" + name].isel(prompt=ds["prompt"].values).values.astype(np.float64)
+    elif META_PREFIX + name in run.ds and run.ds[META_PREFIX + name].dtype.kind in "biuf":
+        values = run.ds[META_PREFIX + name].isel(prompt=ds["prompt"].values).values.astype(np.float64)
         occ = _strings(ds["occupation"].values)
         stat = {o: float(np.nanmean(values[occ == o])) if np.isfinite(values[occ == o]).any() else np.nan
                 for o in occupations}

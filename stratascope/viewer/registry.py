@@ -42,7 +42,9 @@ def _needs_lens(name: str) -> Callable[[object], str | None]:
 
 
 def _needs_qk(run) -> str | None:
-    return None if "queries" in run.ds and "keys" in run.ds else "this run has no queries/keys; capture with --capture qk"
+    if "queries" in run.ds and "keys" in run.ds:
+        return None
+    return "this run has no queries/keys; capture with --capture qk"
 
 
 def _needs_result(job: str, how: str) -> Callable[[object], str | None]:

@@ -59,7 +59,8 @@ def header(meta: dict) -> str:
     m = meta["model"]
     facts = (f"{m['name']} · {m['n_layers']} layers · {m['n_heads']} heads · "
              f"{meta['n_prompts']} prompts · {meta['n_tokens']} tokens")
-    note = f'<p class="ss-note" id="ss-included">{escape(meta["included_note"])}</p>' if meta.get("included_note") else ""
+    included = meta.get("included_note")
+    note = f'<p class="ss-note" id="ss-included">{escape(included)}</p>' if included else ""
     return (f'<header class="ss-header"><h1>stratascope <span class="ss-store">{escape(meta["store"])}</span></h1>'
             f'<p class="ss-facts">{escape(facts)}</p>{note}</header>')
 
@@ -68,7 +69,8 @@ def page(title: str, meta: dict, head_extra: str, scripts: str, data: dict | Non
     """A whole viewer page: header, an empty root the scripts fill, meta (and report data) as JSON."""
     payload = json_script("ss-meta", meta) + (json_script("ss-data", data) if data is not None else "")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><link rel=\"icon\" href=\"data:,\"><title>{escape(title)}</title>"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<link rel=\"icon\" href=\"data:,\"><title>{escape(title)}</title>"
             f"{head_extra}</head><body>{header(meta)}<main id=\"ss-root\"></main>{payload}{scripts}</body></html>\n")
 
 

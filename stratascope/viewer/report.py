@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..progress import tqdm
-
 from ..errors import ConfigError, OutOfRangeError
+from ..progress import tqdm
 from ..ranges import format_ranges
 from . import data, registry, render
 from .registry import VIEWS, spread, view_params

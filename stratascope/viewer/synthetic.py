@@ -1,7 +1,7 @@
 """Synthetic data for the viewer's tests and benchmarks, written straight into a store.
 
-The lens and attribution writers use the schema names data.py reads (LENS_*, ATTRIBUTION_PREFIX):
-they stand in for the lens and attribution jobs until those land, so only names may need adjusting.
+The lens and attribution writers lay their arrays out as the schema says (schemas.LENS, the
+root attribution_<method> spec), so they stand in for the lens job and attribution capture.
 `write_large_store` writes a whole capture-shaped store cheaply (attention is written for the first
 rows only; the rest reads as the fill value), to check that the app opens large stores at once.
 """
@@ -14,8 +14,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from ..schemas import SCHEMA_VERSION
-from . import data
+from ..schemas import ATTRIBUTION_PREFIX, LENS, VARIABLES, RootAttrs, consolidate, describe, root_spec
 
 
 def write_lens(path: str, token_id: np.ndarray, prompt_index: np.ndarray, depths: list[int], k: int,
@@ -32,22 +31,18 @@ def write_lens(path: str, token_id: np.ndarray, prompt_index: np.ndarray, depths
     ranks[last] = -1
     target_prob = rng.random((n_tokens, D)).astype(np.float32)
     target_prob[last] = np.nan
-    ds = xr.Dataset({
-        data.LENS_TOPK_IDS: (("token", "depth", "k"), ids.astype(np.int32)),
-        data.LENS_TOPK_PROBS: (("token", "depth", "k"), probs.astype(np.float32)),
-        data.LENS_TARGET_RANK: (("token", "depth"), ranks.astype(np.int32)),
-        "target_prob": (("token", "depth"), target_prob),
-        "entropy": (("token", "depth"), rng.random((n_tokens, D)).astype(np.float32)),
-        "kl_final": (("token", "depth"), rng.random((n_tokens, D)).astype(np.float32)),
-        data.LENS_WATCH_RANK: (("token", "depth", "watch"),
-                               rng.integers(1, vocab_size + 1, size=(n_tokens, D, W)).astype(np.int32)),
-        "watch_prob": (("token", "depth", "watch"), rng.random((n_tokens, D, W)).astype(np.float32)),
-        "target_id": (("token",), target),
-    }, coords={"depth": np.asarray(depths, dtype=np.int32), "k": np.arange(k, dtype=np.int32),
-               data.LENS_WATCH_COORD: np.asarray(watch, dtype=object),
-               "watch_id": ("watch", rng.choice(vocab_size, size=W, replace=False).astype(np.int32))})
-    ds.attrs.update({"job": "lens", "synthetic": True, "rank": "1-based", "params": {"synthetic": True}})
-    ds.to_zarr(path, group=f"analysis/{data.LENS_JOB}/synthetic", mode="w", zarr_format=3, consolidated=False)
+    values = {"topk_ids": ids, "topk_probs": probs, "target_rank": ranks, "target_prob": target_prob,
+              "entropy": rng.random((n_tokens, D)), "kl_final": rng.random((n_tokens, D)),
+              "watch_rank": rng.integers(1, vocab_size + 1, size=(n_tokens, D, W)),
+              "watch_prob": rng.random((n_tokens, D, W)), "target_id": target,
+              "depth": np.asarray(depths), "k": np.arange(k), "watch": np.asarray(watch, dtype=object),
+              "watch_id": rng.choice(vocab_size, size=W, replace=False)}
+    typed = {n: (LENS[n].dims, v if LENS[n].dtype == "str" else v.astype(LENS[n].dtype)) for n, v in values.items()}
+    coords = [v.name for v in LENS.coords]
+    ds = xr.Dataset({n: v for n, v in typed.items() if n not in coords}, coords={n: typed[n] for n in coords})
+    ds.attrs.update({"job": LENS.job, "synthetic": True, "rank": "1-based", "params": {"synthetic": True}})
+    describe(LENS, ds).to_zarr(path, group=f"{LENS.path}/synthetic", mode="w", zarr_format=3, consolidated=False)
+    consolidate(path)
     return ds
 
 
@@ -59,19 +54,23 @@ def write_attribution(path: str, method: str, n_tokens: int, max_len: int, posit
     values = np.abs(rng.normal(size=(n_tokens, max_len))).astype(np.float32)
     values[np.arange(max_len)[None, :] > positions[:, None]] = 0
     values[~targets] = np.nan
-    group = zarr.open_group(path, mode="r+")
-    arr = group.create_array(data.ATTRIBUTION_PREFIX + method, shape=values.shape, chunks=values.shape,
-                             dtype="float32", dimension_names=("token", "key"), overwrite=True, fill_value=np.nan)
+    spec = VARIABLES[ATTRIBUTION_PREFIX + method]
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    arr = group.create_array(spec.name, shape=values.shape, chunks=values.shape, dtype=spec.dtype,
+                             dimension_names=spec.dims, overwrite=True, fill_value=np.nan, attributes=spec.attrs())
     arr[:] = values
+    consolidate(path)
     return values
 
 
 def write_token_column(path: str, name: str, values: np.ndarray) -> None:
     """A (token,) array at the root, e.g. token_type_ids for sentence A/B."""
-    group = zarr.open_group(path, mode="r+")
+    spec = root_spec(name)
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
     arr = group.create_array(name, shape=values.shape, chunks=values.shape, dtype=values.dtype,
-                             dimension_names=("token",), overwrite=True)
+                             dimension_names=("token",), overwrite=True, attributes=spec.attrs(name) if spec else {})
     arr[:] = values
+    consolidate(path)
 
 
 def write_large_store(path: str, n_tokens: int = 1_000_000, prompt_len: int = 64, n_layers: int = 2,
@@ -80,37 +79,39 @@ def write_large_store(path: str, n_tokens: int = 1_000_000, prompt_len: int = 64
     P = n_tokens // prompt_len
     n_tokens = P * prompt_len
     root = zarr.open_group(path, mode="w")
-    root.attrs.update({
-        "schema_version": SCHEMA_VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "complete": True, "synthetic": True,
-        "model": {"name": "synthetic-tiny", "family": "llama", "causal": True, "n_layers": n_layers,
-                  "n_heads": n_heads, "d_model": 8, "d_mlp": 16, "d_head": 4, "vocab_size": 256,
-                  "weights_sha256": "0" * 64, "class": "Synthetic"},
-        "capture": {"arrays": ["attention"], "dtype": "float32", "layers": list(range(n_layers)), "depths": []},
-        "corpus": {"sha256": "0" * 64, "n_prompts": P, "n_tokens": n_tokens, "max_len": prompt_len,
-                   "metadata_columns": []},
-        "software": {}})
+    root.attrs.update(RootAttrs(
+        created=datetime.datetime.now(datetime.UTC).isoformat(), complete=True,
+        model={"name": "synthetic-tiny", "family": "llama", "causal": True, "n_layers": n_layers,
+               "n_heads": n_heads, "d_model": 8, "d_mlp": 16, "d_head": 4, "vocab_size": 256,
+               "weights_sha256": "0" * 64, "class": "Synthetic"},
+        capture={"arrays": ["attention"], "dtype": "float32", "layers": list(range(n_layers)), "depths": []},
+        corpus={"sha256": "0" * 64, "n_prompts": P, "n_tokens": n_tokens, "max_len": prompt_len,
+                "metadata_columns": []},
+        software={}, extra={"synthetic": True}).to_dict())
 
-    def array(name, shape, dtype, dims, chunks=None):
-        kind = str if dtype == "str" else dtype
-        return root.create_array(name, shape=shape, dtype=kind, dimension_names=dims,
-                                 chunks=chunks or (min(chunk_rows, shape[0]),) + tuple(shape[1:]))
+    def array(name, shape, chunks=None):  # dtype, dims and attrs from the schema
+        spec = VARIABLES[name]
+        dtype = str if spec.dtype == "str" else (spec.dtype or "float32")
+        return root.create_array(name, shape=shape, dtype=dtype, dimension_names=spec.dims,
+                                 chunks=chunks or (min(chunk_rows, shape[0]),) + tuple(shape[1:]),
+                                 attributes=spec.attrs())
 
     positions = np.tile(np.arange(prompt_len, dtype=np.int32), P)
-    array("token_id", (n_tokens,), "int32", ("token",))[:] = positions % 256
-    array("position", (n_tokens,), "int32", ("token",))[:] = positions
-    array("prompt_index", (n_tokens,), "int32", ("token",))[:] = np.repeat(np.arange(P, dtype=np.int32), prompt_len)
-    array("is_generated", (n_tokens,), "bool", ("token",))[:] = False
+    array("token_id", (n_tokens,))[:] = positions % 256
+    array("position", (n_tokens,))[:] = positions
+    array("prompt_index", (n_tokens,))[:] = np.repeat(np.arange(P, dtype=np.int32), prompt_len)
+    array("is_generated", (n_tokens,))[:] = False
     words = np.array([f" w{i}" for i in range(256)], dtype=object)
-    array("token_str", (n_tokens,), "str", ("token",))[:] = words[positions % 256]
-    array("prompt_text", (P,), "str", ("prompt",))[:] = np.array([f"synthetic prompt {p}" for p in range(P)], dtype=object)
-    array("token_offset", (P,), "int64", ("prompt",))[:] = np.arange(P, dtype=np.int64) * prompt_len
-    array("n_tokens", (P,), "int32", ("prompt",))[:] = np.full(P, prompt_len, dtype=np.int32)
-    array("layer", (n_layers,), "int32", ("layer",))[:] = np.arange(n_layers, dtype=np.int32)
-    att = array("attention", (n_tokens, n_layers, n_heads, prompt_len), "float32", ("token", "layer", "head", "key"),
-                chunks=(4096, n_layers, n_heads, prompt_len))
+    array("token_str", (n_tokens,))[:] = words[positions % 256]
+    array("prompt_text", (P,))[:] = np.array([f"synthetic prompt {p}" for p in range(P)], dtype=object)
+    array("token_offset", (P,))[:] = np.arange(P, dtype=np.int64) * prompt_len
+    array("n_tokens", (P,))[:] = np.full(P, prompt_len, dtype=np.int32)
+    array("layer", (n_layers,))[:] = np.arange(n_layers, dtype=np.int32)
+    array("head", (n_heads,))[:] = np.arange(n_heads, dtype=np.int32)
+    att = array("attention", (n_tokens, n_layers, n_heads, prompt_len), chunks=(4096, n_layers, n_heads, prompt_len))
     # Causal uniform attention on the first rows; the rest stays unwritten (reads as 0).
     rows = min(written_rows, n_tokens)
     pos = positions[:rows]
     block = (np.arange(prompt_len)[None, :] <= pos[:, None]) / (pos[:, None] + 1.0)
     att[:rows] = np.broadcast_to(block[:, None, None, :], (rows, n_layers, n_heads, prompt_len)).astype(np.float32)
+    consolidate(path)
