@@ -6,7 +6,9 @@ from .spec import (
     DIMS,
     LABEL_PREFIX,
     META_PREFIX,
+    PROJECTION_CAPTURES,
     PROMPT_TABLE,
+    READOUT_PROJECTIONS,
     REQUIRED_ATTRS,
     SCHEMA_VERSION,
     TOKEN_TABLE,
@@ -16,6 +18,7 @@ from .spec import (
 from .validate import parse_schema_version, validate_root
 
 __all__ = [
-    "ACTIVATIONS", "CAPTURE_NAMES", "DIMS", "LABEL_PREFIX", "META_PREFIX", "PROMPT_TABLE", "REQUIRED_ATTRS",
+    "ACTIVATIONS", "CAPTURE_NAMES", "DIMS", "LABEL_PREFIX", "META_PREFIX", "PROJECTION_CAPTURES", "PROMPT_TABLE", "READOUT_PROJECTIONS",
+    "REQUIRED_ATTRS",
     "SCHEMA_VERSION", "TOKEN_TABLE", "VARIABLES", "VariableSpec", "parse_schema_version", "validate_root",
 ]
