@@ -358,6 +358,30 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
+@click.option("--target", default=None,
+              help='next (the token that came next), top (the model\'s top-1) or a word, e.g. " Paris" (default: next)')
+@click.option("--target-column", default=None, help="a prompt metadata column holding each prompt's target word")
+@click.option("--contrast", default=None, help='attribute the logit difference target - this word, e.g. " the"')
+@click.option("--positions", default="last", show_default=True, type=click.Choice(["all", "last"]),
+              help="last: each prompt's last prompt token; all: every token")
+@click.option("--neurons", default=0, show_default=True, type=click.IntRange(0),
+              help="keep the K neurons per layer that contribute most (needs --capture mlp)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@friendly
+@cluster_options
+def dla(run_path, target, target_column, contrast, positions, neurons, device):
+    """Direct logit attribution: what the embedding, each attention layer and head, each MLP layer and neuron
+    add to the target's logit, through the final norm with its scale frozen at the last depth."""
+    from .run import open_run
+
+    res = open_run(run_path).dla(target=target, target_column=target_column, contrast=contrast, positions=positions,
+                                 neurons=neurons, device=device)
+    for line in res.summary():
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (keep 127.0.0.1 unless you mean it)")
 @friendly

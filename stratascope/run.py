@@ -159,6 +159,17 @@ class Run(Store):
         return bias(self, pairs=pairs, strict=strict, statistic=statistic, occupations=occupations, device=device,
                     progress=progress)
 
+    def dla(self, target: str | None = "next", target_column: str | None = None, contrast: str | None = None,
+            positions: str = "last", neurons: int = 0, device: str = "cpu", progress: bool = True):
+        """Direct logit attribution (analysis/dla, reused for the same parameters): what the embedding, each
+        attention layer, head, MLP layer and top neuron add to the target's logit (minus `contrast`'s).
+        target: 'next', 'top' or a word; or target_column, a prompt metadata column of words. Returns a
+        DLAResult (.by_component, .by_head, .top_neurons(layer, k), .rows); see stratascope.analyze.dla."""
+        from .analyze.dla import dla
+
+        return dla(self, target=target, target_column=target_column, contrast=contrast, positions=positions,
+                   neurons=neurons, device=device, progress=progress)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
