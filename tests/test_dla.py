@@ -2,6 +2,8 @@
 up to the model's logit (difference) from a direct transformers forward."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +161,31 @@ def test_cli_dla(captured):
     assert "dla of 6 rows" in out.output and "prompt 0 pos" in out.output
     bad = CliRunner().invoke(cli, ["dla", run.path, "--target-column", "missing"])
     assert bad.exit_code == 1 and "not a metadata column" in bad.output
+
+
+def test_dla_job_never_imports_transformers(captured):
+    family, run, *_ = captured
+    if family != "llama":
+        pytest.skip("one family is enough")
+    code = ("import sys, stratascope as ss\n"
+            f"res = ss.open_run({run.path!r}).dla(target='top', contrast=' the', neurons=2, progress=False)\n"
+            "assert res.by_head.shape[1:] == (3, 4)\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.real
+def test_real_smollm2_fact_recall(tmp_path):
+    corpus = tmp_path / "facts.jsonl"
+    corpus.write_text(json.dumps({"text": "The Eiffel Tower is located in the city of", "attribute": " Paris"}) + "\n")
+    run = ss.capture(model="smollm2", corpus=str(corpus), out=str(tmp_path / "f.zarr"), device="cpu",
+                     capture="hidden,components,z,mlp", progress=False)
+    res = run.dla(target_column="attribute", contrast=" the", neurons=5, progress=False)
+    row = res.rows.iloc[0]
+    assert row["target"] == " Paris" and abs(row["gap"]) < 1e-3
+    assert row["logit"] > 0  # " Paris" beats " the"
+    comp = res.by_component.iloc[0]
+    assert comp.drop(["embed", "bias"]).idxmax().split(".")[1] >= "1"  # a block, not the embedding, writes it
