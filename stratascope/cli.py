@@ -279,9 +279,11 @@ def probe():
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float16", "float32"]))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1), help="female/male-leaning occupations printed")
+@click.option("--dla", "with_dla", is_flag=True,
+              help="also decompose the first pair's log-ratio per head and MLP layer and correlate each with the statistic")
 @friendly
 def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
-               device, top):
+               device, top, with_dla):
     """Gender bias at every depth: log p(she) - log p(he) after occupation prompts, vs. labour statistics."""
     from .workflows.bias_probe import bias_probe
     from .errors import ConfigError
@@ -299,9 +301,15 @@ def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, stat
     else:
         res = bias_probe(model=model or "smollm2", out=out, occupations=occupations, templates=templates,
                          pairs=list(pairs), strict=strict, overwrite=overwrite, corpus=corpus or "builtin",
-                         statistic=statistic, device=device, dtype=dtype)
+                         statistic=statistic, device=device, dtype=dtype, dla=with_dla)
     for line in res.summary(top):
         click.echo(line)
+    if with_dla:
+        run = open_run(run_path or out)
+        dec = run.bias_dla(pair=list(pairs)[:1] or None, strict=strict, statistic=statistic, occupations=occupations,
+                           device="cpu" if device == "auto" else device)
+        for line in dec.summary(top):
+            click.echo(line)
 
 
 @cli.command()

@@ -170,6 +170,15 @@ class Run(Store):
         return dla(self, target=target, target_column=target_column, contrast=contrast, positions=positions,
                    neurons=neurons, device=device, progress=progress)
 
+    def bias_dla(self, pair=None, strict: bool = False, statistic: str | None = None, occupations=None,
+                 device: str = "cpu", progress: bool = True):
+        """The bias probe decomposed (analysis/bias_dla): per head and MLP layer, the push towards the female word
+        of `pair` per occupation and its correlation with `statistic`; see stratascope.analyze.bias_dla."""
+        from .analyze.bias_dla import bias_dla
+
+        return bias_dla(self, pair=pair, strict=strict, statistic=statistic, occupations=occupations, device=device,
+                        progress=progress)
+
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
