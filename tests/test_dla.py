@@ -29,7 +29,8 @@ def captured(request, tiny_model_dirs, tmp_path_factory):
     corpus = tmp / "facts.jsonl"
     corpus.write_text("".join(json.dumps({"text": t, "answer": a}) + "\n" for t, a in zip(PROMPTS, ANSWERS)))
     run = ss.capture(model=str(tiny_model_dirs[family]), corpus=str(corpus), out=str(tmp / "r.zarr"), batch_size=4,
-                     device="cpu", capture="hidden,components,z,mlp", progress=False)
+                     device="cpu", capture="hidden,components,z,mlp", shard_tokens=16, progress=False)
+    assert run.ds["hidden"].data.numblocks[0] > 3  # the job streams several token chunks, with padding rows
     model, tok = load_reference(tiny_model_dirs[family], attn="sdpa")
     return family, run, model, tok
 

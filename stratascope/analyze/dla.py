@@ -46,6 +46,7 @@ JOB = "dla"
 POSITIONS = ("all", "last")
 TARGETS = ("next", "top")  # anything else is a word
 CONVENTION = "final-norm scale frozen at the last depth"
+ROW_CHUNK = 1024  # rows per chunk of the stored result
 TOP_ROWS = 64  # rows read out over the full vocabulary at once (target top): bounded memory
 
 
@@ -281,7 +282,8 @@ def dla_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
             columns[f].append(da.from_delayed(part, (hi - lo,) + shapes[f], dtype=dtype))
     dims = {"by_component": ("row", "component"), "by_head": ("row", "layer", "head"),
             "neuron_id": ("row", "layer", "k"), "neuron_contribution": ("row", "layer", "k")}
-    data = {f: (dims.get(f, ("row",)), da.concatenate(columns[f])) for f in fields}
+    # Zarr wants uniform chunks; the per-chunk row counts are not, so the rows are regrouped
+    data = {f: (dims.get(f, ("row",)), _uniform(da.concatenate(columns[f]))) for f in fields}
     table = run.ds[["prompt_index", "position"]].isel(token=rows)
     data.update(token=(("row",), rows), prompt=(("row",), table["prompt_index"].values.astype(np.int32)),
                 position=(("row",), table["position"].values.astype(np.int32)))
@@ -291,6 +293,10 @@ def dla_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(_describe(run, params, heads))
     return ds
+
+
+def _uniform(x: da.Array) -> da.Array:
+    return x.rechunk((min(ROW_CHUNK, max(1, x.shape[0])),) + x.shape[1:])
 
 
 def _describe(run, params: dict, heads: bool) -> dict:

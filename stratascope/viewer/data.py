@@ -37,6 +37,7 @@ NMF_JOB = "nmf"                     # analysis/nmf/<name> token_factor (token, f
 NMF_WEIGHTS = "token_factor"
 BIAS_JOB = "bias"                   # analysis/bias/<name> (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
 BIAS_CORRELATION_JOB = "bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
+DLA_JOB = "dla"                     # analysis/dla/<name> (row, component) by_component; (row,) prompt, position, token, target_id, total, logit, gap
 PROBE_PREFIX = "probe_"             # analysis/probe_<label>: (depth, fold) accuracy or r2, control_*, majority
 # ------------------------------------------------------------------------------------------------
 
@@ -395,6 +396,25 @@ def probe(run, label: str) -> dict:
     return out
 
 
+def dla(run, prompt: int) -> dict:
+    """The stored direct logit attribution of one prompt's rows: per row the contribution of the embedding,
+    each attention and MLP layer and the biases, with the sum and the true logit (difference)."""
+    ds = require_result(run, DLA_JOB, "`stratascope dla`")  # the newest dla result
+    p = run.prompt_index(prompt)
+    rows = np.flatnonzero(ds["prompt"].values == p)
+    sub = ds.isel(row=rows)[["by_component", "position", "token", "target_id", "total", "logit", "gap"]].load()
+    vocab = _vocab(run)
+    params = ds.attrs.get("params", {})
+    return {"prompt": p, "components": [str(c) for c in ds["component"].values],
+            "positions": [int(v) for v in sub["position"].values],
+            "labels": [token_label(str(t)) for t in run.ds["token_str"].isel(token=sub["token"].values).values],
+            "targets": [token_label(str(vocab[int(t)])) for t in sub["target_id"].values],
+            "contrast": token_label(params["contrast"]) if params.get("contrast") is not None else None,
+            "values": [_rounded(v) for v in sub["by_component"].values], "total": _rounded(sub["total"].values),
+            "logit": _rounded(sub["logit"].values), "gap": [float(g) for g in sub["gap"].values],
+            "convention": str(ds.attrs.get("convention", "")), "target_kind": str(params.get("target", ""))}
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -406,6 +426,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "nmf": (nmf, {"prompt": int}),
     "bias": (bias, {"pair": str}),
     "probe": (probe, {"label": str}),
+    "dla": (dla, {"prompt": int}),
 }
 
 
