@@ -366,8 +366,8 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
 
 @cli.command()
 @click.argument("run_path", metavar="RUN")
-@click.option("--target", default=None,
-              help='next (the token that came next), top (the model\'s top-1) or a word, e.g. " Paris" (default: next)')
+@click.option("--target", default="next", show_default=True,
+              help='next (the token that came next), top (the model\'s top-1) or a word, e.g. " Paris"')
 @click.option("--target-column", default=None, help="a prompt metadata column holding each prompt's target word")
 @click.option("--contrast", default=None, help='attribute the logit difference target - this word, e.g. " the"')
 @click.option("--positions", default="last", show_default=True, type=click.Choice(["all", "last"]),
@@ -380,7 +380,7 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
 def dla(run_path, target, target_column, contrast, positions, neurons, device):
     """Direct logit attribution: what the embedding, each attention layer and head, each MLP layer and neuron
     add to the target's logit, through the final norm with its scale frozen at the last depth."""
-    from .run import open_run
+    from .api import open_run
 
     res = open_run(run_path).dla(target=target, target_column=target_column, contrast=contrast, positions=positions,
                                  neurons=neurons, device=device)

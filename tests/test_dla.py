@@ -126,8 +126,9 @@ def test_targets_top_word_and_column(captured):
     want = [tok(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS]
     assert list(col.rows["target_id"]) == want
     np.testing.assert_allclose(col.rows["total"].values, [float(lg[t]) for lg, t in zip(last, want)], atol=2e-4)
-    again = run.dla(target_column="answer", progress=False)  # the same parameters reuse the stored result
-    assert again.ds.attrs["created"] == col.ds.attrs["created"]
+    # results with other parameters are kept beside each other; the same parameters reuse the stored one
+    for kept, kwargs in ((word, {"target": " London"}), (col, {"target_column": "answer"})):
+        assert run.dla(progress=False, **kwargs).ds.attrs["created"] == kept.ds.attrs["created"]
 
 
 def test_bad_input_is_one_sentence(captured, tiny_model_dirs, tmp_path):

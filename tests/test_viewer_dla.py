@@ -42,7 +42,8 @@ def dla_target(request, dla_store, tmp_path_factory):
 
 
 def test_dla_view(browser, dla_target, dla_store):  # noqa: F811
-    g = zarr.open_group(dla_store, mode="r", path="analysis/dla")
+    (name,) = zarr.open_group(dla_store, mode="r", path="analysis/dla").group_keys()  # the one dla result
+    g = zarr.open_group(dla_store, mode="r", path=f"analysis/dla/{name}")
     comp, prompt, position = g["by_component"][:], g["prompt"][:], g["position"][:]
     names = [str(c) for c in g["component"][:]]
     logit = g["logit"][:]
