@@ -102,3 +102,42 @@ def test_dry_run_sizes_components_and_z(tiny_model_dirs, tmp_path):
     assert plan.shapes["z"] == (n, 3, 4, 8)
     assert plan.bytes_per_array()["z"] == n * 3 * 32 * 4
     assert plan.readout_bytes > 0 and "z" in plan.summary(str(tmp_path))
+
+
+def test_post_sublayer_norm_family_decomposes_after_its_norms(tmp_path):
+    """Gemma 2 normalizes each sublayer's output before the add: attn_out/mlp_out are taken after those
+    norms (hooked here on the model's own modules), so the residual still decomposes; heads are flagged linearised."""
+    import transformers as tf
+
+    from conftest import _bpe_tokenizer
+
+    tok = _bpe_tokenizer()
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0, final_logit_softcapping=None)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    run = ss.capture(model=str(tmp_path / "gemma2"), prompts=PROMPTS[:3], out=str(tmp_path / "g.zarr"), device="cpu",
+                     capture="hidden,components,attention", progress=False)  # attention: Gemma 2 loads eager only
+    assert run.attrs["capture"]["components"]["sublayer_norm"] is True
+    assert "linearised" in run.attrs["capture"]["components"]["exactness"]
+    got = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, k=(name, i): got.__setitem__(k, o[0]))
+             for i, b in enumerate(model.model.layers)
+             for name, m in (("attn", b.post_attention_layernorm), ("mlp", b.post_feedforward_layernorm))]
+    try:
+        with torch.no_grad():
+            model(**tok(PROMPTS[0], return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = run.ds.isel(token=run.token_slice(0))
+    for layer in range(3):
+        np.testing.assert_allclose(rows["attn_out"].values[:, layer], got[("attn", layer)].numpy(), atol=1e-5)
+        np.testing.assert_allclose(rows["mlp_out"].values[:, layer], got[("mlp", layer)].numpy(), atol=1e-5)
+    hidden = run.ds["hidden"].values.astype(np.float64)
+    adds = (run.ds["attn_out"].values + run.ds["mlp_out"].values).astype(np.float64)
+    for depth in range(4):
+        np.testing.assert_allclose(hidden[:, 0] + adds[:, :depth].sum(1), hidden[:, depth], atol=2e-5)
