@@ -370,20 +370,22 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
               help='next (the token that came next), top (the model\'s top-1) or a word, e.g. " Paris"')
 @click.option("--target-column", default=None, help="a prompt metadata column holding each prompt's target word")
 @click.option("--contrast", default=None, help='attribute the logit difference target - this word, e.g. " the"')
-@click.option("--positions", default="last", show_default=True, type=click.Choice(["all", "last"]),
-              help="last: each prompt's last prompt token; all: every token")
+@click.option("--contrast-column", default=None, help="a metadata column holding each prompt's contrast word")
+@click.option("--positions", default="last", show_default=True, help=POSITIONS_HELP)
 @click.option("--neurons", default=0, show_default=True, type=click.IntRange(0),
               help="keep the K neurons per layer that contribute most (needs --capture mlp)")
+@click.option("--strict", is_flag=True, help="refuse target words of several tokens (default: use the first)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @friendly
 @cluster_options
-def dla(run_path, target, target_column, contrast, positions, neurons, device):
+def dla(run_path, target, target_column, contrast, contrast_column, positions, neurons, strict, device):
     """Direct logit attribution: what the embedding, each attention layer and head, each MLP layer and neuron
     add to the target's logit, through the final norm with its scale frozen at the last depth."""
     from .api import open_run
 
-    res = open_run(run_path).dla(target=target, target_column=target_column, contrast=contrast, positions=positions,
-                                 neurons=neurons, device=device)
+    res = open_run(run_path).dla(target=target, target_column=target_column, contrast=contrast,
+                                 contrast_column=contrast_column, positions=positions, neurons=neurons, strict=strict,
+                                 device=device)
     for line in res.summary():
         click.echo(line)
 

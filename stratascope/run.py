@@ -160,15 +160,18 @@ class Run(Store):
                     progress=progress)
 
     def dla(self, target: str | None = "next", target_column: str | None = None, contrast: str | None = None,
-            positions: str = "last", neurons: int = 0, device: str = "cpu", progress: bool = True):
+            contrast_column: str | None = None, positions: str = "last", neurons: int = 0, strict: bool = False,
+            device: str = "cpu", progress: bool = True):
         """Direct logit attribution (analysis/dla, reused for the same parameters): what the embedding, each
         attention layer, head, MLP layer and top neuron add to the target's logit (minus `contrast`'s).
-        target: 'next', 'top' or a word; or target_column, a prompt metadata column of words. Returns a
-        DLAResult (.by_component, .by_head, .top_neurons(layer, k), .rows); see stratascope.analyze.dla."""
+        target: 'next', 'top' or a word; or target_column, a prompt metadata column of words (contrast and
+        contrast_column alike); positions and strict as for the lens. Returns a DLAResult (.by_component,
+        .by_head, .top_neurons(layer, k), .rows); see stratascope.analyze.dla."""
         from .analyze.dla import dla
 
-        return dla(self, target=target, target_column=target_column, contrast=contrast, positions=positions,
-                   neurons=neurons, device=device, progress=progress)
+        return dla(self, target=target, target_column=target_column, contrast=contrast,
+                   contrast_column=contrast_column, positions=positions, neurons=neurons, strict=strict,
+                   device=device, progress=progress)
 
     def bias_dla(self, pair=None, strict: bool = False, statistic: str | None = None, occupations=None,
                  device: str = "cpu", progress: bool = True):

@@ -27,7 +27,8 @@ def captured(request, tiny_model_dirs, tmp_path_factory):
     family = request.param
     tmp = tmp_path_factory.mktemp("dla")
     corpus = tmp / "facts.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t, "answer": a}) + "\n" for t, a in zip(PROMPTS, ANSWERS)))
+    corpus.write_text("".join(json.dumps({"text": t, "answer": a, "foil": f}) + "\n"
+                              for t, a, f in zip(PROMPTS, ANSWERS, ANSWERS[1:] + ANSWERS[:1])))
     run = ss.capture(model=str(tiny_model_dirs[family]), corpus=str(corpus), out=str(tmp / "r.zarr"), batch_size=4,
                      device="cpu", capture="hidden,components,z,mlp", shard_tokens=16, progress=False)
     assert run.ds["hidden"].data.numblocks[0] > 3  # the job streams several token chunks, with padding rows
@@ -126,6 +127,13 @@ def test_targets_top_word_and_column(captured):
     want = [tok(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS]
     assert list(col.rows["target_id"]) == want
     np.testing.assert_allclose(col.rows["total"].values, [float(lg[t]) for lg, t in zip(last, want)], atol=2e-4)
+    foil = [tok(a, add_special_tokens=False)["input_ids"][0] for a in ANSWERS[1:] + ANSWERS[:1]]
+    diff = run.dla(target_column="answer", contrast_column="foil", progress=False)
+    np.testing.assert_allclose(diff.by_component.sum(axis=1).values,
+                               [float(lg[t] - lg[f]) for lg, t, f in zip(last, want, foil)], atol=2e-4)
+    assert list(diff.rows["contrast_id"]) == foil
+    first = run.dla(target="top", positions="first", progress=False)  # positions as for the lens
+    assert set(first.ds["position"].values) == {0} and len(first.ds["row"]) == len(PROMPTS)
     # results with other parameters are kept beside each other; the same parameters reuse the stored one
     for kept, kwargs in ((word, {"target": " London"}), (col, {"target_column": "answer"})):
         assert run.dla(progress=False, **kwargs).ds.attrs["created"] == kept.ds.attrs["created"]
@@ -139,7 +147,7 @@ def test_bad_input_is_one_sentence(captured, tiny_model_dirs, tmp_path):
         run.dla(target="next", positions="last", progress=False)
     with pytest.raises(MissingMetadataError, match="answer"):
         run.dla(target_column="nope", progress=False)
-    with pytest.raises(ConfigError, match="either --target or --target-column"):
+    with pytest.raises(ConfigError, match="--target or --target-column, not both"):
         run.dla(target="top", target_column="answer", progress=False)
     with pytest.raises(MissingArrayError, match="--neurons"):
         run.dla(target="top", progress=False).top_neurons(0)
@@ -162,7 +170,7 @@ def test_cli_dla(captured):
     assert out.exit_code == 0, out.output
     assert "dla of 6 rows" in out.output and "prompt 0 pos" in out.output
     bad = CliRunner().invoke(cli, ["dla", run.path, "--target-column", "missing"])
-    assert bad.exit_code == 1 and "not a metadata column" in bad.output
+    assert bad.exit_code == 1 and "not a prompt metadata column" in bad.output
 
 
 def test_dla_job_never_imports_transformers(captured):

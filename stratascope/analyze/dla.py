@@ -36,14 +36,14 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from ..errors import ConfigError, MissingArrayError, MissingMetadataError, OutOfRangeError
-from .bias import last_prompt_rows
-from .lens import _local_scheduler, readout_for, targets_of, watch_ids
+from ..errors import ConfigError, MissingArrayError, OutOfRangeError
+from .lens import _local_scheduler, readout_for
+from .targets import _next_ids, _words_per_row, first_token_ids
+from .targets import select_rows as target_rows
 from .readout import Readout
 from .results import job_progress, load_result, save_result
 
 JOB = "dla"
-POSITIONS = ("all", "last")
 TARGETS = ("next", "top")  # anything else is a word
 CONVENTION = "final-norm scale frozen at the last depth"
 ROW_CHUNK = 1024  # rows per chunk of the stored result
@@ -71,109 +71,67 @@ def _check_run(run, neurons: int) -> None:
                           "attribution needs every layer: capture again without --layers")
 
 
-def _word(run, word, what: str) -> tuple[str, int]:
-    labels, ids = watch_ids(run, [word])  # the stored tokenizer; a word of several tokens: its first, with a warning
-    if not ids:
-        raise ConfigError(f"{what} {word!r} tokenizes to nothing; give a non-empty word")
-    return labels[0], ids[0]
-
-
 def dla_params(run, target: str | None = "next", target_column: str | None = None, contrast: str | None = None,
-               positions: str = "last", neurons: int = 0) -> dict:
-    """The parameters that decide a dla result (checked before anything is computed)."""
-    if target_column is not None and target not in (None, "next"):
-        raise ConfigError("give either --target or --target-column, not both")
-    if positions not in POSITIONS:
-        raise ConfigError(f"--positions {positions!r} is not one of {', '.join(POSITIONS)}")
+               contrast_column: str | None = None, positions: str = "last", neurons: int = 0,
+               strict: bool = False) -> dict:
+    """The parameters that decide a dla result (checked before anything is computed). Rows, words and
+    columns mean what they mean for the lens (analyze/targets.py)."""
+    target = None if target_column is not None and target == "next" else target
+    target = "next" if target is None and target_column is None else target
+    if target is not None and target_column is not None:
+        raise ConfigError("give --target or --target-column, not both")
     if not isinstance(neurons, (int, np.integer)) or neurons < 0:
         raise ConfigError(f"--neurons {neurons!r} must be a whole number of at least 0")
     d_mlp = int(run.attrs["model"]["d_mlp"])
     if neurons > d_mlp:
         raise OutOfRangeError(f"--neurons {neurons} exceeds the MLP width {d_mlp}")
-    params = {"positions": positions, "neurons": int(neurons), "convention": CONVENTION,
-              "contrast": None, "contrast_id": -1}
-    if target_column is not None:
-        if target_column not in run.prompts.columns or target_column in ("text", "token_offset", "n_tokens"):
-            cols = [c for c in run.prompts.columns if c not in ("text", "token_offset", "n_tokens")]
-            raise MissingMetadataError(f"--target-column {target_column!r} is not a metadata column of {run.path}; "
-                                       f"it has {', '.join(cols) or 'none'}")
-        params.update(target="column", target_column=target_column)
-    elif target in TARGETS or target is None:
-        params.update(target=target or "next")
+    return {"positions": str(positions), "target": target, "target_column": target_column, "contrast": contrast,
+            "contrast_column": contrast_column, "strict": bool(strict), "neurons": int(neurons),
+            "convention": CONVENTION}
+
+
+def select_rows(run, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token rows, target ids, contrast ids) of the rows the job attributes. A target id of -1 means
+    'top' (found in the task), a contrast id of -1 no contrast. With target next, rows whose sequence
+    ends there (no next token) are left out."""
+    rows = target_rows(run, params["positions"])
+    if not len(rows):
+        raise OutOfRangeError(f"--positions {params['positions']} selects no token of {run.path}")
+    target, column = params["target"], params["target_column"]
+    if target in TARGETS and column is None:
+        ids = _next_ids(run, rows) if target == "next" else np.full(len(rows), -1, np.int64)
     else:
-        label, tid = _word(run, target, "--target")
-        params.update(target="word", target_word=label, target_id=tid)
-    if contrast is not None:
-        params["contrast"], params["contrast_id"] = _word(run, contrast, "--contrast")
-    return params
-
-
-def _column_ids(run, column: str) -> np.ndarray:
-    """Per prompt, the first token of its `column` value (-1 where the value is empty)."""
-    values = run.prompts[column]
-    if values.dtype.kind not in "OUST":
-        raise ConfigError(f"--target-column {column!r} holds numbers, not words; give a column of target words")
-    ids = {v: _word(run, v, f"--target-column {column} value")[1] for v in set(values) if isinstance(v, str) and v}
-    return np.array([ids.get(v, -1) for v in values], dtype=np.int32)
-
-
-def select_rows(run, params: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(token rows, target ids) of the rows the job attributes; target -1 means 'top' (found in the task).
-
-    Rows without a target (no next token, an empty column value) are left out. Only the token
-    table is read, chunk by chunk."""
-    table = run.ds[["token_id", "prompt_index"]]
-    n = run.n_tokens
-    if params["positions"] == "last":
-        rows = last_prompt_rows(run, np.arange(run.n_prompts))
-        here, ahead = table.isel(token=rows), table.isel(token=np.minimum(rows + 1, n - 1))
-        last = rows + 1 >= n
-        nxt = targets_of(here["token_id"].values, here["prompt_index"].values,
-                         np.where(last, -1, ahead["token_id"].values), np.where(last, -2, ahead["prompt_index"].values))
-        prompt = here["prompt_index"].values
-    else:
-        parts = []
-        bounds = np.cumsum((0,) + run.ds["token_id"].data.chunks[0])
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            block = table.isel(token=slice(lo, min(hi + 1, n))).load()
-            tid, pidx = block["token_id"].values, block["prompt_index"].values
-            m = hi - lo  # the block holds the next chunk's first row too, for the last row's next token
-            nid = np.concatenate([tid[1:], [-1] * (m + 1 - len(tid))]).astype(np.int32)
-            npr = np.concatenate([pidx[1:], [-2] * (m + 1 - len(tid))]).astype(np.int32)
-            keep = pidx[:m] >= 0
-            parts.append((np.arange(lo, hi)[keep], targets_of(tid[:m], pidx[:m], nid, npr)[keep], pidx[:m][keep]))
-        rows, nxt, prompt = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    kind = params["target"]
-    if kind == "next":
-        target = nxt
-    elif kind == "top":
-        target = np.full(len(rows), -1, dtype=np.int32)
-    elif kind == "word":
-        target = np.full(len(rows), params["target_id"], dtype=np.int32)
-    else:
-        target = _column_ids(run, params["target_column"])[prompt]
-    keep = (target >= 0) | (kind == "top")
-    if not keep.any():
-        why = ("the rows chosen end their sequences, so there is no next token; use --target top, a word, or "
-               "--positions all" if kind == "next" else f"every prompt's {params.get('target_column')} is empty")
-        raise ConfigError(f"no row has a target: {why}")
-    return rows[keep].astype(np.int64), target[keep].astype(np.int32)
+        ids = first_token_ids(run, _words_per_row(run, rows, target, column, "target"), params["strict"], "target")
+    words = _words_per_row(run, rows, params["contrast"], params["contrast_column"], "contrast")
+    contrast = (first_token_ids(run, words, params["strict"], "contrast") if words is not None
+                else np.full(len(rows), -1, np.int64))
+    if target == "next" and column is None:
+        keep = ids >= 0
+        if not keep.any():
+            raise ConfigError(f"--positions {params['positions']} selects rows that end their sequences, so there is "
+                              "no next token to attribute; use --target top, a word, or other --positions")
+        rows, ids, contrast = rows[keep], ids[keep], contrast[keep]
+    return rows.astype(np.int64), ids.astype(np.int32), contrast.astype(np.int32)
 
 
 # ---------------------------------------------------------------- the arithmetic
 
 
-def directions(readout: Readout, h_last: torch.Tensor, target: torch.Tensor, contrast: int) -> tuple:
+def _minus(table: torch.Tensor, target: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """table[target] - table[contrast] per row (float64), nothing subtracted where contrast is -1."""
+    has = (contrast >= 0).double()
+    other = table[contrast.clamp(min=0)].double()
+    return table[target].double() - (other * has[:, None] if other.dim() > 1 else other * has)
+
+
+def directions(readout: Readout, h_last: torch.Tensor, target: torch.Tensor, contrast: torch.Tensor) -> tuple:
     """Per row, the vector d with contribution(c) = c . d (frozen scale, centring folded in), and
     the constant no component writes (norm bias, unembedding bias), both float64."""
-    u = readout.unembed[target].double()
-    if contrast >= 0:
-        u = u - readout.unembed[contrast].double()
+    u = _minus(readout.unembed, target, contrast)
     x = h_last.double()
     const = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     if readout.unembed_bias is not None:
-        b = readout.unembed_bias.double()
-        const += b[target] - (b[contrast] if contrast >= 0 else 0)
+        const += _minus(readout.unembed_bias, target, contrast)
     if readout.norm_type == "none":
         return u, const
     g = u * readout.norm_weight.double()
@@ -187,14 +145,10 @@ def directions(readout: Readout, h_last: torch.Tensor, target: torch.Tensor, con
     return g * scale, const
 
 
-def true_logit(readout: Readout, h_last: torch.Tensor, target: torch.Tensor, contrast: int) -> torch.Tensor:
+def true_logit(readout: Readout, h_last: torch.Tensor, target: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
     """The logit (difference) through the full final norm, as the lens reads it out."""
-    xn = readout.normalize(h_last).double()
-    bias = readout.unembed_bias.double() if readout.unembed_bias is not None else None
-    out = (xn * readout.unembed[target].double()).sum(-1) + (bias[target] if bias is not None else 0)
-    if contrast >= 0:
-        out -= xn @ readout.unembed[contrast].double() + (bias[contrast] if bias is not None else 0)
-    return out
+    out = (readout.normalize(h_last).double() * _minus(readout.unembed, target, contrast)).sum(-1)
+    return out + _minus(readout.unembed_bias, target, contrast) if readout.unembed_bias is not None else out
 
 
 def top_ids(readout: Readout, h_last: torch.Tensor) -> torch.Tensor:
@@ -207,28 +161,28 @@ def top_ids(readout: Readout, h_last: torch.Tensor) -> torch.Tensor:
 class _ChunkDLA:
     """The dask task: the attribution of the selected rows of one token chunk."""
 
-    def __init__(self, readout: Readout, w_heads: torch.Tensor | None, w_neurons: torch.Tensor | None, k: int,
-                 contrast: int):
+    def __init__(self, readout: Readout, w_heads: torch.Tensor | None, w_neurons: torch.Tensor | None, k: int):
         dev = readout.device
-        self.readout, self.k, self.contrast = readout, k, contrast
+        self.readout, self.k = readout, k
         self.w_heads = w_heads.to(dev) if w_heads is not None else None
         self.w_neurons = w_neurons.to(dev) if w_neurons is not None else None
 
     @torch.inference_mode()
-    def __call__(self, local, target, hidden, attn, mlp_out, *rest) -> tuple[np.ndarray, ...]:
+    def __call__(self, local, target, contrast, hidden, attn, mlp_out, *rest) -> tuple[np.ndarray, ...]:
         dev = self.readout.device
         f = lambda a: torch.from_numpy(np.ascontiguousarray(a[local], dtype=np.float32)).to(dev)  # noqa: E731
         z = rest[0] if self.w_heads is not None else None
         mlp = rest[-1] if self.k else None
         h0, hl = f(hidden[:, 0]), f(hidden[:, -1])
         target = torch.from_numpy(np.asarray(target, dtype=np.int64)).to(dev)
+        contrast = torch.from_numpy(np.asarray(contrast, dtype=np.int64)).to(dev)
         if (target < 0).any():  # --target top
             target = top_ids(self.readout, hl)
-        d, const = directions(self.readout, hl, target, self.contrast)
+        d, const = directions(self.readout, hl, target, contrast)
         comps = torch.cat([h0[:, None], f(attn), f(mlp_out)], 1).double()  # (row, 1 + 2L, d_model)
         by_component = torch.cat([torch.einsum("rcd,rd->rc", comps, d), const[:, None]], 1)
         total = by_component.sum(1)
-        logit = true_logit(self.readout, hl, target, self.contrast)
+        logit = true_logit(self.readout, hl, target, contrast)
         host = lambda t: t.cpu().numpy()  # noqa: E731
         out = [host(target).astype(np.int32), host(by_component.float()), host(total.float()),
                host(logit.float()), host((total - logit).float())]
@@ -249,13 +203,13 @@ class _ChunkDLA:
 
 def dla_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     """The attribution of every selected row as a lazy Dataset (computed chunk by chunk when written)."""
-    rows, target = select_rows(run, params)
+    rows, target, contrast = select_rows(run, params)
     readout = readout_for(run, device, "float32")
     L, H = int(run.attrs["model"]["n_layers"]), int(run.attrs["model"]["n_heads"])
     heads, k = "z" in run.ds, params["neurons"]
     w_heads = torch.from_numpy(np.asarray(run.readout["attn_out_weight"].values, np.float32)) if heads else None
     w_neurons = torch.from_numpy(np.asarray(run.readout["mlp_out_weight"].values, np.float32)) if k else None
-    task = _ChunkDLA(readout, w_heads, w_neurons, k, params["contrast_id"])
+    task = _ChunkDLA(readout, w_heads, w_neurons, k)
     depth = [0, len(run.ds["depth"]) - 1]
     arrays = [run.ds["hidden"].data[:, depth], run.ds["attn_out"].data, run.ds["mlp_out"].data]
     arrays += [run.ds["z"].data] if heads else []
@@ -274,9 +228,8 @@ def dla_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
         lo, hi = np.searchsorted(rows, [bounds[i], bounds[i + 1]])
         if lo == hi:
             continue
-        local, tgt = rows[lo:hi] - bounds[i], target[lo:hi]
         got = dask.delayed(task, name=f"dla-fn-{token}", pure=True, nout=len(fields))(
-            local, tgt, *parts, dask_key_name=f"dla-{token}-{i}")
+            rows[lo:hi] - bounds[i], target[lo:hi], contrast[lo:hi], *parts, dask_key_name=f"dla-{token}-{i}")
         for f, part in zip(fields, got):
             dtype = np.int32 if f in ("target_id", "neuron_id") else np.float32
             columns[f].append(da.from_delayed(part, (hi - lo,) + shapes[f], dtype=dtype))
@@ -285,7 +238,7 @@ def dla_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     # Zarr wants uniform chunks; the per-chunk row counts are not, so the rows are regrouped
     data = {f: (dims.get(f, ("row",)), _uniform(da.concatenate(columns[f]))) for f in fields}
     table = run.ds[["prompt_index", "position"]].isel(token=rows)
-    data.update(token=(("row",), rows), prompt=(("row",), table["prompt_index"].values.astype(np.int32)),
+    data.update(token=(("row",), rows), contrast_id=(("row",), contrast), prompt=(("row",), table["prompt_index"].values.astype(np.int32)),
                 position=(("row",), table["position"].values.astype(np.int32)))
     components = ["embed"] + [f"attn.{l}" for l in range(L)] + [f"mlp.{l}" for l in range(L)] + ["bias"]
     coords = {"component": np.array(components, dtype=object), "layer": np.arange(L, dtype=np.int32),
@@ -322,11 +275,12 @@ def _describe(run, params: dict, heads: bool) -> dict:
 
 
 def dla(run, target: str | None = "next", target_column: str | None = None, contrast: str | None = None,
-        positions: str = "last", neurons: int = 0, device: str = "cpu", progress: bool = True) -> DLAResult:
+        contrast_column: str | None = None, positions: str = "last", neurons: int = 0, strict: bool = False,
+        device: str = "cpu", progress: bool = True) -> DLAResult:
     """Direct logit attribution of the selected rows (see the module docstring), stored in analysis/dla
     and reused when asked again with the same parameters."""
     _check_run(run, neurons)
-    params = dla_params(run, target, target_column, contrast, positions, neurons)
+    params = dla_params(run, target, target_column, contrast, contrast_column, positions, neurons, strict)
     stored = load_result(run, JOB, params)
     if stored is None:
         ds = dla_dataset(run, params, device)
@@ -366,12 +320,12 @@ class DLAResult:
     def rows(self) -> pd.DataFrame:
         """Per row: token, target, contrast, the sum of contributions, the true logit (difference) and the gap."""
         vocab = self.run.readout["vocab_str"]
-        tid = self.ds["target_id"].values
-        c = self.ds.attrs["params"]["contrast"]
+        tid, cid = self.ds["target_id"].values, self.ds["contrast_id"].values
+        contrast = np.where(cid >= 0, vocab.isel(vocab=np.maximum(cid, 0)).values.astype(object), None)
         return pd.DataFrame({"token": self.ds["token"].values,
                              "target": vocab.isel(vocab=tid).values.astype(object), "target_id": tid,
-                             "contrast": c, "total": self.ds["total"].values, "logit": self.ds["logit"].values,
-                             "gap": self.ds["gap"].values}, index=self._index())
+                             "contrast": contrast, "contrast_id": cid, "total": self.ds["total"].values,
+                             "logit": self.ds["logit"].values, "gap": self.ds["gap"].values}, index=self._index())
 
     def top_neurons(self, layer: int, k: int | None = None) -> pd.DataFrame:
         """The k neurons of `layer` with the largest |contribution| per row: (prompt, position, rank) ->
@@ -396,9 +350,10 @@ class DLAResult:
     def summary(self, max_rows: int = 10, top: int = 4) -> list[str]:
         """Lines for `stratascope dla`: per row the target, logit, gap and the components that push most."""
         p = self.ds.attrs["params"]
-        what = {"column": f"column {p.get('target_column')!r}", "word": repr(p.get("target_word"))}.get(
-            p["target"], p["target"])
-        vs = f" - {p['contrast']!r}" if p["contrast"] is not None else ""
+        what = f"column {p['target_column']!r}" if p["target_column"] else repr(p["target"]) \
+            if p["target"] not in TARGETS else p["target"]
+        against = p["contrast"] if p["contrast"] is not None else p["contrast_column"]
+        vs = "" if against is None else f" - {against!r}" if p["contrast"] is not None else f" - column {against!r}"
         rows, comp = self.rows, self.by_component
         gap = float(np.abs(rows["gap"]).max()) if len(rows) else 0.0
         lines = [f"dla of {len(rows)} rows ({p['positions']} positions), target {what}{vs}; {CONVENTION}; "
@@ -407,7 +362,8 @@ class DLAResult:
             r, c = rows.iloc[i], comp.iloc[i].drop("bias")
             best = c.reindex(c.abs().sort_values(ascending=False).index[:top])
             prompt, pos = rows.index[i]
-            lines.append(f"  prompt {prompt} pos {pos} -> {r['target']!r}{vs}: logit {r['logit']:+.2f}; "
+            minus = f" - {r['contrast']!r}" if r["contrast"] is not None else ""
+            lines.append(f"  prompt {prompt} pos {pos} -> {r['target']!r}{minus}: logit {r['logit']:+.2f}; "
                          + ", ".join(f"{n} {v:+.2f}" for n, v in best.items()))
         if len(rows) > max_rows:
             lines.append(f"  ... {len(rows) - max_rows} more rows")

@@ -402,17 +402,17 @@ def dla(run, prompt: int) -> dict:
     ds = require_result(run, DLA_JOB, "`stratascope dla`")  # the newest dla result
     p = run.prompt_index(prompt)
     rows = np.flatnonzero(ds["prompt"].values == p)
-    sub = ds.isel(row=rows)[["by_component", "position", "token", "target_id", "total", "logit", "gap"]].load()
+    sub = ds.isel(row=rows)[["by_component", "position", "token", "target_id", "contrast_id", "total", "logit",
+                             "gap"]].load()
     vocab = _vocab(run)
-    params = ds.attrs.get("params", {})
     return {"prompt": p, "components": [str(c) for c in ds["component"].values],
             "positions": [int(v) for v in sub["position"].values],
             "labels": [token_label(str(t)) for t in run.ds["token_str"].isel(token=sub["token"].values).values],
             "targets": [token_label(str(vocab[int(t)])) for t in sub["target_id"].values],
-            "contrast": token_label(params["contrast"]) if params.get("contrast") is not None else None,
+            "contrasts": [token_label(str(vocab[int(c)])) if c >= 0 else None for c in sub["contrast_id"].values],
             "values": [_rounded(v) for v in sub["by_component"].values], "total": _rounded(sub["total"].values),
             "logit": _rounded(sub["logit"].values), "gap": [float(g) for g in sub["gap"].values],
-            "convention": str(ds.attrs.get("convention", "")), "target_kind": str(params.get("target", ""))}
+            "convention": str(ds.attrs.get("convention", ""))}
 
 
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.

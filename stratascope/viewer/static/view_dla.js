@@ -20,7 +20,7 @@
         const vals = d.values[r], comp = d.components, L = comp.filter(c => c.startsWith('attn.')).length;
         const get = name => vals[comp.indexOf(name)];
         const layers = Array.from({length: L}, (_, l) => String(l));
-        const vs = d.contrast === null ? '' : ` − «${d.contrast}»`;
+        const vs = d.contrasts[r] === null ? '' : ` − «${d.contrasts[r]}»`;
         const name = () => S.fileName('dla', 'p' + d.prompt, 'pos' + d.positions[r]);
         const div = S.el('div', {class: 'ss-plot ss-dla-plot'});
         const ranked = comp.filter(c => c !== 'bias').map(c => [c, get(c)]).sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]));
