@@ -283,9 +283,12 @@ def probe():
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1),
               help="female/male-leaning occupations printed")
+@click.option("--dla", "with_dla", is_flag=True,
+              help="also decompose the first pair's log-ratio per head and MLP layer and correlate each with "
+                   "the statistic")
 @friendly
 def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
-               device, top):
+               device, top, with_dla):
     """Gender bias at every depth: log p(she) - log p(he) after occupation prompts, vs. labour statistics."""
     from .api import open_run
     from .errors import ConfigError
@@ -297,15 +300,21 @@ def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, stat
         if given:
             raise ConfigError(f"{given[0]} builds and captures a corpus; with --run the run's own prompts are probed")
         res = open_run(run_path).bias(pairs=list(pairs), strict=strict, statistic=statistic, occupations=occupations,
-                                      device="cpu" if device == "auto" else device)
+                                      device=device)
     elif not out:
         raise ConfigError("give --out STORE to capture the occupation corpus, or --run RUN to probe an existing run")
     else:
         res = bias_probe(model=model or "smollm2", out=out, occupations=occupations, templates=templates,
                          pairs=list(pairs), strict=strict, overwrite=overwrite, corpus=corpus or "builtin",
-                         statistic=statistic, device=device, dtype=dtype)
+                         statistic=statistic, device=device, dtype=dtype, dla=with_dla)
     for line in res.summary(top):
         click.echo(line)
+    if with_dla:
+        run = open_run(run_path or out)
+        dec = run.bias_dla(pair=list(pairs)[:1] or None, strict=strict, statistic=statistic, occupations=occupations,
+                           device=device)
+        for line in dec.summary(top):
+            click.echo(line)
 
 
 @cli.command()
@@ -358,6 +367,32 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
                    precision=precision, positions=positions, target=target, target_column=target_column,
                    contrast=contrast, contrast_column=contrast_column, strict=strict)
     for line in (study_summary(run, res.ds) if "row" in res.ds.dims else summary(run, res.ds)):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--target", default="next", show_default=True,
+              help='next (the token that came next), top (the model\'s top-1) or a word, e.g. " Paris"')
+@click.option("--target-column", default=None, help="a prompt metadata column holding each prompt's target word")
+@click.option("--contrast", default=None, help='attribute the logit difference target - this word, e.g. " the"')
+@click.option("--contrast-column", default=None, help="a metadata column holding each prompt's contrast word")
+@click.option("--positions", default="last", show_default=True, help=POSITIONS_HELP)
+@click.option("--neurons", default=0, show_default=True, type=click.IntRange(0),
+              help="keep the K neurons per layer that contribute most (needs --capture mlp)")
+@click.option("--strict", is_flag=True, help="refuse target words of several tokens (default: use the first)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@friendly
+@cluster_options
+def dla(run_path, target, target_column, contrast, contrast_column, positions, neurons, strict, device):
+    """Direct logit attribution: what the embedding, each attention layer and head, each MLP layer and neuron
+    add to the target's logit, through the final norm with its scale frozen at the last depth."""
+    from .api import open_run
+
+    res = open_run(run_path).dla(target=target, target_column=target_column, contrast=contrast,
+                                 contrast_column=contrast_column, positions=positions, neurons=neurons, strict=strict,
+                                 device=device)
+    for line in res.summary():
         click.echo(line)
 
 

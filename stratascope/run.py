@@ -150,13 +150,36 @@ class Run(Store):
         return rankings_watch(self, prompt, watch, position, norm)
 
     def bias(self, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
-             device: str = "cpu", progress: bool = True):
+             device: str = "auto", progress: bool = True):
         """Bias probe over the prompts with occupation metadata: log p(female) - log p(male) and ranks at
         every depth, and their correlation with `statistic` (analysis/bias); see stratascope.analyze.bias."""
         from .analyze.bias import bias
 
         return bias(self, pairs=pairs, strict=strict, statistic=statistic, occupations=occupations, device=device,
                     progress=progress)
+
+    def dla(self, target: str | None = "next", target_column: str | None = None, contrast: str | None = None,
+            contrast_column: str | None = None, positions: str = "last", neurons: int = 0, strict: bool = False,
+            device: str = "cpu", progress: bool = True):
+        """Direct logit attribution (analysis/dla, reused for the same parameters): what the embedding, each
+        attention layer, head, MLP layer and top neuron add to the target's logit (minus `contrast`'s).
+        target: 'next', 'top' or a word; or target_column, a prompt metadata column of words (contrast and
+        contrast_column alike); positions and strict as for the lens. Returns a DLAResult (.by_component,
+        .by_head, .top_neurons(layer, k), .rows); see stratascope.analyze.dla."""
+        from .analyze.dla import dla
+
+        return dla(self, target=target, target_column=target_column, contrast=contrast,
+                   contrast_column=contrast_column, positions=positions, neurons=neurons, strict=strict,
+                   device=device, progress=progress)
+
+    def bias_dla(self, pair=None, strict: bool = False, statistic: str | None = None, occupations=None,
+                 device: str = "cpu", progress: bool = True):
+        """The bias probe decomposed (analysis/bias_dla): per head and MLP layer, the push towards the female word
+        of `pair` per occupation and its correlation with `statistic`; see stratascope.analyze.bias_dla."""
+        from .analyze.bias_dla import bias_dla
+
+        return bias_dla(self, pair=pair, strict=strict, statistic=statistic, occupations=occupations, device=device,
+                        progress=progress)
 
     def info(self) -> dict:
         """What `stratascope info` prints."""

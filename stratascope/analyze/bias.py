@@ -319,7 +319,7 @@ class BiasResult:
 
 
 def bias(run, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
-         device: str = "cpu", progress: bool = True) -> BiasResult:
+         device: str = "auto", progress: bool = True) -> BiasResult:
     """The bias probe of a run whose prompts carry occupation metadata (see the module docstring).
 
     statistic: the numeric column to correlate with (None: bls_pct_female, else stereotypical,

@@ -106,6 +106,8 @@ def load_readout(run, device: str = "cpu", precision: str = "float32") -> Readou
 
 
 def _device(device: str) -> torch.device:
+    if device == "auto":  # as the capture's: a GPU if torch sees one
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise ConfigError(f"device {device!r} is not cpu or cuda[:N]")
     if device.startswith("cuda") and not torch.cuda.is_available():

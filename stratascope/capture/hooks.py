@@ -7,7 +7,7 @@ import sys
 import torch
 
 from ..errors import UnsupportedModelError
-from ..models import Adapter
+from ..models import Adapter, find_components
 
 
 def _first_tensor(x):
@@ -63,7 +63,23 @@ class Recorder:
                 reg(a.mlp_out[layer].register_forward_pre_hook(self._store(("mlp", layer)), with_kwargs=True))
         if "qk" in self.capture:
             self._patch_eager_attention()
+        self._hook_components()
         return self
+
+    def _hook_components(self) -> None:
+        """components: the outputs of the modules whose result each block adds to the residual;
+        z: the input of each attention output projection, split by head."""
+        if not {"components", "z"} & set(self.capture):
+            return
+        parts, reg = find_components(self.adapter), self._handles.append
+        for layer in self.layers:
+            if "components" in self.capture:
+                for name, module in (("attn_out", parts.attn_add[layer]), ("mlp_out", parts.mlp_add[layer])):
+                    def post(module, args, output, key=(name, layer)):
+                        self._put(key, _first_tensor(output))
+                    reg(module.register_forward_hook(post))
+            if "z" in self.capture:
+                reg(parts.out_proj[layer].register_forward_pre_hook(self._store(("z", layer)), with_kwargs=True))
 
     def _patch_eager_attention(self) -> None:
         """Wrap each modeling module's `eager_attention_forward`, the one place where q and k are final
@@ -118,6 +134,11 @@ class Recorder:
             # per layer (batch, head, seq, d_head) -> (batch, seq, layer, head, d_head)
             for name in ("queries", "keys"):
                 result[name] = torch.stack([self.out[(name, l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
+        for name in ("attn_out", "mlp_out", "z"):  # (batch, seq, layer, d_model); z (batch, seq, layer, head, d_head)
+            if ("components" if name != "z" else "z") in self.capture:
+                stacked = torch.stack([self.out[(name, l)] for l in self.layers], dim=2)
+                h = self.adapter.n_heads
+                result[name] = stacked.unflatten(-1, (h, stacked.shape[-1] // h)) if name == "z" else stacked
         return result
 
 

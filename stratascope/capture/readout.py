@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import zarr
 
-from ..models import Adapter, norm_spec
-from ..schemas import READOUT
+from ..models import Adapter, find_components, norm_spec, projection_weights
+from ..schemas import READOUT, READOUT_PROJECTIONS
 from .writer import create_array
 
 
@@ -61,3 +61,26 @@ def write_readout(root: zarr.Group, adapter: Adapter, tokenizer, vocab: list[str
         attrs.update(norm_type=spec["type"], norm_eps=spec["eps"], norm_weight_offset=spec["weight_offset"],
                      has_norm_bias=spec["bias"] is not None, has_unembed_bias=isinstance(bias, torch.Tensor))
     group.attrs.update(attrs)
+
+
+_PROJ_DIMS = {v.name: v.dims for v in READOUT_PROJECTIONS}
+
+
+def components_attrs(adapter: Adapter) -> dict:
+    """Root attrs capture.components: what attn_out/mlp_out/z mean for this family and how exact sums are."""
+    parts = find_components(adapter)
+    return {"pre_norm": parts.pre_norm, "sublayer_norm": parts.sublayer_norm, "exactness": parts.exactness,
+            "head_contribution": "z[token, layer, h] @ readout/attn_out_weight[layer, h]",
+            "neuron_contribution": "mlp[token, layer, n] * readout/mlp_out_weight[layer, n]"}
+
+
+def write_projections(group: zarr.Group, adapter: Adapter, layers: list[int]) -> None:
+    """The attention and MLP output projections of the captured layers, as (in, out) float32."""
+    parts, d, H, dh = find_components(adapter), adapter.d_model, adapter.n_heads, adapter.d_head
+    for name, modules, split in (("attn_out", parts.out_proj, (H, dh)), ("mlp_out", adapter.mlp_out, None)):
+        pairs = [projection_weights(modules[layer]) for layer in layers]
+        weight = torch.stack([w for w, _ in pairs])  # (layer, in, d_model)
+        weight = weight.unflatten(1, split) if split else weight
+        bias = torch.stack([b if b is not None else torch.zeros(d) for _, b in pairs])
+        for array, values, rows in ((f"{name}_weight", weight, 1), (f"{name}_bias", bias, len(layers))):
+            create_array(group, array, tuple(values.shape), rows, "float32", _PROJ_DIMS[array])[:] = values.numpy()

@@ -19,7 +19,7 @@ from ..models import find_adapter, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
 from ..ranges import parse_ranges
-from ..schemas import META_PREFIX, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
+from ..schemas import META_PREFIX, PROJECTION_CAPTURES, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
 from ..version import __version__
 from .config import CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
@@ -27,13 +27,14 @@ from .generate import generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs
 from .labels import token_labels, write_token_labels
-from .readout import unembed_hash, vocab_strings, write_readout
+from .readout import components_attrs, unembed_hash, vocab_strings, write_projections, write_readout
 from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
 from .writer import ShardWriter, create_array, prepare_output, remove_store, token_chunk_rows
 
 WINDOW_BYTES = 256 * 2**20  # staging memory for one shard's rows (bounded RAM)
-ACTS = ("hidden", "attention", "mlp", "queries", "keys")  # token-dim arrays in the capture dtype
+# token-dim arrays in the capture dtype
+ACTS = ("hidden", "attention", "mlp", "queries", "keys", "attn_out", "mlp_out", "z")
 
 
 @dataclass
@@ -128,6 +129,10 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
         widths["mlp"] = (len(layers), adapter.d_mlp)
     if "qk" in cfg.capture:
         widths["queries"] = widths["keys"] = (len(layers), adapter.n_heads, adapter.d_head)
+    if "components" in cfg.capture:
+        widths["attn_out"] = widths["mlp_out"] = (len(layers), adapter.d_model)
+    if "z" in cfg.capture:
+        widths["z"] = (len(layers), adapter.n_heads, adapter.d_head)
     if adapter.family == "bert":
         widths["token_type_ids"], dtypes["token_type_ids"] = (), VARIABLES["token_type_ids"].dtype
     for name in ACTS:
@@ -146,6 +151,8 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     shards, offsets, n_rows = plan_shards(lengths, zarr_rows or chunk_rows, target)
     shapes = {n: (n_rows,) + w for n, w in widths.items()}
     readout = adapter.vocab_size * (16 + (4 * adapter.d_model if adapter.unembed is not None else 0))
+    if set(PROJECTION_CAPTURES) & set(cfg.capture):  # the output projections (readout/attn_out_*, mlp_out_*)
+        readout += 4 * len(layers) * (adapter.n_heads * adapter.d_head + adapter.d_mlp + 2) * adapter.d_model
     return Plan(len(lengths), n_tokens, n_rows, max_len, layers, depths, shapes, dtypes, chunk_rows, truncated,
                 shards, offsets, lengths, zarr_rows, readout)
 
@@ -313,7 +320,9 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
-                    **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {})},
+                    **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {}),
+                    **({"components": components_attrs(adapter)}
+                       if set(PROJECTION_CAPTURES) & set(cfg.capture) else {})},
         corpus={"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
@@ -340,6 +349,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows)
     create_records(root, len(plan.shards))
     write_readout(root, adapter, loaded.tokenizer, vocab)
+    if set(PROJECTION_CAPTURES) & set(cfg.capture):
+        write_projections(root["readout"], adapter, plan.layers)
     write_token_labels(root, labels, plan, cfg.generate)
     # last: --resume accepts a store only once it carries its identity, so a store whose
     # creation was interrupted is never continued

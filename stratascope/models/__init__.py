@@ -1,7 +1,9 @@
 """Loading models and finding their parts."""
 
-from .adapters import Adapter, find_adapter, norm_spec
+from .adapters import Adapter, Components, find_adapter, find_components, norm_spec, projection_weights
 from .load import BUNDLED, LoadedModel, installed_models, load_model, resolve_device
 
-__all__ = ["Adapter", "BUNDLED", "LoadedModel", "find_adapter", "installed_models", "load_model", "norm_spec",
-           "resolve_device"]
+__all__ = [
+    "Adapter", "BUNDLED", "Components", "LoadedModel", "find_adapter", "find_components", "installed_models",
+    "load_model", "norm_spec", "projection_weights", "resolve_device"
+]

@@ -136,3 +136,72 @@ def norm_spec(norm: nn.Module) -> dict:
         offset = 1.0 if "Gemma" in name else 0.0
         return {"type": "rmsnorm", "eps": eps, "weight": weight, "bias": bias, "weight_offset": offset}
     raise UnsupportedModelError(f"final norm {name} is neither a LayerNorm nor an RMSNorm")
+
+
+# ---------------------------------------------------------------- residual components
+# Inside an attention module, its output projection (BERT: inside BertAttention's output block).
+_ATTN_OUT_PROJ = ("o_proj", "c_proj", "dense", "output.dense")
+_MLP = ("mlp", "feed_forward")
+# Families that normalize a sublayer's output before the residual add (Gemma 2/3, OLMo 2) have a
+# post-MLP norm; in Llama itself `post_attention_layernorm` is the pre-MLP norm, so it alone says nothing.
+_POST_MLP_NORM = "post_feedforward_layernorm"
+
+
+@dataclass
+class Components:
+    """Where each block's residual additions come from, for --capture components and z.
+
+    attn_add[i] / mlp_add[i]: modules whose forward output is exactly what block i's attention / MLP
+    sublayer adds to the residual stream. out_proj[i]: the attention output projection (its input is
+    the per-head z). pre_norm: the residual is embedding + every addition (False for post-norm
+    encoders, whose additions are the projections' outputs before the add-and-norm). sublayer_norm:
+    a norm sits between the output projections and the add, so head and neuron contributions
+    through the projections are linearised approximations.
+    """
+
+    attn_add: list[nn.Module]
+    mlp_add: list[nn.Module]
+    out_proj: list[nn.Module]
+    pre_norm: bool
+    sublayer_norm: bool
+
+    @property
+    def exactness(self) -> str:
+        if not self.pre_norm:
+            return ("post-norm: attn_out/mlp_out are the output projections before the add-and-norm; the "
+                    "residual is not their sum")
+        if self.sublayer_norm:
+            return ("embedding + attn_out + mlp_out equals the residual; attn_out/mlp_out are taken after the "
+                    "sublayer norm, so head and neuron contributions through the projections are linearised")
+        return ("embedding + attn_out + mlp_out equals the residual; heads (z @ attn_out_weight) sum to attn_out "
+                "minus attn_out_bias; neurons (mlp * mlp_out_weight) sum to mlp_out minus mlp_out_bias")
+
+
+def find_components(adapter: Adapter) -> Components:
+    """The residual additions of every block of `adapter`'s model, or UnsupportedModelError."""
+    first_attn, first = adapter.attentions[0], adapter.blocks[0]
+    proj_path, _ = _first(first_attn, _ATTN_OUT_PROJ)
+    if proj_path is None:
+        raise UnsupportedModelError(f"found no attention output projection in {type(first_attn).__name__} "
+                                    f"(looked for {', '.join(_ATTN_OUT_PROJ)}); --capture components/z cannot be taken")
+    out_proj = [_get(a, proj_path) for a in adapter.attentions]
+    if adapter.family == "bert":
+        return Components(out_proj, list(adapter.mlp_out), out_proj, pre_norm=False, sublayer_norm=False)
+    mlp_path, _ = _first(first, _MLP)
+    if mlp_path is None:
+        raise UnsupportedModelError(f"found no MLP module in block {type(first).__name__} (looked for "
+                                    f"{', '.join(_MLP)}); --capture components cannot be taken")
+    if isinstance(getattr(first, _POST_MLP_NORM, None), nn.Module):
+        return Components([b.post_attention_layernorm for b in adapter.blocks],
+                          [getattr(b, _POST_MLP_NORM) for b in adapter.blocks], out_proj,
+                          pre_norm=True, sublayer_norm=True)
+    return Components(list(adapter.attentions), [_get(b, mlp_path) for b in adapter.blocks], out_proj,
+                      pre_norm=True, sublayer_norm=False)
+
+
+def projection_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight as (in, out), bias or None) of a Linear or GPT-2 Conv1D, float32 on the CPU."""
+    w = module.weight.detach().float().cpu()
+    w = w if type(module).__name__ == "Conv1D" else w.T  # nn.Linear stores (out, in)
+    bias = getattr(module, "bias", None)
+    return w.contiguous(), (bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None)

@@ -9,6 +9,8 @@ from .groups import (
     ANALYSIS,
     BIAS,
     BIAS_CORRELATION,
+    BIAS_DLA,
+    DLA,
     GROUPS,
     HEADS,
     LENS,
@@ -32,7 +34,9 @@ from .spec import (
     INDEX_COORDS,
     LABEL_PREFIX,
     META_PREFIX,
+    PROJECTION_CAPTURES,
     PROMPT_TABLE,
+    READOUT_PROJECTIONS,
     RECORDS,
     REQUIRED_ATTRS,
     ROOT_PATTERNS,
@@ -46,11 +50,11 @@ from .spec import (
 from .validate import check_group, dtype_matches, parse_schema_version, validate_root
 
 __all__ = [
-    "ACTIVATIONS", "ANALYSIS", "ATTRIBUTION_METHODS", "ATTRIBUTION_PREFIX", "BIAS", "BIAS_CORRELATION",
-    "CAPTURE_NAMES", "CORPUS_COLUMNS", "CORPUS_KEYS", "DIMS", "GRADIENTS", "GROUPS", "HEADS", "INDEX_COORDS",
-    "LABEL_PREFIX", "LENS", "META_PREFIX", "MODEL_KEYS", "NMF", "NMF_TRANSFORM", "PROBE", "PROMPT_TABLE", "READOUT",
-    "READOUT_ATTRS", "RECORDS", "REQUIRED_ATTRS", "ROOT_PATTERNS", "SCHEMA_VERSION", "TOKEN_COORDS", "TOKEN_TABLE",
-    "VARIABLES", "GroupSpec", "RootAttrs", "VariableSpec", "analysis_spec", "check_group", "consolidate",
-    "describe", "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords", "upgrade_store",
-    "validate_root",
+    "ACTIVATIONS", "ANALYSIS", "ATTRIBUTION_METHODS", "ATTRIBUTION_PREFIX", "BIAS", "BIAS_CORRELATION", "BIAS_DLA",
+    "CAPTURE_NAMES", "CORPUS_COLUMNS", "CORPUS_KEYS", "DIMS", "DLA", "GRADIENTS", "GROUPS", "GroupSpec", "HEADS",
+    "INDEX_COORDS", "LABEL_PREFIX", "LENS", "LENS_STUDY", "META_PREFIX", "MODEL_KEYS", "NMF", "NMF_TRANSFORM",
+    "PROBE", "PROJECTION_CAPTURES", "PROMPT_TABLE", "READOUT", "READOUT_ATTRS", "READOUT_PROJECTIONS", "RECORDS",
+    "REQUIRED_ATTRS", "ROOT_PATTERNS", "RootAttrs", "SCHEMA_VERSION", "TOKEN_COORDS", "TOKEN_TABLE", "VARIABLES",
+    "VariableSpec", "analysis_spec", "check_group", "consolidate", "describe", "dtype_matches", "group_path",
+    "parse_schema_version", "root_spec", "token_coords", "upgrade_store", "validate_root"
 ]

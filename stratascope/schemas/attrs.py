@@ -6,13 +6,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import SchemaError
+from ..errors import SchemaError, SchemaVersionError
 from .spec import REQUIRED_ATTRS, SCHEMA_VERSION, TOKEN_COORDS
 
 # Keys each section carries (docs/store-format.md, "Root attrs", describes every one).
 MODEL_KEYS = ("name", "source", "class", "family", "causal", "n_layers", "n_heads", "d_model", "d_mlp", "d_head",
               "vocab_size", "weights_sha256", "attn_implementation")
 CORPUS_KEYS = ("source", "sha256", "n_prompts", "n_tokens", "max_len", "metadata_columns", "token_labels")
+
+
+def parse_schema_version(attrs: Mapping, where: str) -> int:
+    """Return the schema version, or raise naming the store and what to do."""
+    if "schema_version" not in attrs:
+        raise SchemaVersionError(
+            f"{where} has no schema_version attribute; it was not written by stratascope "
+            "(or was written by a pre-release): capture it again"
+        )
+    version = attrs["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where} has schema version {version!r}, but this stratascope reads version "
+            f"{SCHEMA_VERSION}: open it with the stratascope release that wrote it, or capture again"
+        )
+    return version
 
 
 @dataclass(frozen=True)
@@ -49,8 +65,6 @@ class RootAttrs:
     def from_dict(cls, attrs: Mapping, where: str = "the store") -> RootAttrs:
         """Parse root attrs: the schema version first (schemas.validate.parse_schema_version), then
         every required key; unknown keys go to `extra`."""
-        from .validate import parse_schema_version
-
         parse_schema_version(attrs, where)
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:

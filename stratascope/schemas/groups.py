@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import VariableSpec, _v
+from .spec import READOUT_PROJECTIONS, VariableSpec, _v
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ READOUT = GroupSpec("readout", (
     _v("norm_bias", ("d_model",), "float32", None, "final norm bias", "the final norm's bias, if it has one"),
     _v("vocab_str", ("vocab",), "str", None, "vocabulary", "each id decoded alone, leading spaces kept"),
     _v("tokenizer_json", ("byte",), "uint8", None, "tokenizer.json", "the tokenizer's tokenizer.json, UTF-8 bytes"),
+    *READOUT_PROJECTIONS,
 ), description="what the logit lens and token decoding need without the model")
 
 # Attrs of the readout group (not arrays).
@@ -206,7 +207,44 @@ PROBE = GroupSpec("analysis/probe_<label>", (
     _v("fold", ("fold",), "int64", None, "fold", "cross-validation fold"),
 ), "linear probe of one label at every depth (analyze/probe.py)")
 
-ANALYSIS = (LENS, LENS_STUDY, NMF, NMF_TRANSFORM, HEADS, BIAS, BIAS_CORRELATION, PROBE)
+_RC = ("row", "component")
+_COMPONENT = _v("component", ("component",), "str", None, "component",
+                "embed, attn.<l>, mlp.<l> per layer, and bias (final-norm and unembedding biases)")
+_HEAD = _v("head", ("head",), "int32", None, "head", "attention head number")
+DLA = GroupSpec("analysis/dla", (
+    _v("target_id", ("row",), "int32", None, "target id", "the id whose logit is attributed"),
+    _v("contrast_id", ("row",), "int32", None, "contrast id", "the contrast's id; -1 without a contrast"),
+    _v("token", ("row",), "int64", None, "token row", "the row in the capture's token dimension"),
+    _v("prompt", ("row",), "int32", None, "prompt", "the row's prompt"),
+    _v("position", ("row",), "int32", None, "position", "the row's position in its sequence"),
+    _v("by_component", _RC, "float32", None, "contribution",
+       "each component's direct contribution to the target's logit (or target - contrast)"),
+    _v("total", ("row",), "float32", None, "sum of contributions", "the sum over components"),
+    _v("logit", ("row",), "float32", None, "logit", "the target's logit (or difference) through the full final norm"),
+    _v("gap", ("row",), "float32", None, "gap", "total - logit"),
+    _v("by_head", ("row", "layer", "head"), "float32", None, "head contribution",
+       "each head's contribution (with --capture z)"),
+    _v("neuron_id", ("row", "layer", "k"), "int32", None, "top neurons", "the k neurons of largest |contribution|"),
+    _v("neuron_contribution", ("row", "layer", "k"), "float32", None, "neuron contribution", "their contributions"),
+), (_COMPONENT, _v("layer", ("layer",), "int32", None, "layer", "captured blocks"), _HEAD),
+    "direct logit attribution of chosen rows (analyze/dla.py)", row_dim="row")
+
+_STATS = ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "n")
+BIAS_DLA = GroupSpec("analysis/bias_dla", (
+    _v("component_mean", ("occupation", "component"), "float32", None, "mean push",
+       "mean contribution to log p(female) - log p(male) over the occupation's templates"),
+    _v("head_mean", ("occupation", "layer", "head"), "float32", None, "mean head push", "the same per head"),
+    _v("log_ratio_mean", ("occupation",), "float32", None, "mean log-ratio", "the summed contributions' mean"),
+    _v("statistic_value", ("occupation",), "float64", None, "statistic", "the statistic per occupation"),
+    *(_v(f"component_{s}", ("component",), "float64", None, f"component {s}", f"{s} of each component's push "
+         "against the statistic, across occupations") for s in _STATS),
+    *(_v(f"head_{s}", ("layer", "head"), "float64", None, f"head {s}", f"{s} of each head's push") for s in _STATS),
+    *(_v(f"log_ratio_{s}", (), "float64", None, f"log-ratio {s}", f"{s} of the summed push") for s in _STATS),
+), (_v("occupation", ("occupation",), "str", None, "occupation", "occupations of the probe"), _COMPONENT,
+    _v("layer", ("layer",), "int32", None, "layer", "captured blocks"), _HEAD),
+    "the bias probe decomposed per head and MLP layer (analyze/bias_dla.py)")
+
+ANALYSIS = (LENS, LENS_STUDY, NMF, NMF_TRANSFORM, HEADS, BIAS, BIAS_CORRELATION, PROBE, DLA, BIAS_DLA)
 GROUPS = (READOUT,) + ANALYSIS
 
 

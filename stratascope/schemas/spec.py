@@ -100,7 +100,29 @@ ACTIVATIONS = (
        "per-head queries as the attention scores use them (after rotary embeddings, if any)"),
     _v("keys", ("token", "layer", "head", "d_head"), None, "qk", "key",
        "per-head keys as the scores use them (after rotary; repeated to every query head under GQA)"),
+    VariableSpec("attn_out", ("token", "layer", "d_model"), None, "components",
+                 "what the block's attention sublayer adds to the residual stream (after any norm the family "
+                 "applies to it before the add; post-norm encoders: the output projection, before add and norm)"),
+    VariableSpec("mlp_out", ("token", "layer", "d_model"), None, "components",
+                 "what the block's MLP sublayer adds to the residual stream (same conventions as attn_out)"),
+    VariableSpec("z", ("token", "layer", "head", "d_head"), None, "z",
+                 "per-head attention outputs (weights times values), the input of the attention output projection"),
 )
+
+# readout/ arrays written with --capture components or z: the output projections of the captured
+# layers, as x @ weight + bias (in, out) whatever the family's own layout, so that a head's
+# contribution is z[h] @ attn_out_weight[h] and a neuron's is mlp[n] * mlp_out_weight[n].
+READOUT_PROJECTIONS = (
+    VariableSpec("attn_out_weight", ("layer", "head", "d_head", "d_model"), "float32", None,
+                 "attention output projection of each captured layer, split by head"),
+    VariableSpec("attn_out_bias", ("layer", "d_model"), "float32", None,
+                 "attention output projection bias (zeros where the model has none)"),
+    VariableSpec("mlp_out_weight", ("layer", "neuron", "d_model"), "float32", None,
+                 "MLP output projection of each captured layer"),
+    VariableSpec("mlp_out_bias", ("layer", "d_model"), "float32", None,
+                 "MLP output projection bias (zeros where the model has none)"),
+)
+PROJECTION_CAPTURES = ("components", "z")  # what writes READOUT_PROJECTIONS
 
 # Gradients (float32 whatever --dtype says). Attribution row r: the prediction made at position r
 # of token r+1, over keys 0..r; rows that are not targets are NaN. See capture/gradients.py.

@@ -6,25 +6,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..errors import SchemaError, SchemaVersionError
+from ..errors import SchemaError
+from .attrs import RootAttrs, parse_schema_version  # noqa: F401 - parse_schema_version is part of this API
 from .groups import GroupSpec
-from .spec import LABEL_PREFIX, META_PREFIX, SCHEMA_VERSION, VariableSpec, root_spec
-
-
-def parse_schema_version(attrs: Mapping, where: str) -> int:
-    """Return the schema version, or raise naming the store and what to do."""
-    if "schema_version" not in attrs:
-        raise SchemaVersionError(
-            f"{where} has no schema_version attribute; it was not written by stratascope "
-            "(or was written by a pre-release): capture it again"
-        )
-    version = attrs["schema_version"]
-    if version != SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{where} has schema version {version!r}, but this stratascope reads version "
-            f"{SCHEMA_VERSION}: open it with the stratascope release that wrote it, or capture again"
-        )
-    return version
+from .spec import LABEL_PREFIX, META_PREFIX, VariableSpec, root_spec
 
 
 def dtype_matches(spec: VariableSpec, dtype) -> bool:
@@ -38,8 +23,6 @@ def dtype_matches(spec: VariableSpec, dtype) -> bool:
 
 def validate_root(attrs: Mapping, arrays: Mapping[str, tuple[tuple[str, ...], str]], where: str) -> None:
     """Validate root attrs and each array's dims. `arrays` maps name -> (dims, dtype str)."""
-    from .attrs import RootAttrs
-
     RootAttrs.from_dict(attrs, where)
     for name in ("token_id", "position", "prompt_index", "is_generated", "prompt_text", "token_offset", "n_tokens"):
         if name not in arrays:

@@ -16,6 +16,7 @@ from ..schemas import (
     ATTRIBUTION_PREFIX,
     BIAS,
     BIAS_CORRELATION,
+    DLA,
     HEADS,
     LENS,
     META_PREFIX,
@@ -49,6 +50,7 @@ NMF_WEIGHTS = NMF["token_factor"].name         # (token, factor) float32 >= 0
 BIAS_JOB = BIAS.job                            # (prompt, depth, pair) log_ratio; occupation (prompt)
 BIAS_CORRELATION_JOB = BIAS_CORRELATION.job    # (pair, depth) pearson_r/_p, spearman_rho/_p, n
 PROBE_PREFIX = PROBE.prefix                    # analysis/probe_<label>/<name>
+DLA_JOB = DLA.job                              # (row, component) by_component; (row,) prompt, position, logit, gap
 # ------------------------------------------------------------------------------------------------
 
 
@@ -406,6 +408,25 @@ def probe(run, label: str) -> dict:
     return out
 
 
+def dla(run, prompt: int) -> dict:
+    """The stored direct logit attribution of one prompt's rows: per row the contribution of the embedding,
+    each attention and MLP layer and the biases, with the sum and the true logit (difference)."""
+    ds = require_result(run, DLA_JOB, "`stratascope dla`")  # the newest dla result
+    p = run.prompt_index(prompt)
+    rows = np.flatnonzero(ds["prompt"].values == p)
+    sub = ds.isel(row=rows)[["by_component", "position", "token", "target_id", "contrast_id", "total", "logit",
+                             "gap"]].load()
+    vocab = _vocab(run)
+    return {"prompt": p, "components": [str(c) for c in ds["component"].values],
+            "positions": [int(v) for v in sub["position"].values],
+            "labels": [token_label(str(t)) for t in run.ds["token_str"].isel(token=sub["token"].values).values],
+            "targets": [token_label(str(vocab[int(t)])) for t in sub["target_id"].values],
+            "contrasts": [token_label(str(vocab[int(c)])) if c >= 0 else None for c in sub["contrast_id"].values],
+            "values": [_rounded(v) for v in sub["by_component"].values], "total": _rounded(sub["total"].values),
+            "logit": _rounded(sub["logit"].values), "gap": [float(g) for g in sub["gap"].values],
+            "convention": str(ds.attrs.get("convention", ""))}
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -417,6 +438,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "nmf": (nmf, {"prompt": int}),
     "bias": (bias, {"pair": str}),
     "probe": (probe, {"label": str}),
+    "dla": (dla, {"prompt": int}),
 }
 
 

@@ -91,6 +91,9 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("probe", "Probe accuracy", "probe",
          "a linear probe's accuracy (or R²) at every depth, ± sd over folds, with the control task and the baseline",
          _needs_probe, True),
+    View("dla", "Logit attribution", "dla",
+         "one position: what the embedding, each attention and MLP layer add to the target's logit, with the "
+         "sum and the true logit", _needs_result(data.DLA_JOB, "`stratascope dla`"), True),
 )}
 
 

@@ -15,16 +15,18 @@ def bias_probe(model: str = "smollm2", out: str = "runs/bias.zarr", occupations=
                strict: bool = False, overwrite: bool = False, corpus: str = "builtin", statistic: str | None = None,
                device: str = CaptureConfig.device, dtype: str = CaptureConfig.dtype,
                batch_size: int = CaptureConfig.batch_size,
-               progress: bool = True) -> BiasResult:
+               progress: bool = True, dla: bool = False) -> BiasResult:
     """Capture the occupation corpus (hidden states only) with `model` into `out`, then probe it.
 
     occupations: None (the built-in `corpus`: 'builtin' = 60 Winogender occupations with BLS
     statistics, 'professions' = Bolukbasi et al.'s 320), a CSV path, a DataFrame or a list of
     names. templates: None (the eight built-in ones), a text file (one per line) or a list.
+    dla: also capture the residual components and per-head z (for Run.bias_dla).
     """
     pairs = parse_pairs(pairs)  # syntax errors before any model work
     prompts = occupation_prompts(load_occupations(occupations, corpus), load_templates(templates))
-    path = capture(model=model, prompts=prompts, out=out, capture=("hidden",), dtype=dtype, batch_size=batch_size,
+    path = capture(model=model, prompts=prompts, out=out,
+                   capture=("hidden", "components", "z") if dla else ("hidden",), dtype=dtype, batch_size=batch_size,
                    device=device, overwrite=overwrite, progress=progress)
     lens_device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return bias(Store(path), pairs, strict, statistic, device=lens_device, progress=progress)
