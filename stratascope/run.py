@@ -132,20 +132,20 @@ class Run(Store):
     def layer_predictions(self, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
                           norm: str = "final") -> pd.DataFrame:
         """Top-k tokens (token, prob) the lens reads out at `depth` for one position of one prompt."""
-        from .analyze.lens import layer_predictions
+        from .analyze.prompt_lens import layer_predictions
 
         return layer_predictions(self, prompt, position, depth, topk, norm)
 
     def rankings(self, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
         """Depth x position: rank of the token that came next."""
-        from .analyze.lens import rankings
+        from .analyze.prompt_lens import rankings
 
         return rankings(self, prompt, norm)
 
     def rankings_watch(self, prompt: int = 0, watch=(" he", " she"), position: int = -1,
                        norm: str = "final") -> pd.DataFrame:
         """Depth x watch token: rank of each watched token at one position."""
-        from .analyze.lens import rankings_watch
+        from .analyze.prompt_lens import rankings_watch
 
         return rankings_watch(self, prompt, watch, position, norm)
 

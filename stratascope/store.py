@@ -159,11 +159,21 @@ class Store:
             raise OutOfRangeError(f"prompt {prompt} is out of range; this run has prompts 0-{n - 1}")
         return prompt % n
 
+    @cached_property
+    def _prompt_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token_offset, n_tokens) of every prompt, read once: small, and asked for on every view."""
+        return np.asarray(self.array("token_offset")[:]), np.asarray(self.array("n_tokens")[:])
+
+    @cached_property
+    def depths(self) -> list[int]:
+        """The captured depth values (0 = embeddings)."""
+        return [int(d) for d in self.ds["depth"].values] if "depth" in self.ds.coords else []
+
     def token_slice(self, prompt: int) -> slice:
         """The rows of `prompt` in the token dimension."""
         p = self.prompt_index(prompt)
-        start = int(self.ds["token_offset"][p])
-        return slice(start, start + int(self.ds["n_tokens"][p]))
+        offsets, lengths = self._prompt_rows
+        return slice(int(offsets[p]), int(offsets[p] + lengths[p]))
 
     def tokens(self, prompt: int) -> pd.DataFrame:
         """The tokens of one prompt: id, text, position, whether generated."""

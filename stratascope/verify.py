@@ -18,7 +18,8 @@ import zarr
 from .checked_store import chunk_problem, codecs_of, dense
 from .errors import DamagedStoreError
 from .progress import tqdm
-from .store import consolidate, every_chunk_written, root_attrs
+from .schemas import consolidate
+from .store import every_chunk_written, root_attrs
 
 MAX_LISTED = 20
 

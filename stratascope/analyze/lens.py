@@ -15,7 +15,6 @@ model's output distribution (depth L, normalized); NaN if depth L was not captur
 from __future__ import annotations
 
 import json
-import warnings
 
 import dask
 import dask.array as da
@@ -23,11 +22,22 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..errors import ConfigError, MissingArrayError, OutOfRangeError
+from ..errors import OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import LENS
+from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here by other analyses
+    _check,
+    _plan_depths,
+    _position_row,
+    _tokenizer,
+    captured_depths,
+    parse_depths,
+    require_hidden,
+    targets_of,
+    watch_ids,
+)
 from .lens_kernel import LensArrays, lens_rows
-from .readout import NORMS, PRECISIONS, Readout, load_readout
+from .readout import Readout, load_readout
 from .results import job_progress, load_result, save_result
 
 JOB = LENS.job
@@ -35,13 +45,7 @@ _FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "k
 _FILL = {"int32": -1, "float32": np.nan}
 
 
-# ---------------------------------------------------------------- inputs
-
-
-def require_hidden(run) -> xr.DataArray:
-    if "hidden" not in run.ds:
-        raise MissingArrayError("this run has no hidden states; capture with --capture hidden")
-    return run.ds["hidden"]
+# ---------------------------------------------------------------- the readout
 
 
 _READOUTS: dict[tuple, Readout] = {}
@@ -57,109 +61,6 @@ def readout_for(run, device: str = "cpu", precision: str = "float32") -> Readout
             _READOUTS.pop(next(iter(_READOUTS)))
         _READOUTS[key] = readout
     return _READOUTS[key]
-
-
-def captured_depths(run) -> list[int]:
-    return [int(d) for d in run.ds["depth"].values]
-
-
-def parse_depths(run, depths) -> list[int]:
-    """Depth values from None (all captured), a string like '0-5,10', an int or a list of ints."""
-    have = captured_depths(run)
-    if depths is None:
-        return have
-    if isinstance(depths, str):
-        wanted: list[int] = []
-        for part in filter(None, (p.strip() for p in depths.split(","))):
-            try:
-                lo, _, hi = part.partition("-")
-                wanted += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-            except ValueError as e:
-                raise ConfigError(f"--depths {depths!r}: '{part}' is not a depth or a range like 0-30") from e
-    else:
-        wanted = [int(d) for d in np.atleast_1d(depths)]
-    L = int(run.attrs["model"]["n_layers"])
-    out = []
-    for d in wanted:
-        d = d + L + 1 if d < 0 else d
-        if d not in have:
-            raise OutOfRangeError(f"depth {d} is out of range; this run holds depths {format_ranges(have)}")
-        if d not in out:
-            out.append(d)
-    if not out:
-        raise ConfigError(f"--depths {depths!r} selects no depth; this run holds depths {format_ranges(have)}")
-    return out
-
-
-def watch_ids(run, watch) -> tuple[list[str], list[int]]:
-    """(labels, ids) for watch words, tokenized with the run's stored tokenizer.json (the
-    `tokenizers` package, not transformers). An int is taken as a vocabulary id. A word that
-    is several tokens is watched through its first token, with a warning saying so."""
-    words = [watch] if isinstance(watch, (str, int)) else list(watch or [])
-    labels, ids = [], []
-    tokenizer, vocab = None, None
-    V = int(run.attrs["model"]["vocab_size"])
-    for w in words:
-        if isinstance(w, (int, np.integer)):
-            if not 0 <= int(w) < V:
-                raise OutOfRangeError(f"watch id {w} is out of range; the vocabulary has ids 0-{V - 1}")
-            vocab = vocab if vocab is not None else run.readout["vocab_str"].values
-            label, tid = str(vocab[int(w)]), int(w)
-        else:
-            tokenizer = tokenizer or _tokenizer(run)
-            pieces = tokenizer.encode(str(w), add_special_tokens=False)
-            if not pieces.ids:
-                raise ConfigError(f"watch word {w!r} tokenizes to nothing; give a non-empty word")
-            if len(pieces.ids) > 1:
-                warnings.warn(f"watch word {w!r} is {len(pieces.ids)} tokens {pieces.tokens}; "
-                              f"watching its first token {pieces.tokens[0]!r}", stacklevel=3)
-            label, tid = str(w), int(pieces.ids[0])
-        if isinstance(w, str) and label in labels:  # the same word asked twice: one column
-            continue
-        if tid in ids and isinstance(w, str):  # two words, a column each, but the lens tells only tokens apart
-            warnings.warn(f"watch words {labels[ids.index(tid)]!r} and {label!r} share their first token (id "
-                          f"{tid}); their columns are the same", stacklevel=3)
-        labels.append(label)
-        ids.append(tid)
-    return labels, ids
-
-
-def _tokenizer(run):
-    from tokenizers import Tokenizer
-
-    blob = bytes(np.asarray(run.readout["tokenizer_json"].values, dtype=np.uint8))
-    if not blob.strip(b"\x00"):
-        raise MissingArrayError(f"{run.path} stored no tokenizer.json; give watch tokens as vocabulary ids")
-    return Tokenizer.from_str(blob.decode("utf-8"))
-
-
-def _check(norm: str, precision: str, topk: int) -> None:
-    if norm not in NORMS:
-        raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORMS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if int(topk) < 1:
-        raise ConfigError(f"--topk {topk} must be at least 1")
-
-
-def _plan_depths(run, depths: list[int]) -> tuple[list[int], int | None]:
-    """Depth indexes to compute (the chosen ones, then depth L if captured and not chosen) and
-    the position of depth L among them (the KL reference), or None."""
-    have = captured_depths(run)
-    L = int(run.attrs["model"]["n_layers"])
-    idx = [have.index(d) for d in depths]
-    if L not in have:
-        return idx, None
-    if L in depths:
-        return idx, depths.index(L)
-    return idx + [have.index(L)], len(idx)
-
-
-def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarray,
-               next_prompt: np.ndarray) -> np.ndarray:
-    """The id of the token that came next in the same sequence, or -1 (last token, masked row)."""
-    same = (next_prompt == prompt_index) & (prompt_index >= 0)
-    return np.where(same, next_id, -1).astype(np.int32)
 
 
 # ---------------------------------------------------------------- rows
@@ -337,60 +238,6 @@ def _local_scheduler() -> dict:
         return {}
     except (ImportError, ValueError):
         return {"scheduler": "threads", "num_workers": 2}
-
-
-# ---------------------------------------------------------------- one prompt (Ecco's views)
-# These compute the one prompt's rows directly from the stored hidden states and readout
-# (milliseconds): they never read or write analysis/lens, so they do not depend on its parameters.
-
-
-def _position_row(run, prompt: int, position: int) -> int:
-    rows = run.token_slice(prompt)
-    n = rows.stop - rows.start
-    if not -n <= position < n:
-        raise OutOfRangeError(f"position {position} is out of range; prompt {run.prompt_index(prompt)} "
-                              f"has positions 0-{n - 1}")
-    return rows.start + position % n
-
-
-def layer_predictions(run, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
-                      norm: str = "final"):
-    """The top-k tokens the lens reads out at one depth (default: the last captured) for one position."""
-    import pandas as pd
-
-    depth = captured_depths(run)[-1] if depth is None else depth
-    out = lens_tokens(run, [_position_row(run, prompt, position)], [depth], topk=topk, norm=norm)
-    ids = out.topk_ids[0, 0]
-    vocab = run.readout["vocab_str"].isel(vocab=ids).values
-    return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "token": vocab.astype(object), "token_id": ids,
-                         "prob": out.topk_probs[0, 0]})
-
-
-def rankings(run, prompt: int = 0, norm: str = "final"):
-    """Depth x position: the rank of the token that actually came next (Ecco's rankings).
-    The last position has no next token, so it is not a column."""
-    import pandas as pd
-
-    rows = run.token_slice(prompt)
-    out = lens_tokens(run, rows, None, topk=1, norm=norm)
-    tokens = run.tokens(prompt)
-    n = len(tokens) - 1
-    df = pd.DataFrame(out.target_rank[:n].T, index=pd.Index(captured_depths(run), name="depth"),
-                      columns=pd.Index(tokens["position"].values[:n], name="position"))
-    df.attrs.update(tokens=list(tokens["token"][:n]), next_tokens=list(tokens["token"][1:]))
-    return df
-
-
-def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = -1, norm: str = "final"):
-    """Depth x watch token: the rank of each watched token at one position (Ecco's rankings_watch)."""
-    import pandas as pd
-
-    labels, ids = watch_ids(run, watch)
-    if not ids:
-        raise ConfigError("give at least one watch word")
-    out = lens_tokens(run, [_position_row(run, prompt, position)], None, watch=ids, topk=1, norm=norm)
-    return pd.DataFrame(out.watch_rank[0], index=pd.Index(captured_depths(run), name="depth"),
-                        columns=pd.Index(labels, name="watch"))
 
 
 def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:

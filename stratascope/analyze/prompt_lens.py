@@ -15,8 +15,10 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from ..errors import ConfigError, MissingArrayError
+from .lens_inputs import _check, _plan_depths, _position_row, captured_depths, require_hidden, targets_of, watch_ids
 
 ROW_BLOCK = 64  # rows x depths whose full-vocabulary logits are held at once (64 x 49152 float32 = 12 MiB)
 _LOCK = threading.Lock()
@@ -112,20 +114,23 @@ def lens_of_rows(readout: ReadoutArrays, hidden: np.ndarray, norm: str, final_in
     tgt = np.repeat(np.full(n, -1) if targets is None else np.asarray(targets), D)
     watch = np.asarray(watch, dtype=np.int64)
     V = readout.unembed.shape[0]
-    k = min(topk, V)
+    k = min(topk, V)  # 0: no top-k (rank-only calls)
     top_ids = np.empty((n * D, k), np.int64)
     top_probs = np.empty((n * D, k), np.float32)
     ranks = np.full(n * D, -1, np.int64)
     wranks = np.empty((n * D, len(watch)), np.int64)
     for s in range(0, n * D, ROW_BLOCK):
         z = readout.logits(flat[s:s + ROW_BLOCK])  # rows, V
-        idx = np.argpartition(-z, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(z, idx, 1), axis=1, kind="stable")
-        top = np.take_along_axis(idx, order, 1)
-        m = z.max(1, keepdims=True)
-        logsum = np.log(np.exp(z - m).sum(1, keepdims=True)) + m
-        top_ids[s:s + len(z)] = top
-        top_probs[s:s + len(z)] = np.exp(np.take_along_axis(z, top, 1) - logsum)
+        if k:
+            if k == 1:
+                top = z.argmax(1)[:, None]
+            else:
+                idx = np.argpartition(-z, k - 1, axis=1)[:, :k]
+                top = np.take_along_axis(idx, np.argsort(-np.take_along_axis(z, idx, 1), axis=1, kind="stable"), 1)
+            m = z.max(1, keepdims=True)
+            logsum = np.log(np.exp(z - m).sum(1, keepdims=True)) + m
+            top_ids[s:s + len(z)] = top
+            top_probs[s:s + len(z)] = np.exp(np.take_along_axis(z, top, 1) - logsum)
         t = tgt[s:s + len(z)]
         has = t >= 0
         if has.any():
@@ -135,3 +140,75 @@ def lens_of_rows(readout: ReadoutArrays, hidden: np.ndarray, norm: str, final_in
             wranks[s:s + len(z)] = 1 + (z[:, None, :] > z[:, watch][:, :, None]).sum(2)
     return RowLens(top_ids.reshape(n, D, k), top_probs.reshape(n, D, k), ranks.reshape(n, D),
                    wranks.reshape(n, D, len(watch)))
+
+
+# ---------------------------------------------------------------- the one-prompt calls
+
+
+def _rows_lens(run, start: int, stop: int, depth_values: list[int], norm: str, watch=(), topk: int = 10,
+               with_targets: bool = True) -> RowLens:
+    """The lens of token rows start..stop-1 at `depth_values`, read straight from zarr."""
+    require_hidden(run)
+    idx, final = _plan_depths(run, depth_values)
+    hidden = run.array("hidden")
+    h = np.asarray(hidden.get_orthogonal_selection((slice(start, stop), idx)), dtype=np.float32)
+    targets = None
+    if with_targets:
+        n = run.n_tokens
+        end = min(stop + 1, n)
+        tid = np.asarray(run.array("token_id")[start:end])
+        pidx = np.asarray(run.array("prompt_index")[start:end])
+        nid = np.concatenate([tid[1:], [-1] * (stop + 1 - end)])
+        npr = np.concatenate([pidx[1:], [-2] * (stop + 1 - end)])
+        targets = targets_of(tid[:stop - start], pidx[:stop - start], nid[:stop - start], npr[:stop - start])
+    got = lens_of_rows(readout_arrays(run), h, norm, final, targets, watch, topk)
+    D = len(depth_values)  # depth L may have been appended as the KL reference: not returned
+    return RowLens(got.topk_ids[:, :D], got.topk_probs[:, :D], got.target_rank[:, :D], got.watch_rank[:, :D])
+
+
+def layer_predictions(run, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
+                      norm: str = "final") -> pd.DataFrame:
+    """The top-k tokens the lens reads out at one depth (default: the last captured) for one position."""
+    _check(norm, "float32", topk)
+    depths = captured_depths(run)
+    depth = depths[-1] if depth is None else depth
+    if depth not in depths:
+        from ..errors import OutOfRangeError
+        from ..ranges import format_ranges
+
+        raise OutOfRangeError(f"depth {depth} is out of range; this run holds depths {format_ranges(depths)}")
+    row = _position_row(run, prompt, position)
+    got = _rows_lens(run, row, row + 1, [depth], norm, topk=topk, with_targets=False)
+    ids = got.topk_ids[0, 0]
+    vocab = np.asarray(run.array("readout/vocab_str").get_coordinate_selection(ids))
+    return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "token": vocab.astype(object), "token_id": ids,
+                         "prob": got.topk_probs[0, 0]})
+
+
+def rankings(run, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
+    """Depth x position: the rank of the token that actually came next (Ecco's rankings). The last
+    position has no next token, so it is not a column; columns are labelled with the tokens."""
+    _check(norm, "float32", 1)
+    rows = run.token_slice(prompt)
+    depths = captured_depths(run)
+    got = _rows_lens(run, rows.start, rows.stop, depths, norm, topk=0)
+    tokens = np.asarray(run.array("token_str")[rows.start:rows.stop]).astype(object)
+    n = len(tokens) - 1
+    columns = pd.MultiIndex.from_arrays([np.arange(n), tokens[1:]], names=["position", "next token"])
+    df = pd.DataFrame(got.target_rank[:n].T, index=pd.Index(depths, name="depth"), columns=columns)
+    df.attrs.update(tokens=list(tokens[:n]), next_tokens=list(tokens[1:]))
+    return df
+
+
+def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = -1,
+                   norm: str = "final") -> pd.DataFrame:
+    """Depth x watch token: the rank of each watched token at one position (Ecco's rankings_watch)."""
+    _check(norm, "float32", 1)
+    labels, ids = watch_ids(run, watch)
+    if not ids:
+        raise ConfigError("give at least one watch word")
+    row = _position_row(run, prompt, position)
+    depths = captured_depths(run)
+    got = _rows_lens(run, row, row + 1, depths, norm, watch=ids, topk=0, with_targets=False)
+    return pd.DataFrame(got.watch_rank[0], index=pd.Index(depths, name="depth"),
+                        columns=pd.Index(labels, name="watch"))

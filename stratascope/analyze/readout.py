@@ -15,7 +15,6 @@ import torch
 
 from ..errors import ConfigError, DeviceError, MissingArrayError
 
-NORMS = ("final", "none")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

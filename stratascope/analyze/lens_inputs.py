@@ -1,0 +1,134 @@
+"""What the lens reads, checked: depths, watch words, rows and their next tokens (no torch).
+
+Shared by the corpus job (lens.py, torch) and the one-prompt calls (prompt_lens.py, numpy).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import xarray as xr
+
+from ..errors import ConfigError, MissingArrayError, OutOfRangeError
+from ..ranges import format_ranges
+
+NORMS = ("final", "none")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def require_hidden(run) -> xr.DataArray:
+    if "hidden" not in run.ds:
+        raise MissingArrayError("this run has no hidden states; capture with --capture hidden")
+    return run.ds["hidden"]
+
+
+def captured_depths(run) -> list[int]:
+    return list(run.depths)
+
+
+def parse_depths(run, depths) -> list[int]:
+    """Depth values from None (all captured), a string like '0-5,10', an int or a list of ints."""
+    have = captured_depths(run)
+    if depths is None:
+        return have
+    if isinstance(depths, str):
+        wanted: list[int] = []
+        for part in filter(None, (p.strip() for p in depths.split(","))):
+            try:
+                lo, _, hi = part.partition("-")
+                wanted += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            except ValueError as e:
+                raise ConfigError(f"--depths {depths!r}: '{part}' is not a depth or a range like 0-30") from e
+    else:
+        wanted = [int(d) for d in np.atleast_1d(depths)]
+    L = int(run.attrs["model"]["n_layers"])
+    out = []
+    for d in wanted:
+        d = d + L + 1 if d < 0 else d
+        if d not in have:
+            raise OutOfRangeError(f"depth {d} is out of range; this run holds depths {format_ranges(have)}")
+        if d not in out:
+            out.append(d)
+    if not out:
+        raise ConfigError(f"--depths {depths!r} selects no depth; this run holds depths {format_ranges(have)}")
+    return out
+
+
+def watch_ids(run, watch) -> tuple[list[str], list[int]]:
+    """(labels, ids) for watch words, tokenized with the run's stored tokenizer.json (the
+    `tokenizers` package, not transformers). An int is taken as a vocabulary id. A word that
+    is several tokens is watched through its first token, with a warning saying so."""
+    words = [watch] if isinstance(watch, (str, int)) else list(watch or [])
+    labels, ids = [], []
+    tokenizer, vocab = None, None
+    V = int(run.attrs["model"]["vocab_size"])
+    for w in words:
+        if isinstance(w, (int, np.integer)):
+            if not 0 <= int(w) < V:
+                raise OutOfRangeError(f"watch id {w} is out of range; the vocabulary has ids 0-{V - 1}")
+            vocab = vocab if vocab is not None else run.readout["vocab_str"].values
+            label, tid = str(vocab[int(w)]), int(w)
+        else:
+            tokenizer = tokenizer or _tokenizer(run)
+            pieces = tokenizer.encode(str(w), add_special_tokens=False)
+            if not pieces.ids:
+                raise ConfigError(f"watch word {w!r} tokenizes to nothing; give a non-empty word")
+            if len(pieces.ids) > 1:
+                warnings.warn(f"watch word {w!r} is {len(pieces.ids)} tokens {pieces.tokens}; "
+                              f"watching its first token {pieces.tokens[0]!r}", stacklevel=3)
+            label, tid = str(w), int(pieces.ids[0])
+        if isinstance(w, str) and label in labels:  # the same word asked twice: one column
+            continue
+        if tid in ids and isinstance(w, str):  # two words, a column each, but the lens tells only tokens apart
+            warnings.warn(f"watch words {labels[ids.index(tid)]!r} and {label!r} share their first token (id "
+                          f"{tid}); their columns are the same", stacklevel=3)
+        labels.append(label)
+        ids.append(tid)
+    return labels, ids
+
+
+def _tokenizer(run):
+    """The run's stored tokenizer (Store.tokenizer, parsed once per run)."""
+    if run.tokenizer is None:
+        raise MissingArrayError(f"{run.path} stored no tokenizer.json; give watch tokens as vocabulary ids")
+    return run.tokenizer
+
+
+def _check(norm: str, precision: str, topk: int) -> None:
+    if norm not in NORMS:
+        raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORMS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if int(topk) < 1:
+        raise ConfigError(f"--topk {topk} must be at least 1")
+
+
+def _plan_depths(run, depths: list[int]) -> tuple[list[int], int | None]:
+    """Depth indexes to compute (the chosen ones, then depth L if captured and not chosen) and
+    the position of depth L among them (the KL reference), or None."""
+    have = captured_depths(run)
+    L = int(run.attrs["model"]["n_layers"])
+    idx = [have.index(d) for d in depths]
+    if L not in have:
+        return idx, None
+    if L in depths:
+        return idx, depths.index(L)
+    return idx + [have.index(L)], len(idx)
+
+
+def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarray,
+               next_prompt: np.ndarray) -> np.ndarray:
+    """The id of the token that came next in the same sequence, or -1 (last token, masked row)."""
+    same = (next_prompt == prompt_index) & (prompt_index >= 0)
+    return np.where(same, next_id, -1).astype(np.int32)
+
+
+
+def _position_row(run, prompt: int, position: int) -> int:
+    rows = run.token_slice(prompt)
+    n = rows.stop - rows.start
+    if not -n <= position < n:
+        raise OutOfRangeError(f"position {position} is out of range; prompt {run.prompt_index(prompt)} "
+                              f"has positions 0-{n - 1}")
+    return rows.start + position % n
