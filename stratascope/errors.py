@@ -71,3 +71,7 @@ class MissingMetadataError(StratascopeError, LookupError):
 
 class DamagedStoreError(StratascopeError, OSError):
     """A chunk of a store is damaged or missing: its checksum or length is wrong, or it was never found."""
+
+
+class StoreLockedError(StratascopeError, BlockingIOError):
+    """Another process is writing what this command would write (its lock file names it)."""

@@ -97,3 +97,35 @@ def test_leftovers_of_a_dead_job_are_cleaned(tiny_model_dirs, tmp_path):
     save_result(run, "demo_job", xr.Dataset({"score": ("token", np.zeros(run.n_tokens, np.float32))}), {"k": 1})
     staging = zarr.open_group(run.path, path="analysis/_staging", mode="r", use_consolidated=False)
     assert list(staging.group_keys()) == []
+
+
+def test_kill_at_any_moment_of_a_job_leaves_the_earlier_result_intact(tiny_model_dirs, tmp_path):
+    """kill -9 a lens job at many moments (computing, writing, moving into place): the earlier
+    result still reads the same, the killed one is either absent or complete, and the next run
+    cleans the leftovers and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS * 30, out=str(tmp_path / "r.zarr"),
+                     capture="hidden", progress=False)
+    first = run.lens(topk=2, progress=False)
+    expected = first["topk_ids"].values.copy()
+    code = f"import stratascope as ss; ss.open_run({run.path!r}).lens(topk=5, progress=False)"
+    for delay in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        again = ss.open_run(run.path)
+        np.testing.assert_array_equal(again.lens(topk=2, progress=False)["topk_ids"].values, expected)
+        from stratascope.analyze.lens import lens_params
+
+        done = load_result(again, "lens", lens_params(again, topk=5))
+        if done is not None:  # it got into place before the kill: then it is whole
+            assert done.sizes["k"] == 5 and (done["topk_ids"].values >= 0).any()
+    finished = ss.open_run(run.path).lens(topk=5, progress=False)
+    assert finished.sizes["k"] == 5
+    staging = tmp_path / "r.zarr" / "analysis" / "_staging"
+    assert not staging.exists() or not [p for p in staging.iterdir() if p.is_dir()]

@@ -24,6 +24,7 @@ import uuid
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
+from ..locks import hold
 from ..progress import dask_progress
 from ..schemas import analysis_spec, check_group, consolidate, describe
 from ..store import group_attrs, has_group, open_dataset, subgroups
@@ -44,8 +45,13 @@ def result_name(params: dict) -> str:
 
 
 def source_fingerprint(run) -> dict:
-    return {"corpus_sha256": run.attrs["corpus"]["sha256"], "weights_sha256": run.attrs["model"]["weights_sha256"],
-            "created": run.attrs["created"]}
+    """What a result was computed from. A capture still being written also counts its finished
+    shards, so a result computed from it is never reused once more of the store is written."""
+    source = {"corpus_sha256": run.attrs["corpus"]["sha256"], "weights_sha256": run.attrs["model"]["weights_sha256"],
+              "created": run.attrs["created"]}
+    if not run.attrs.get("complete") and "shard_complete" in run.ds:
+        source["incomplete_shards_done"] = int(run.ds["shard_complete"].values.sum())
+    return source
 
 
 def _attrs(run, group: str) -> dict:
@@ -130,6 +136,11 @@ def forget_result(run, job: str, name: str | None = None) -> list[str]:
 def save_result(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     """Write `ds` (lazy dask arrays are computed chunk by chunk) as the result of `job` with these
     parameters, and return it reopened lazily from the store. Results with other parameters stay."""
+    with hold(run.path, f"{job}-{result_name(params)}"):  # one writer of this result at a time
+        return _save(run, job, ds, params)
+
+
+def _save(run, job: str, ds: xr.Dataset, params: dict) -> xr.Dataset:
     import zarr
 
     _clean_staging(run)

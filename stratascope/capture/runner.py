@@ -15,6 +15,7 @@ import zarr
 
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
 from ..formatting import human_bytes
+from ..locks import hold
 from ..models import find_adapter, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
@@ -208,6 +209,14 @@ def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *,
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume contradict each other; choose one")
     data = read_corpus(corpus, text_column) if corpus is not None else from_prompts(prompts, text_column)
+    if dry_run:
+        return _capture(model, out, cfg, data, overwrite, resume, dry_run, progress, workers, scheduler)
+    with hold(out, "capture", exclusive=True):  # one writer at a time (locks.py)
+        return _capture(model, out, cfg, data, overwrite, resume, dry_run, progress, workers, scheduler)
+
+
+def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: bool, resume: bool, dry_run: bool,
+             progress: bool, workers: int | None, scheduler: str | None):
     if not dry_run:
         prepare_output(out, overwrite, resume)
     if scheduler:
