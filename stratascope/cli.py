@@ -115,14 +115,26 @@ def _print_info(info: dict) -> None:
     click.echo("verified   " + ("never (stratascope verify RUN checks every chunk)" if not verified else
                                 f"{verified['at'][:19]}Z: " + ("intact" if verified["ok"] else
                                                              f"{verified['problems']} damaged or missing chunks")))
-    if not info["complete"]:
+    if info.get("failure"):
+        click.echo(f"FAILED     {info['failure']}")
+    elif not info["complete"]:
         s = info["shards"]
         click.echo(f"INCOMPLETE {s['complete']} of {s['total']} shards complete; finish with the same capture "
                    "command plus --resume")
     click.echo(f"model      {info['model']} ({info['class']}, family {info['family']}): {info['layers']} layers, "
                f"{info['heads']} heads, d_model {info['d_model']}, vocab {info['vocab']}")
+    changed = []  # nothing the capture changed goes unsaid
+    if info.get("truncated_prompts"):
+        changed.append(f"{info['truncated_prompts']} prompts cut to --max-length {info['max_length']} tokens")
+    for why, n in info.get("skipped_lines", {}).items():
+        changed.append(f"{n} {why} corpus lines skipped")
+    if info.get("special_token_texts"):
+        changed.append(f"{info['special_token_texts']} prompts hold special-token text, "
+                       + ("tokenized as text" if info["special_tokens"] == "text" else "read as control tokens"))
     click.echo(f"corpus     {info['prompts']} prompts, {info['tokens']} tokens"
                + (f"; metadata {', '.join(info['metadata_columns'])}" if info["metadata_columns"] else ""))
+    if changed:
+        click.echo("changed    " + "; ".join(changed))
     layers = info["captured_layers"]
     click.echo(f"captured   {', '.join(info['captured'])} as {info['dtype']}, layers "
                f"{layers[0]}-{layers[-1]}"

@@ -193,7 +193,10 @@ class Run(Store):
                 "arrays": arrays, "bytes_on_disk": store_bytes(self.path), "created": self.attrs["created"],
                 "schema_version": self.attrs["schema_version"], "results": self.results(),
                 "complete": bool(self.attrs.get("complete")), "shards": self._shards(),
-                "verified": self.attrs.get("verified")}
+                "verified": self.attrs.get("verified"), "failure": self.attrs.get("failure"),
+                "truncated_prompts": cap.get("truncated_prompts", 0), "max_length": cap.get("max_length"),
+                "skipped_lines": c.get("skipped_lines", {}), "special_token_texts": c.get("special_token_texts", 0),
+                "special_tokens": cap.get("special_tokens", "parse")}
 
     def _shards(self) -> dict:
         """How many of the capture's shards are recorded complete."""

@@ -193,3 +193,28 @@ def test_csv_written_with_its_index_keeps_corpus_columns_in_order(tiny_model_dir
                      capture="hidden", progress=False)
     assert list(run.prompts.columns) == ["text", "token_offset", "n_tokens", "zeta", "alpha"]
     assert run.prompts["zeta"].tolist() == [3, 4]
+
+
+def test_nothing_changed_silently(tiny_model_dirs, tmp_path):
+    """Cut prompts, skipped blank lines and special-token text are counted in the store and in
+    `info`; special-token strings are text unless --special-tokens parse (checked against the
+    tokenizer itself)."""
+    from transformers import AutoTokenizer
+
+    import stratascope as ss
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a <|endoftext|> b\n\n   \n" + "word " * 50 + "\nhello\n")
+    out = tmp_path / "r.zarr"
+    code, text = invoke(*capture_args(tiny_model_dirs, corpus, out, "--capture", "hidden", "--max-length", "16"))
+    assert code == 0, text
+    assert "1 prompts cut to --max-length 16 tokens" in text and "2 blank corpus lines skipped" in text
+    assert "1 prompts hold special-token text, tokenized as text" in text
+    tok = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    run = ss.open_run(str(out))
+    assert list(run.tokens(0)["token_id"]) == tok("a <|endoftext|> b", split_special_tokens=True)["input_ids"]
+    parsed = tmp_path / "p.zarr"
+    code, text = invoke(*capture_args(tiny_model_dirs, corpus, parsed, "--capture", "hidden", "--special-tokens",
+                                      "parse"))
+    assert code == 0 and "read as control tokens" in text
+    assert list(ss.open_run(str(parsed)).tokens(0)["token_id"]) == tok("a <|endoftext|> b")["input_ids"]

@@ -78,3 +78,65 @@ def test_intact_store_verifies_and_reads_the_same(pristine, tiny_model_dirs):
     assert "verified   20" in info and "intact" in info
     run = ss.open_run(str(pristine))
     assert np.isfinite(run.ds["hidden"].values).all()
+
+
+def test_disk_full_mid_capture_is_one_sentence_and_resumes_identically(tiny_model_dirs, tmp_path, monkeypatch):
+    """ENOSPC while a shard is written (injected at the zarr write): one sentence naming the array
+    and the fix; the store stays incomplete and `--resume` finishes it bit for bit."""
+    import errno
+
+    import zarr
+
+    opts = dict(capture="hidden,mlp", batch_size=2, device="cpu", progress=False, shard_tokens=16)
+    reference = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(tmp_path / "ref.zarr"),
+                           **opts)
+    real, calls = zarr.Array.__setitem__, {"n": 0}
+
+    def full(self, key, value):
+        if self.basename == "mlp":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    out = tmp_path / "full.zarr"
+    result = CliRunner().invoke(cli, ["capture", "--model", str(tiny_model_dirs["llama"]), "--corpus",
+                                      str(_corpus(tmp_path)), "--out", str(out), "--capture", "hidden,mlp",
+                                      "--batch-size", "2", "--device", "cpu", "--shard-tokens", "16"])
+    monkeypatch.undo()
+    assert result.exit_code == 1 and "no space left on the disk while writing 'mlp'" in result.output
+    assert "--resume" in result.output and "Traceback" not in result.output
+    done = CliRunner().invoke(cli, ["capture", "--model", str(tiny_model_dirs["llama"]), "--corpus",
+                                    str(_corpus(tmp_path)), "--out", str(out), "--capture", "hidden,mlp",
+                                    "--batch-size", "2", "--device", "cpu", "--shard-tokens", "16", "--resume"])
+    assert done.exit_code == 0, done.output
+    resumed = ss.open_run(str(out))
+    for name in ("hidden", "mlp", "token_id"):
+        np.testing.assert_array_equal(resumed.ds[name].values, reference.ds[name].values)
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def test_interrupted_store_creation_is_ours_to_replace_or_restart(tiny_model_dirs, tmp_path, monkeypatch):
+    """Killed while creating the store (after its root group, before its identity): --overwrite
+    replaces it and --resume starts it over; neither says it is not a stratascope store."""
+    from stratascope.capture import runner
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_readout", dies)
+    out = tmp_path / "half.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(out), capture="hidden",
+                   progress=False)
+    monkeypatch.undo()
+    assert out.exists()
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(out), capture="hidden",
+                     progress=False, resume=True)
+    assert run.attrs["complete"] and run.n_prompts == len(PROMPTS)

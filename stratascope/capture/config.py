@@ -53,6 +53,9 @@ class CaptureConfig:
     ig_steps: int = option(32, "integrated gradients path steps", type=int)
     ig_method: str = option("gausslegendre", "gausslegendre, riemann_trapezoid, riemann_middle, riemann_left or "
                                              "riemann_right")
+    special_tokens: str = option("text", "special-token strings in the corpus text (e.g. <|im_start|>): text = "
+                                         "tokenized as the characters they are; parse = as the tokenizer's control "
+                                         "tokens", choices=("text", "parse"))
     attribute: str | None = option(None, "attribution targets: predictions of generated tokens (default with "
                                          "--generate) or of all", choices=("generated", "all"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +19,8 @@ class Corpus:
     texts: list[str]
     metadata: pd.DataFrame
     source: str
+    skipped: dict = field(default_factory=dict)  # reason -> lines of the source left out ("blank")
+    special_token_texts: int = 0  # prompts holding a special token's string (set by the capture)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -79,6 +81,12 @@ def _utf8_lines(path: Path) -> list[str]:
     return lines
 
 
+def _skipped(data: Corpus, blank: int) -> Corpus:
+    if blank:
+        data.skipped["blank"] = blank
+    return data
+
+
 def _drop_written_index(frame: pd.DataFrame) -> pd.DataFrame:
     """A CSV written with its index (DataFrame.to_csv's default) has a first, unnamed column
     0, 1, 2, ...: that is the writer's row number, not corpus metadata."""
@@ -97,12 +105,14 @@ def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         lines = [line.rstrip("\r") for line in _utf8_lines(path)]
-        lines = [line for line in lines if line.strip()]
-        return _from_frame(pd.DataFrame({text_column: lines}), text_column, str(path))
+        kept = [line for line in lines if line.strip()]
+        data = _from_frame(pd.DataFrame({text_column: kept}), text_column, str(path))
+        return _skipped(data, len(lines) - len(kept))
     if suffix == ".jsonl":
-        rows = []
+        rows, blank = [], 0
         for lineno, line in enumerate(_utf8_lines(path), 1):
             if not line.strip():
+                blank += 1
                 continue
             try:
                 row = json.loads(line)
@@ -114,7 +124,7 @@ def read_corpus(path: str | Path, text_column: str = "text") -> Corpus:
                 raise CorpusError(f"corpus {path}, line {lineno}: no '{text_column}' field (its fields: "
                                   f"{', '.join(map(str, row)) or 'none'}); choose one with --text-column")
             rows.append(row)
-        return _from_frame(pd.DataFrame(rows), text_column, str(path))
+        return _skipped(_from_frame(pd.DataFrame(rows), text_column, str(path)), blank)
     try:
         if suffix == ".csv":
             frame = _drop_written_index(pd.read_csv(path))

@@ -6,6 +6,7 @@ import datetime
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,17 +102,31 @@ def free_disk(out: str) -> int | None:
     return shutil.disk_usage(p).free
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[np.ndarray], int]:
-    """Token ids of every prompt (int32 arrays: 4 bytes a token, not a Python int's 28+8)."""
+def tokenize(tokenizer, texts: list[str], max_length: int,
+             special_tokens: str = "text") -> tuple[list[np.ndarray], int]:
+    """Token ids of every prompt (int32 arrays: 4 bytes a token, not a Python int's 28+8).
+    special_tokens 'text' keeps a special-token string in the text as its characters."""
     ids, truncated = [], 0
     for start in range(0, len(texts), 1024):
-        batch = tokenizer(texts[start:start + 1024], add_special_tokens=True)["input_ids"]
+        batch = tokenizer(texts[start:start + 1024], add_special_tokens=True,
+                          split_special_tokens=special_tokens == "text")["input_ids"]
         for seq in batch:
             if len(seq) > max_length:
                 truncated += 1
                 seq = seq[:max_length]
             ids.append(np.asarray(seq, dtype=np.int32))
     return ids, truncated
+
+
+def special_token_texts(tokenizer, texts: list[str]) -> tuple[int, str | None]:
+    """How many texts hold a special token's string (e.g. '<|im_start|>'), and one such string."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1]
+    count, example = 0, None
+    for text in texts:
+        hit = next((t for t in specials if t in text), None)
+        if hit:
+            count, example = count + 1, example or hit
+    return count, example
 
 
 def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) -> Plan:
@@ -179,8 +194,8 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
     if dtype == "float16":
         half = t.to(torch.float16)
         if torch.isinf(half).any() and torch.isfinite(t).all():
-            raise OverflowError16(f"a '{name}' value exceeds the float16 range (|x| > 65504); "
-                                  "capture with --dtype float32")
+            raise OverflowError16(f"a '{name}' value exceeds the float16 range (|x| > 65504); capture again "
+                                  "with --dtype float32 --overwrite (--resume would stop here again)")
         return half
     return t.to(torch.float32)
 
@@ -235,9 +250,15 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                           "generate fewer tokens or raise --max-length")
     types = None
     if adapter.family == "bert":  # segments (a text_pair column) for BertViz's sentence A/B split
-        ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit)
+        ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit, cfg.special_tokens)
     else:
-        ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new)  # room for the generated tokens
+        ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new, cfg.special_tokens)  # room to generate
+    data.special_token_texts, example = special_token_texts(loaded.tokenizer, data.texts)
+    if data.special_token_texts:
+        how = ("tokenized as text (--special-tokens parse reads them as control tokens)"
+               if cfg.special_tokens == "text" else "read as control tokens (--special-tokens parse)")
+        warnings.warn(f"{data.special_token_texts} prompts contain special-token text such as {example!r}; {how}",
+                      stacklevel=3)
     labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
     lengths = np.array([len(s) for s in ids], dtype=np.int64) + n_new  # generated ids join per shard
     plan = make_plan(adapter, cfg, lengths, truncated)
@@ -246,29 +267,32 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
     if dry_run:
         return plan
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
-    if resume:
-        root = _reopen_for_resume(out, loaded, adapter, cfg, data, plan)
-    else:
+    root = _reopen_for_resume(out, loaded, adapter, cfg, data, plan) if resume else None
+    if root is None:
         free = free_disk(out)
         if free is not None and plan.total_bytes() > free:
             raise DiskSpaceError(f"the capture needs up to {human_bytes(plan.total_bytes())} but {out} has "
                                  f"{human_bytes(free)} free; capture fewer arrays or layers, use --dtype float16, "
                                  "or free disk")
-        if overwrite:
+        if overwrite or resume:  # resume: a store whose creation was interrupted starts over
             remove_store(out)
         root = _create(out, loaded, adapter, cfg, data, plan, vocab, labels)
     todo = [s for s in plan.shards if not completed(root)[s.index]]
     started = time.perf_counter()
-    if workers or scheduler:
-        from .cluster import run_on_cluster
+    try:
+        if workers or scheduler:
+            from .cluster import run_on_cluster
 
-        del loaded, adapter  # workers load their own copy
-        with progress_bar(plan, todo, progress) as bar:
-            run_on_cluster(ShardCapturer, out, model, root.attrs["model"]["weights_sha256"], cfg, plan, ids,
-                           np.array(vocab, dtype=object), todo, workers=workers, scheduler=scheduler,
-                           on_shard=bar.update)
-    else:
-        _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
+            del loaded, adapter  # workers load their own copy
+            with progress_bar(plan, todo, progress) as bar:
+                run_on_cluster(ShardCapturer, out, model, root.attrs["model"]["weights_sha256"], cfg, plan, ids,
+                               np.array(vocab, dtype=object), todo, workers=workers, scheduler=scheduler,
+                               on_shard=bar.update)
+        else:
+            _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
+    except OverflowError16 as e:  # no resume can get past it: say so in the store too (info shows it)
+        root.attrs["failure"] = str(e)
+        raise
     seconds = time.perf_counter() - started
     tokens = sum(plan.shard_tokens(s) for s in todo)
     root.attrs.update({"complete": bool(completed(root).all()),
@@ -284,9 +308,15 @@ def _identity(loaded, adapter, cfg: CaptureConfig, data: Corpus) -> dict:
             "capture": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
 
 
-def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group:
+def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group | None:
+    """The store to continue, or None when its creation was interrupted (no identity yet: no
+    shard can be complete, so the capture starts over)."""
     root = zarr.open_group(out, mode="r+")
     stored, now = root.attrs.get("identity"), _identity(loaded, adapter, cfg, data)
+    if root.attrs.get("failure"):
+        raise ResumeMismatchError(f"cannot resume {out}: {root.attrs['failure']}")
+    if stored is None:
+        return None
     if stored != now:
         raise ResumeMismatchError(
             f"cannot resume {out}: {_differences(stored or {}, now)}; rerun with the original corpus, model and "
@@ -313,8 +343,9 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     import xarray
 
     labels = labels or {}
-    root = zarr.open_group(out, mode="w")
-    root.attrs.update(RootAttrs(
+    # the attrs go in with the group itself: a creation killed a moment later is still a store
+    # of ours (an identity-less one, which --overwrite replaces and --resume starts over)
+    root = zarr.open_group(out, mode="w", attributes=RootAttrs(
         stratascope_version=__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(),
         complete=False,
@@ -335,6 +366,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         corpus={"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
                    "n_tokens": plan.n_tokens, "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
+                   "skipped_lines": dict(data.skipped), "special_token_texts": data.special_token_texts,
                    "token_labels": list(labels)},
         generation=cfg.generation.to_attrs() if cfg.generate else None,
         gradients=cfg.gradients.to_attrs() if cfg.gradients else None,

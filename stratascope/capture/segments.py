@@ -14,7 +14,8 @@ def _pair(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def tokenize_segments(tokenizer, data: Corpus, max_length: int) -> tuple[list[list[int]], list[list[int]], int]:
+def tokenize_segments(tokenizer, data: Corpus, max_length: int,
+                      special_tokens: str = "text") -> tuple[list[list[int]], list[list[int]], int]:
     """Token ids and token type ids (0 = sentence A, 1 = sentence B) of every prompt.
 
     A prompt whose corpus record has a non-empty `text_pair` value is encoded as the pair
@@ -32,7 +33,8 @@ def tokenize_segments(tokenizer, data: Corpus, max_length: int) -> tuple[list[li
             if not idx:
                 continue
             args = ([texts[i] for i in idx],) + (([second[i] for i in idx],) if is_pair else ())
-            enc = tokenizer(*args, add_special_tokens=True, return_token_type_ids=True)
+            enc = tokenizer(*args, add_special_tokens=True, return_token_type_ids=True,
+                            split_special_tokens=special_tokens == "text")
             for i, seq, typ in zip(idx, enc["input_ids"], enc["token_type_ids"]):
                 rows[i] = (list(seq), list(typ))
         for i in range(stop - start):

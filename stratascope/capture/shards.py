@@ -8,11 +8,13 @@ number of workers, so every way of running a capture writes the same store.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
+from ..errors import DiskSpaceError
 from ..schemas import VARIABLES
 
 
@@ -58,6 +60,13 @@ def completed(root: zarr.Group) -> np.ndarray:
 
 def write_shard(root: zarr.Group, shard: Shard, stage: dict[str, np.ndarray]) -> None:
     """Write every array's rows of the shard, then, and only then, record it complete."""
-    for name, values in stage.items():  # every chunk written, zeros too (a missing chunk is then damage)
-        root[name].with_config({"write_empty_chunks": True})[shard.start:shard.stop] = values
-    root["shard_complete"][shard.index] = True
+    try:
+        for name, values in stage.items():  # every chunk written, zeros too (a missing chunk is then damage)
+            root[name].with_config({"write_empty_chunks": True})[shard.start:shard.stop] = values
+        root["shard_complete"][shard.index] = True
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskSpaceError(f"no space left on the disk while writing '{name}' of shard {shard.index}; free "
+                                 "space and run the same command with --resume (every shard recorded complete "
+                                 "is kept)") from None
+        raise

@@ -50,6 +50,7 @@ class RootAttrs:
     identity: dict | None = None
     integrity: dict | None = None  # the capture's promise to readers: checksums, every chunk written
     verified: dict | None = None  # when `stratascope verify` last checked the store, and its outcome
+    failure: str | None = None  # why a capture stopped for good (float16 overflow): what to do instead
     # xarray decodes the listed arrays as non-dimension coordinates of `token`
     coordinates: str = " ".join(TOKEN_COORDS)
     extra: dict = field(default_factory=dict)
