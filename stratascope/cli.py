@@ -424,9 +424,9 @@ def view(run_path, port, host):
         server = make_server(run, host, port)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from e
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}; anyone who can reach it can read this store", err=True)
-    click.echo(f"serving {run_path} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
+    click.echo(f"serving {run_path} at {server.url} (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
