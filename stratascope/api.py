@@ -6,22 +6,14 @@ Heavy modules (torch, transformers) are imported when a function is called, so t
 
 from __future__ import annotations
 
-from .capture.config import CaptureConfig
+from .capture.config import CAPTURE_DOC, CaptureConfig
 from .options import keyword_signature
 
 
-@keyword_signature(CaptureConfig)
+@keyword_signature(CaptureConfig, CAPTURE_DOC + "Returns the opened Run (the Plan with dry_run=True).\n")
 def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *, corpus: str | None = None,
             overwrite: bool = False, resume: bool = False, dry_run: bool = False, progress: bool = True,
             workers: int | None = None, scheduler: str | None = None, **options):
-    """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return the opened Run.
-
-    Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
-    With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
-    resume=True finishes an interrupted capture of the same corpus, model and options.
-    workers=N runs shards on a local dask cluster; scheduler='tcp://...' on an existing one.
-    Everything is checked (corpus, model, options, disk) before an existing store is replaced.
-    """
     from .capture.runner import capture as run_capture
 
     result = run_capture(model, prompts, out, corpus=corpus, overwrite=overwrite, resume=resume, dry_run=dry_run,

@@ -26,7 +26,8 @@ def lock_dir(store: str) -> Path:
     return Path(str(store).rstrip("/") + ".locks")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host with that pid still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +55,7 @@ def _read(path: Path) -> dict:
 
 
 def _stale(info: dict) -> bool:
-    return info.get("host") == socket.gethostname() and "pid" in info and not _alive(int(info["pid"]))
+    return info.get("host") == socket.gethostname() and "pid" in info and not alive(int(info["pid"]))
 
 
 def _sentence(store: str, info: dict, path: Path) -> str:

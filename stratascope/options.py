@@ -29,11 +29,14 @@ def defaults(cls) -> dict:
     return {f.name: f.default for f in fields(cls)}
 
 
-def keyword_signature(cls):
+def keyword_signature(cls, doc: str | None = None):
     """Decorate a function taking `**options` so help() and inspect show every field of `cls` in
-    place of **options: a keyword parameter with its default, and a line of the docstring."""
+    place of **options: a keyword parameter with its default, and a line of the docstring
+    (which is `doc` when given, so two functions of one signature share one text)."""
 
     def decorate(fn):
+        if doc is not None:
+            fn.__doc__ = doc
         params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
         params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
                    for f in fields(cls)]

@@ -24,7 +24,7 @@ import uuid
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
-from ..locks import hold
+from ..locks import alive, hold
 from ..progress import dask_progress
 from ..schemas import analysis_spec, check_group, consolidate, describe
 from ..store import group_attrs, has_group, open_dataset, subgroups
@@ -218,18 +218,8 @@ def _clean_staging(run) -> None:
     fs, root = _fs(run)
     for name in subgroups(run.path, STAGING):
         parts = name.split(_SEP)
-        if len(parts) == 4 and parts[2] == socket.gethostname() and parts[1].isdigit() and not _alive(int(parts[1])):
+        if len(parts) == 4 and parts[2] == socket.gethostname() and parts[1].isdigit() and not alive(int(parts[1])):
             fs.rm(f"{root}/{STAGING}/{name}", recursive=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _consolidate(run) -> None:

@@ -24,6 +24,17 @@ def parse_capture(names) -> tuple[str, ...]:
     return names
 
 
+CAPTURE_DOC = """Capture a corpus into a Zarr store at `out` (a path or fsspec URL).
+
+    Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
+    With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
+    resume=True finishes an interrupted capture of the same corpus, model and options.
+    workers=N runs shards on a local dask cluster; scheduler='tcp://...' on an existing one.
+    Everything is checked (corpus, model, options, disk) before an existing store is replaced.
+    generate=N extends every prompt by exactly N tokens (greedy, or sampled with seed and temperature);
+    capture 'attribution' and 'grad' add gradient arrays (capture/generate.py, capture/gradients.py).
+    """
+
 CAPTURE_HELP = "comma-separated: " + ", ".join(CAPTURE_NAMES)
 
 

@@ -23,7 +23,7 @@ from ..progress import tqdm
 from ..ranges import parse_ranges
 from ..schemas import META_PREFIX, PROJECTION_CAPTURES, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
 from ..version import __version__
-from .config import CaptureConfig
+from .config import CAPTURE_DOC, CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
 from .generate import generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
@@ -200,20 +200,10 @@ def _to_dtype(t: torch.Tensor, dtype: str, name: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-@keyword_signature(CaptureConfig)
+@keyword_signature(CaptureConfig, CAPTURE_DOC + "Returns the store's path (the Plan with dry_run=True).\n")
 def capture(model: str = "smollm2", prompts=None, out: str = "runs/run.zarr", *, corpus: str | None = None,
             overwrite: bool = False, resume: bool = False, dry_run: bool = False, progress: bool = True,
             workers: int | None = None, scheduler: str | None = None, **options):
-    """Capture a corpus into a Zarr store at `out` (a path or fsspec URL) and return its path.
-
-    Give either `prompts` (a list of strings or dicts, or a DataFrame) or `corpus` (a file path).
-    With dry_run=True nothing is written and the Plan (sizes, chunks, bytes) is returned.
-    resume=True finishes an interrupted capture of the same corpus, model and options.
-    workers=N runs shards on a local dask cluster; scheduler='tcp://...' on an existing one.
-    Everything is checked (corpus, model, options, disk) before an existing store is replaced.
-    generate=N extends every prompt by exactly N tokens (greedy, or sampled with seed and temperature);
-    capture 'attribution' and 'grad' add gradient arrays (capture/generate.py, capture/gradients.py).
-    """
     unknown = sorted(set(options) - set(defaults(CaptureConfig)))
     if unknown:
         raise TypeError(f"capture() got an unknown option {unknown[0]!r}; see help(stratascope.capture)")
