@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -28,7 +29,12 @@ def friendly(fn):
                 "every shard recorded complete is kept; finish the capture with the same command plus --resume"
                 if fn.__name__ == "capture" else "nothing stored before was changed; run the command again"),
                 err=True)
-            sys.exit(130)
+            # Locks are released and workers stopped by now (their context managers ran). zarr's I/O
+            # loop may still hold the interrupted writes, which interpreter shutdown would report one
+            # by one; nothing is left to clean up, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
     return wrapper
 

@@ -27,9 +27,29 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
         with client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      resources={"GPU": 1} if gpu else None) as cluster, Client(cluster) as client:
-        yield client
+    import logging
+
+    # workers ignore Ctrl-C (worker_setup.py); on an interrupt this process stops them, quietly
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
+                           worker_kwargs={"preload": ["stratascope.worker_setup"]})
+    try:
+        with Client(cluster) as client:
+            yield client
+    except KeyboardInterrupt:
+        _quiet_close(cluster)
+        raise
+    cluster.close()
+
+
+def _quiet_close(cluster) -> None:
+    """Stop the workers after an interrupt without distributed's log lines about cancelled tasks."""
+    import logging
+
+    for name in ("distributed", "distributed.worker", "distributed.nanny", "distributed.scheduler"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        cluster.close(timeout=10)
 
 
 def check_scheduler(scheduler: str) -> None:
