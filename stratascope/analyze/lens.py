@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..caching import LRU
+from ..devices import resolve_device
 from ..errors import OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import LENS
@@ -48,19 +50,14 @@ _FILL = {"int32": -1, "float32": np.nan}
 # ---------------------------------------------------------------- the readout
 
 
-_READOUTS: dict[tuple, Readout] = {}
+_READOUTS = LRU(2)  # readouts are model-sized: the last two are kept
 
 
 def readout_for(run, device: str = "cpu", precision: str = "float32") -> Readout:
-    """The run's readout on `device` in `precision`, loaded once per process (it is model-sized;
-    the last two are kept)."""
+    """The run's readout on `device` in `precision`, loaded once per process."""
+    device = str(resolve_device(device))
     key = (run.path, run.attrs["created"], device, precision)
-    if key not in _READOUTS:
-        readout = load_readout(run, device=device, precision=precision)
-        while len(_READOUTS) >= 2:
-            _READOUTS.pop(next(iter(_READOUTS)))
-        _READOUTS[key] = readout
-    return _READOUTS[key]
+    return _READOUTS.get(key, lambda: load_readout(run, device=device, precision=precision))
 
 
 # ---------------------------------------------------------------- rows

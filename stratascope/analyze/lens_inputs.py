@@ -11,7 +11,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError, OutOfRangeError
-from ..ranges import format_ranges
+from ..ranges import format_ranges, parse_ranges
 
 NORMS = ("final", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -28,23 +28,14 @@ def captured_depths(run) -> list[int]:
 
 
 def parse_depths(run, depths) -> list[int]:
-    """Depth values from None (all captured), a string like '0-5,10', an int or a list of ints."""
+    """Depth values, in the order given, from None (all captured), a string like '0-5,10', an int
+    or a list of ints (a negative depth counts from the end: -1 is the last)."""
     have = captured_depths(run)
     if depths is None:
         return have
-    if isinstance(depths, str):
-        wanted: list[int] = []
-        for part in filter(None, (p.strip() for p in depths.split(","))):
-            try:
-                lo, _, hi = part.partition("-")
-                wanted += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-            except ValueError as e:
-                raise ConfigError(f"--depths {depths!r}: '{part}' is not a depth or a range like 0-30") from e
-    else:
-        wanted = [int(d) for d in np.atleast_1d(depths)]
     L = int(run.attrs["model"]["n_layers"])
     out = []
-    for d in wanted:
+    for d in parse_ranges(depths, None, "depths", keep_order=True) or []:
         d = d + L + 1 if d < 0 else d
         if d not in have:
             raise OutOfRangeError(f"depth {d} is out of range; this run holds depths {format_ranges(have)}")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..errors import ConfigError, DeviceError, MissingArrayError, OutOfRangeError
+from ..devices import resolve_device
+from ..errors import ConfigError, MissingArrayError, OutOfRangeError
 from ..progress import tqdm
 from ..ranges import format_ranges
 from ..schemas import NMF, NMF_TRANSFORM
@@ -107,16 +108,6 @@ def open_matrix(run, layers, chunk_tokens: int | None = None) -> Matrix:
     starts = [int(s) for s in np.cumsum([0] + sizes[:-1])]
     return Matrix(list(sel.to_delayed().ravel()), list(valid.to_delayed().ravel()), starts, sizes, n_tokens,
                   layers, int(n_neuron))
-
-
-def parse_device(device: str) -> str:
-    device = str(device or "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    elif device != "cpu":
-        raise ConfigError(f"--device {device!r} is not supported; use cpu or cuda")
-    return device
 
 
 def _prepare(block: np.ndarray, valid: np.ndarray, negative: str, shift: np.ndarray | None,
@@ -275,7 +266,7 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
     """Factorize the run's MLP activations of `layers` into `factors` non-negative factors and store
     them in analysis/nmf; the stored result is reused when asked again with the same parameters."""
     _check(factors, iterations, seed, negative)
-    device = parse_device(device)
+    device = str(resolve_device(device or "cpu"))
     m = open_matrix(run, layers, chunk_tokens)
     if factors > m.n_features:
         raise ConfigError(f"--factors {factors} exceeds the {m.n_features} features (layer x neuron) chosen")
@@ -315,7 +306,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
                   sweeps: int = TRANSFORM_SWEEPS, progress: bool = True, recompute: bool = False) -> xr.Dataset:
     """Weights of this run's tokens on the factors stored by another run's nmf (H fixed), in
     analysis/nmf_transform; the feature shift of the source (for negative='shift') is reused."""
-    device = parse_device(device)
+    device = str(resolve_device(device or "cpu"))
     src = stored_factors(factors_from)
     layers = [int(v) for v in src["layer"].values]
     H = src["factor_neuron"].values.astype(np.float64)

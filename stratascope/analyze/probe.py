@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ..devices import resolve_device
 from ..errors import ConfigError, OutOfRangeError
 from ..schemas import LABEL_PREFIX, META_PREFIX, PROBE
 from .probe_rows import ArrayRows, PromptRows, TokenRows
@@ -219,6 +220,7 @@ def linear_probe(run, label: str, at: str = "last", folds: int = 5, depths=None,
         raise ConfigError(f"--epochs {epochs} must be at least 1")
     if folds < 2:
         raise ConfigError(f"--folds {folds} must be at least 2 (cross-validation needs a held-out fold)")
+    device = str(resolve_device(device))
     for col in (group_by, control_by):
         if col is not None and col not in prompt_labels:
             raise ConfigError(f"no metadata column '{col}' to group by; "

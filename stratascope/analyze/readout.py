@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DeviceError, MissingArrayError
+from ..devices import resolve_device
+from ..errors import ConfigError, MissingArrayError
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -80,6 +81,7 @@ def load_readout(run, device: str = "cpu", precision: str = "float32") -> Readou
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    device = resolve_device(device)  # before anything is read
     ds = run.readout
     attrs = ds.attrs
     if not attrs.get("lens") or "unembed" not in ds:
@@ -101,14 +103,4 @@ def load_readout(run, device: str = "cpu", precision: str = "float32") -> Readou
         unembed_bias = torch.from_numpy(np.asarray(ds["unembed_bias"].values, dtype=np.float32))
     unembed = torch.from_numpy(np.asarray(ds["unembed"].values, dtype=np.float32))
     readout = Readout(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, unembed, unembed_bias)
-    return readout.to(_device(device), precision)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":  # as the capture's: a GPU if torch sees one
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ConfigError(f"device {device!r} is not cpu or cuda[:N]")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} was asked for but torch sees no CUDA GPU here; use --device cpu")
-    return torch.device(device)
+    return readout.to(device, precision)

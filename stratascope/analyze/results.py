@@ -193,7 +193,9 @@ def _move_into_place(run, staging: str, final: str) -> None:
 
 
 def _rename(fs, src: str, dst: str) -> None:
-    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or type(fs).__name__ == "LocalFileSystem":
+    from fsspec.implementations.local import LocalFileSystem
+
+    if getattr(fs, "protocol", None) in ("file", ("file", "local")) or isinstance(fs, LocalFileSystem):
         os.rename(src, dst)  # one atomic step on a local filesystem
     else:
         fs.mv(src, dst, recursive=True)

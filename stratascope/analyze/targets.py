@@ -24,6 +24,7 @@ import xarray as xr
 
 from ..errors import ConfigError, MissingMetadataError, OutOfRangeError
 from ..progress import tqdm
+from ..ranges import parse_ranges
 from ..schemas import LABEL_PREFIX, META_PREFIX
 from .lens import JOB, _check, _plan_depths, lens_params, parse_depths, readout_for, require_hidden, targets_of
 from .lens_kernel import lens_rows, prepare_rows
@@ -68,9 +69,9 @@ def select_rows(run, positions: str = "all") -> np.ndarray:
                                        f"labels: {', '.join(have) or 'none'})")
         rows = _labelled_rows(run.ds[LABEL_PREFIX + name])
     else:
-        try:
-            wanted = [int(p) for p in positions.split(",") if p.strip()]
-        except ValueError:
+        try:  # negative positions count from the end of each prompt, so no bound here
+            wanted = parse_ranges(positions, None, "positions", keep_order=True) or []
+        except ConfigError:
             raise ConfigError(f"--positions {positions!r} is not one of: {POSITIONS_HELP}") from None
         if not wanted:
             raise ConfigError(f"--positions {positions!r} names no position; {POSITIONS_HELP}")

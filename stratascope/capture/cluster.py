@@ -13,8 +13,10 @@ import uuid
 import numpy as np
 import zarr
 
-_MODELS: dict = {}  # per worker process: the loaded model, kept across shards and captures
-_LOCK = threading.Lock()
+from ..caching import LRU
+
+_MODELS = LRU(1)  # per worker process: the loaded model, kept across shards and captures
+_LOADING = threading.Lock()  # one load at a time, so a worker never holds two models
 
 
 def _device(requested: str) -> str:
@@ -22,7 +24,9 @@ def _device(requested: str) -> str:
     import torch
     from distributed import get_worker
 
-    if requested in ("cuda", "auto") and torch.cuda.is_available():
+    from ..devices import resolve_device
+
+    if requested in ("cuda", "auto") and resolve_device(requested).type == "cuda":
         worker = get_worker()
         index = worker.name if isinstance(worker.name, int) else 0
         return f"cuda:{index % torch.cuda.device_count()}"
@@ -35,16 +39,18 @@ def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: 
     from ..models import find_adapter, load_model
 
     key = (model, weights, cfg.device, cfg.attn_implementation)
-    with _LOCK:
-        if key not in _MODELS:
-            import torch
-            from distributed import get_worker
 
-            _MODELS.clear()  # keep one model per worker: a new one replaces the last
-            torch.set_num_threads(max(1, get_worker().state.nthreads))
-            loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation)
-            _MODELS[key] = (loaded, find_adapter(loaded.model))
-        loaded, adapter = _MODELS[key]
+    def load():
+        import torch
+        from distributed import get_worker
+
+        _MODELS.clear()  # a new model replaces the last: free it before loading
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+        loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation)
+        return loaded, find_adapter(loaded.model)
+
+    with _LOADING:
+        loaded, adapter = _MODELS.get(key, load)
     return capturer_cls(loaded, adapter, cfg, plan, ids_by_prompt, vocab)
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
+from contextlib import ExitStack
 
 import torch
 
-from ..errors import UnsupportedModelError
 from ..models import Adapter, find_components
 
 
@@ -22,7 +21,8 @@ class Recorder:
     attention: the attention module's weights output (eager attention).
     mlp: the input of the MLP output projection.
     queries/keys (capture 'qk'): what the model's eager attention function receives, i.e. after
-    rotary embeddings; keys repeated to every query head under grouped-query attention.
+    rotary embeddings; keys repeated to every query head under grouped-query attention. They are
+    recorded through an attention function registered for this model only (models.attention).
     """
 
     def __init__(self, adapter: Adapter, capture: tuple[str, ...], layers: list[int], depths: list[int]):
@@ -30,7 +30,7 @@ class Recorder:
         self.out: dict[tuple[str, int], torch.Tensor] = {}
         self.paused = False  # set while other forwards (the gradient passes) run through the model
         self._handles = []
-        self._patched: list[tuple[object, object]] = []  # (modeling module, its original eager function)
+        self._contexts = ExitStack()  # the queries/keys recording, when captured
 
     def _put(self, key, tensor: torch.Tensor) -> None:
         if not self.paused:
@@ -62,9 +62,21 @@ class Recorder:
             if "mlp" in self.capture:
                 reg(a.mlp_out[layer].register_forward_pre_hook(self._store(("mlp", layer)), with_kwargs=True))
         if "qk" in self.capture:
-            self._patch_eager_attention()
+            from ..models.attention import record_queries_keys
+
+            try:
+                self._contexts.enter_context(record_queries_keys(a, self.layers, self._put_qk))
+            except BaseException:
+                self.__exit__()
+                raise
         self._hook_components()
         return self
+
+    def _put_qk(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """query (batch, head, seq, d_head); key may have fewer (kv) heads: repeated as repeat_kv does."""
+        groups = query.shape[1] // key.shape[1]
+        self._put(("queries", layer), query)
+        self._put(("keys", layer), key.repeat_interleave(groups, dim=1) if groups > 1 else key)
 
     def _hook_components(self) -> None:
         """components: the outputs of the modules whose result each block adds to the residual;
@@ -81,37 +93,11 @@ class Recorder:
             if "z" in self.capture:
                 reg(parts.out_proj[layer].register_forward_pre_hook(self._store(("z", layer)), with_kwargs=True))
 
-    def _patch_eager_attention(self) -> None:
-        """Wrap each modeling module's `eager_attention_forward`, the one place where q and k are final
-        (rotary applied) and the scale is known, so no model's rotary code is re-implemented here.
-        The patch is process-wide while active: one Recorder with qk at a time per process."""
-        # BERT's attention block holds the self-attention module that calls the function: map submodules too.
-        layer_of = {id(m): l for l in self.layers for m in self.adapter.attentions[l].modules()}
-        for module in {sys.modules[type(self.adapter.attentions[l]).__module__] for l in self.layers}:
-            original = getattr(module, "eager_attention_forward", None)
-            if original is None:
-                raise UnsupportedModelError(f"{module.__name__} has no eager_attention_forward; "
-                                            "--capture qk supports GPT-2, Llama, GPT-NeoX and BERT families")
-            self._patched.append((module, original))
-            module.eager_attention_forward = self._recording(original, layer_of)
-
-    def _recording(self, original, layer_of: dict[int, int]):
-        def eager(module, query, key, value, attention_mask, *args, **kwargs):
-            layer = layer_of.get(id(module))
-            if layer is not None:  # query (batch, head, seq, d_head); key may have fewer (kv) heads
-                groups = query.shape[1] // key.shape[1]
-                self._put(("queries", layer), query)
-                self._put(("keys", layer), key.repeat_interleave(groups, dim=1) if groups > 1 else key)  # repeat_kv
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-        return eager
-
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, original in reversed(self._patched):
-            module.eager_attention_forward = original
-        self._patched.clear()
+        self._contexts.close()
         self.out.clear()
 
     def stacked(self) -> dict[str, torch.Tensor]:
@@ -129,8 +115,8 @@ class Recorder:
             result["mlp"] = torch.stack([self.out[("mlp", l)] for l in self.layers], dim=2)
         if "qk" in self.capture:
             if ("queries", self.layers[0]) not in self.out:
-                raise RuntimeError("the attention modules did not call eager_attention_forward; --capture qk "
-                                   "needs eager attention (GPT-2's reorder_and_upcast_attn is not supported)")
+                raise RuntimeError("the attention modules did not call the recording attention function; "
+                                   "--capture qk needs attention through transformers' AttentionInterface")
             # per layer (batch, head, seq, d_head) -> (batch, seq, layer, head, d_head)
             for name in ("queries", "keys"):
                 result[name] = torch.stack([self.out[(name, l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
@@ -142,24 +128,15 @@ class Recorder:
         return result
 
 
-def _scale(attention: torch.nn.Module, d_head: int) -> float:
-    """The factor the model multiplies q·k by: its attention module's `scaling` (BERT: the inner self module)."""
-    for module in attention.modules():
-        if isinstance(getattr(module, "scaling", None), (int, float)):
-            return float(module.scaling)
-    return d_head ** -0.5
-
-
-def qk_attrs(model: torch.nn.Module, adapter: Adapter, layers: list[int]) -> dict:
+def qk_attrs(adapter: Adapter, layers: list[int]) -> dict:
     """Root attrs capture.qk: how to turn the stored queries and keys back into attention weights."""
-    scales = [_scale(adapter.attentions[l], adapter.d_head) for l in layers]
-    kv_heads = int(getattr(model.config, "num_key_value_heads", None) or adapter.n_heads)
+    scales = [adapter.attention_scale(l) for l in layers]
     return {
-        "after_rotary": any(name.endswith("rotary_emb") for name, _ in model.named_modules()),
+        "after_rotary": adapter.rotary,
         "scale": scales[0] if len(set(scales)) == 1 else None,
         "scales": scales,  # per captured layer (GPT-2 can scale by inverse layer index)
-        "gqa_expanded": kv_heads < adapter.n_heads,
-        "kv_heads": kv_heads,
+        "gqa_expanded": adapter.kv_heads < adapter.n_heads,
+        "kv_heads": adapter.kv_heads,
         "mask": "causal" if adapter.causal else "none (every key of the sequence)",
         "recipe": ("attention[q, h] = softmax(queries[q, h] . keys[k, h] * scale + mask) "
                    "over the keys k of q's sequence"),

@@ -149,7 +149,7 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
         widths["attn_out"] = widths["mlp_out"] = (len(layers), adapter.d_model)
     if "z" in cfg.capture:
         widths["z"] = (len(layers), adapter.n_heads, adapter.d_head)
-    if adapter.family == "bert":
+    if adapter.has_token_types:
         widths["token_type_ids"], dtypes["token_type_ids"] = (), VARIABLES["token_type_ids"].dtype
     for name in ACTS:
         if name in widths:
@@ -239,7 +239,7 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
         raise ConfigError(f"--generate {n_new} leaves no room for the prompt within {limit} tokens; "
                           "generate fewer tokens or raise --max-length")
     types = None
-    if adapter.family == "bert":  # segments (a text_pair column) for BertViz's sentence A/B split
+    if adapter.has_token_types:  # segments (a text_pair column) for BertViz's sentence A/B split
         ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit, cfg.special_tokens)
     else:
         ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new, cfg.special_tokens)  # room to generate
@@ -350,7 +350,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
-                    **({"qk": qk_attrs(loaded.model, adapter, plan.layers)} if "qk" in cfg.capture else {}),
+                    **({"qk": qk_attrs(adapter, plan.layers)} if "qk" in cfg.capture else {}),
                     **({"components": components_attrs(adapter)}
                        if set(PROJECTION_CAPTURES) & set(cfg.capture) else {})},
         corpus={"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,

@@ -1,9 +1,9 @@
 """Loading models and finding their parts."""
 
 from .adapters import Adapter, Components, find_adapter, find_components, norm_spec, projection_weights
-from .load import BUNDLED, LoadedModel, installed_models, load_model, resolve_device
+from .load import BUNDLED, LoadedModel, installed_models, load_model
 
 __all__ = [
     "Adapter", "BUNDLED", "Components", "LoadedModel", "find_adapter", "find_components", "installed_models",
-    "load_model", "norm_spec", "projection_weights", "resolve_device"
+    "load_model", "norm_spec", "projection_weights"
 ]

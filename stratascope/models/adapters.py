@@ -1,12 +1,14 @@
-"""Where each family keeps its blocks, attention, MLP output projection, final norm and unembedding.
+"""Where each family keeps its blocks, attention, MLP output projection, final norm and unembedding,
+and what the rest of the package may ask about a model (capabilities, not family names).
 
 Adapters are found by inspecting the loaded module tree (which attributes exist), never by
-model name, so any checkpoint of a known family works.
+model name, so any checkpoint of a known family works. This is the only module that knows
+families: capture and analysis ask an Adapter (causal? token types? rotary? which norm?).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ _FAMILY_BY_MLP = {
     "mlp.down_proj": "llama",
     "mlp.c_proj": "gpt2",
     "mlp.dense_4h_to_h": "gpt_neox",
-    "mlp.fc2": "gpt2",
+    "mlp.fc2": "phi",
     "output.dense": "bert",
 }
 
@@ -44,10 +46,14 @@ def _first(module: nn.Module, paths: tuple[str, ...]) -> tuple[str, nn.Module] |
 
 @dataclass
 class Adapter:
-    """The parts of one loaded model that capture hooks and the readout needs."""
+    """The parts of one loaded model that capture hooks and the readout need, and its capabilities."""
 
-    family: str
-    causal: bool
+    model: nn.Module = field(repr=False)
+    family: str  # recorded in the store for people to read; code asks the capabilities below
+    causal: bool  # each position sees only earlier ones; an LM head reads the last depth out
+    has_token_types: bool  # takes token_type_ids (BERT's sentence A/B segments)
+    rotary: bool  # q and k are rotated by position before the scores (the recorded q/k are after it)
+    kv_heads: int  # key/value heads (fewer than n_heads under grouped-query attention)
     blocks: list[nn.Module]
     attentions: list[nn.Module]
     mlp_out: list[nn.Module]
@@ -62,6 +68,19 @@ class Adapter:
 
     def sizes(self) -> dict:
         return {k: getattr(self, k) for k in ("n_layers", "n_heads", "d_model", "d_mlp", "d_head", "vocab_size")}
+
+    @property
+    def norm_kind(self) -> str | None:
+        """'layernorm' or 'rmsnorm' for the final norm, None for models without one (encoders)."""
+        return None if self.final_norm is None else norm_spec(self.final_norm)["type"]
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor the model multiplies q·k by in `layer`: its attention's `scaling` (BERT: the inner
+        self-attention's), else 1/sqrt(d_head)."""
+        for module in self.attentions[layer].modules():
+            if isinstance(getattr(module, "scaling", None), (int, float)):
+                return float(module.scaling)
+        return self.d_head ** -0.5
 
 
 def find_adapter(model: nn.Module) -> Adapter:
@@ -99,11 +118,17 @@ def find_adapter(model: nn.Module) -> Adapter:
     d_model = config.hidden_size
     weight = mlp_mod.weight
     # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out). The MLP width is the input side.
-    d_mlp = weight.shape[0] if type(mlp_mod).__name__ == "Conv1D" else weight.shape[1]
+    from transformers.pytorch_utils import Conv1D  # lazily, as the loaders import transformers
+
+    d_mlp = weight.shape[0] if isinstance(mlp_mod, Conv1D) else weight.shape[1]
     n_heads = config.num_attention_heads
     return Adapter(
+        model=model,
         family=family,
         causal=causal,
+        has_token_types=_get(base, "embeddings.token_type_embeddings") is not None,
+        rotary=any(name.endswith("rotary_emb") for name, _ in model.named_modules()),
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
         blocks=list(blocks),
         attentions=[_get(b, attn_path) for b in blocks],
         mlp_out=[_get(b, mlp_path) for b in blocks],
@@ -124,18 +149,39 @@ def norm_spec(norm: nn.Module) -> dict:
     Returns a dict with type ('layernorm' or 'rmsnorm'), eps, weight, bias (or None) and
     weight_offset (1.0 for norms that scale by 1 + weight, as Gemma's do).
     """
-    name = type(norm).__name__
     weight = norm.weight.detach().float().cpu()
     bias = getattr(norm, "bias", None)
     bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
-    if isinstance(norm, nn.LayerNorm) or "LayerNorm" in name:
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
-        return {"type": "layernorm", "eps": eps, "weight": weight, "bias": bias, "weight_offset": 0.0}
-    if "RMSNorm" in name:
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        offset = 1.0 if "Gemma" in name else 0.0
-        return {"type": "rmsnorm", "eps": eps, "weight": weight, "bias": bias, "weight_offset": offset}
-    raise UnsupportedModelError(f"final norm {name} is neither a LayerNorm nor an RMSNorm")
+    eps = next((float(v) for v in (getattr(norm, a, None) for a in ("eps", "variance_epsilon"))
+                if isinstance(v, (int, float))), 1e-5)
+    kind, offset = _norm_form(norm, eps, weight, bias)
+    return {"type": kind, "eps": eps, "weight": weight, "bias": bias, "weight_offset": offset}
+
+
+def _norm_form(norm: nn.Module, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[str, float]:
+    """(type, weight offset) of a norm. torch's own classes are known by isinstance; transformers
+    defines one RMSNorm class per family with no common base, so for the others the module is run
+    on a probe input and its output compared with each form the readout can apply."""
+    if isinstance(norm, nn.LayerNorm):
+        return "layernorm", 0.0
+    if isinstance(norm, getattr(nn, "RMSNorm", ())):
+        return "rmsnorm", 0.0
+    d = weight.numel()
+    x = torch.linspace(-1.0, 3.0, 2 * d).reshape(2, d) * torch.tensor([1.0, -0.5])[:, None]
+    with torch.no_grad():
+        y = norm(x.to(norm.weight.device, norm.weight.dtype)).float().cpu()
+    centred = x - x.mean(-1, keepdim=True)
+    shapes = {
+        ("layernorm", 0.0): centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps),
+        ("rmsnorm", 0.0): x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps),
+    }
+    shapes[("rmsnorm", 1.0)] = shapes[("rmsnorm", 0.0)]
+    for (kind, offset), normed in shapes.items():
+        expected = normed * (weight + offset) + (bias if bias is not None else 0.0)
+        if torch.allclose(y, expected, rtol=1e-4, atol=1e-5):
+            return kind, offset
+    raise UnsupportedModelError(f"final norm {type(norm).__name__} computes neither a LayerNorm nor an RMSNorm "
+                                "(scaled by weight or by 1 + weight)")
 
 
 # ---------------------------------------------------------------- residual components
@@ -201,7 +247,9 @@ def find_components(adapter: Adapter) -> Components:
 
 def projection_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight as (in, out), bias or None) of a Linear or GPT-2 Conv1D, float32 on the CPU."""
+    from transformers.pytorch_utils import Conv1D
+
     w = module.weight.detach().float().cpu()
-    w = w if type(module).__name__ == "Conv1D" else w.T  # nn.Linear stores (out, in)
+    w = w if isinstance(module, Conv1D) else w.T  # nn.Linear stores (out, in)
     bias = getattr(module, "bias", None)
     return w.contiguous(), (bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DeviceError, ModelNotFoundError
+from ..devices import resolve_device
+from ..errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -55,21 +56,6 @@ def cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(os.environ.get("STRATASCOPE_CACHE") or user_cache_dir("stratascope"))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device} was asked for, but this machine has no CUDA device; use --device cpu")
-    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
-        raise DeviceError(f"--device {device}: this machine has CUDA devices 0-{torch.cuda.device_count() - 1}")
-    if device.startswith("mps") and not torch.backends.mps.is_available():
-        raise DeviceError(f"--device {device} was asked for, but MPS is not available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise DeviceError(f"--device {device!r} is not a device name; use auto, cpu or cuda") from e
 
 
 def _auto_class(config):

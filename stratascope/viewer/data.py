@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..analyze.results import jobs, latest_result, require_result, result_groups
+from ..caching import LRU
 from ..errors import MissingArrayError, OutOfRangeError
 from ..schemas import (
     ATTRIBUTION_PREFIX,
@@ -61,16 +62,13 @@ def _rounded(values: np.ndarray, decimals: int = 4) -> list:
 
 
 def _cached(run, key: tuple, make: Callable, size: int = 16):
-    """A small per-run LRU of slices: a report asks for the same prompt (and layer) once per head or view."""
-    cache = run.__dict__.setdefault("_viewer_cache", {}).setdefault(key[0], {})  # one LRU per kind
-    if key in cache:
-        cache[key] = cache.pop(key)  # most recently used last
-        return cache[key]
-    value = make()
-    cache[key] = value
-    while len(cache) > size:
-        cache.pop(next(iter(cache)))
-    return value
+    """A small per-run LRU of slices: a report asks for the same prompt (and layer) once per head or view.
+
+    One LRU per kind (key[0]); the app's request threads share them (LRU locks its table, and
+    dict.setdefault keeps a single LRU per kind when two threads create it at once)."""
+    caches = run.__dict__.setdefault("_viewer_cache", {})
+    lru = caches.get(key[0]) or caches.setdefault(key[0], LRU(size))
+    return lru.get(key, make)
 
 
 def _prompt_rows(run, prompt: int) -> tuple[slice, dict]:
@@ -127,11 +125,7 @@ def attention(run, prompt: int, layer: int) -> dict:
 
 
 def _vocab(run) -> np.ndarray:
-    cached = getattr(run, "_viewer_vocab", None)
-    if cached is None:
-        cached = run.readout["vocab_str"].values
-        run._viewer_vocab = cached
-    return cached
+    return _cached(run, ("vocab",), lambda: run.readout["vocab_str"].values, size=1)
 
 
 def _lens_dataset(run):
@@ -268,10 +262,11 @@ def _nmf_dataset(run):
 def _nmf_top(run, ds) -> list[list[dict]]:
     """Per factor, the corpus's NMF_TOP tokens with the largest weight, streaming over row blocks
     (masked rows skipped); computed once per run object and result."""
-    stamp = str(ds.attrs.get("created", ""))
-    cached = getattr(run, "_viewer_nmf_top", None)
-    if cached and cached[0] == stamp:
-        return cached[1]
+    stamp = str(ds.attrs.get("created", ""))  # a recomputed result replaces the one cached
+    return _cached(run, ("nmf_top", stamp), lambda: _scan_nmf_top(run, ds), size=1)
+
+
+def _scan_nmf_top(run, ds) -> list[list[dict]]:
     w, pidx = ds[NMF_WEIGHTS], run.ds["prompt_index"]
     n, k = w.shape
     vals, rows = np.empty((0, k)), np.empty((0, k), dtype=np.int64)
@@ -291,7 +286,6 @@ def _nmf_top(run, ds) -> list[list[dict]]:
     top = [[{"label": token_label(str(strs[at[int(r)]])), "token": str(strs[at[int(r)]]),
              "prompt": int(prompts[at[int(r)]]), "position": int(positions[at[int(r)]]), "weight": round(float(v), 4)}
             for v, r, ok in zip(vals[:, f], rows[:, f], keep[:, f]) if ok] for f in range(k)]
-    run._viewer_nmf_top = (stamp, top)
     return top
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..analyze.bias import BiasResult, bias, parse_pairs
 from ..analyze.bias_corpus import load_occupations, load_templates, occupation_prompts
 from ..capture.config import CaptureConfig
@@ -28,5 +26,4 @@ def bias_probe(model: str = "smollm2", out: str = "runs/bias.zarr", occupations=
     path = capture(model=model, prompts=prompts, out=out,
                    capture=("hidden", "components", "z") if dla else ("hidden",), dtype=dtype, batch_size=batch_size,
                    device=device, overwrite=overwrite, progress=progress)
-    lens_device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    return bias(Store(path), pairs, strict, statistic, device=lens_device, progress=progress)
+    return bias(Store(path), pairs, strict, statistic, device=device, progress=progress)
