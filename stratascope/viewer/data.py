@@ -92,12 +92,39 @@ def _read_prompt_rows(run, prompt: int, sl: slice) -> tuple[slice, dict]:
     return sl, info
 
 
+def metadata_columns(run) -> list[str]:
+    """The corpus's per-prompt metadata columns (stored as meta_<name>), in the corpus's order."""
+    order = run.attrs.get("corpus", {}).get("metadata_columns", [])
+    names = [c for c in order if META_PREFIX + c in run.ds.variables]
+    return names + sorted(n[len(META_PREFIX):] for n, v in run.ds.variables.items()
+                          if n.startswith(META_PREFIX) and v.dims == ("prompt",) and n[len(META_PREFIX):] not in names)
+
+
+def _meta_value(v) -> object:
+    """A metadata value as JSON: text, a whole number, a rounded float, or None for a missing (NaN) one."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return None if not np.isfinite(v) else round(float(v), 6)
+    return str(v)
+
+
+def prompt_metadata(run, prompts: list[int]) -> list[dict]:
+    """Each prompt's metadata as {column: value}, reading only these prompts of each meta_<name>."""
+    columns = metadata_columns(run)
+    values = {c: run.ds[META_PREFIX + c].isel(prompt=prompts).values for c in columns} if prompts else {}
+    return [{c: _meta_value(values[c][i]) for c in columns} for i in range(len(prompts))]
+
+
 def tokens(run, prompt: int) -> dict:
-    """One prompt: its text and its tokens (raw strings, readable labels, ids, generated flags)."""
+    """One prompt: its text, its metadata and its tokens (raw strings, readable labels, ids, generated flags)."""
     sl, info = _prompt_rows(run, prompt)
     p = info["prompt"]
     info["text"] = str(run.ds["prompt_text"][p].values)
     info["ids"] = [int(i) for i in run.ds["token_id"].isel(token=sl).values]
+    info["meta"] = prompt_metadata(run, [p])[0]
     return info
 
 
@@ -156,7 +183,7 @@ def lens(run, prompt: int) -> dict:
     ds = _lens_dataset(run)
     sl, info = _prompt_rows(run, prompt)
     depth = ds["depth"].values if "depth" in ds.coords else np.arange(ds.sizes.get("depth", 0))
-    out = {**info, "depths": [int(d) for d in depth]}
+    out = {**info, "depths": [int(d) for d in depth], "vocab_size": int(run.readout["vocab_str"].shape[0])}
     rows = ds.isel(token=sl)
     if LENS_TOPK_IDS in ds and LENS_TOPK_PROBS in ds:
         ids = rows[LENS_TOPK_IDS].values  # token, depth, k
