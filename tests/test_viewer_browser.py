@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,11 @@ VIEWS = ("tokens", "head", "model", "layer_predictions", "rankings", "rankings_w
 
 
 def label(s: str) -> str:
-    return s.replace(" ", "␣").replace("\n", "↵") or "∅"
+    """The label a view shows for a token, from the spec: ␣ ↵ ⇥ ␍, ⟨U+XXXX⟩ for any other control, format,
+    surrogate or separator character (Unicode categories Cc Cf Cs Z*), ∅ for the empty token."""
+    symbols = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+    return "".join(symbols.get(c) or (f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
+                                      else c) for c in s) or "∅"
 
 
 @pytest.fixture(scope="module")
@@ -316,13 +321,34 @@ def test_invisible_characters_shown(browser, target, viewer_store):
     v.done("head_invisible")
 
 
-def test_tokens_metadata_and_filter(browser, probe_target, probe_store):
+@pytest.fixture
+def probe_app_unlisted(probe_store, monkeypatch):
+    """The app over the probe store as over a corpus too large to list its prompts in the page."""
+    import stratascope as ss
+    from stratascope.viewer import app
+    from stratascope.viewer.app import serve_in_thread
+
+    monkeypatch.setattr(app, "PROMPT_LIST_MAX", 5)
+    server, url = serve_in_thread(ss.open_run(probe_store.path))
+    yield "app", url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(params=["report", "app", "app_unlisted"])
+def tokens_target(request, probe_report_url, probe_app):
+    if request.param == "app_unlisted":
+        return request.getfixturevalue("probe_app_unlisted")
+    return request.param, (probe_report_url if request.param == "report" else probe_app)
+
+
+def test_tokens_metadata_and_filter(browser, tokens_target, probe_store):
     import zarr
 
     g = zarr.open_group(probe_store.path, mode="r")
     occupation = np.array([str(x) for x in g["meta_occupation"][:]])
-    v = Viewer(browser, probe_target, "tokens")
-    listed = v.page.evaluate("() => Stratascope.meta.prompt_list.map(p => p.index)")
+    v = Viewer(browser, tokens_target, "tokens")
+    listed = v.page.evaluate("() => (Stratascope.meta.prompt_list || []).map(p => p.index)") or list(range(len(occupation)))
     shown = v.page.eval_on_selector_all('.ss-prompt .ss-meta-item[data-column="occupation"]',
                                         "es => es.map(e => e.textContent)")
     assert shown == [f"occupation: {occupation[i]}" for i in listed[:10]]
@@ -562,9 +588,19 @@ def test_probe_view(browser, probe_target, probe_store):
     assert not v.page.is_visible("#ss-prompt")
     ticks = v.page.eval_on_selector_all(".ss-probe-plot .xtick text", "es => es.map(e => e.textContent)")
     assert ticks == ["0", "1", "2", "3"]  # integer depths only
-    # 31 depths (SmolLM2): every 5th, as integers
-    assert v.page.evaluate("() => Stratascope.depthAxis([...Array(31).keys()], 'depth')") == {
-        "title": {"text": "depth"}, "tick0": 0, "dtick": 5, "tickformat": "d"}
+    # the same payload stretched to 31 depths (SmolLM2's): ticks at every 5th depth, as integers
+    ticks = v.page.evaluate("""async () => { const S = Stratascope, d = await S.get('probe', {label: S.meta.probe_labels[0]});
+        const n = 31, f = a => (a ? Array.from({length: n}, (_, i) => a[i % a.length]) : a);
+        const e = Object.assign({}, d, {depths: [...Array(n).keys()], score: f(d.score), score_sd: f(d.score_sd),
+                                        control: f(d.control), macro_f1: f(d.macro_f1)});
+        const body = S.el('div', {id: 'ss-probe31'});
+        document.getElementById('ss-root').appendChild(body);
+        await S.views.probe.render(body, {meta: S.meta, state: {label: d.label}, get: () => Promise.resolve(e),
+                                          set: () => {}, stale: () => false});
+        return [...body.querySelectorAll('.xtick text')].map(t => t.textContent); }""")
+    assert ticks == [str(d) for d in range(0, 31, 5)]
+    v.page.locator("#ss-probe31").screenshot(path=str(ARTIFACTS / f"probe_31_depths_{v.kind}.png"))
+    v.page.evaluate("() => document.getElementById('ss-probe31').remove()")
     assert v.page.eval_on_selector("select.ss-label", "e => e.value") == PROBE_LABELS[0]
     curve(PROBE_LABELS[0], "accuracy")
     facts = v.page.inner_text(".ss-probe-facts")

@@ -118,6 +118,34 @@ def prompt_metadata(run, prompts: list[int]) -> list[dict]:
     return [{c: _meta_value(values[c][i]) for c in columns} for i in range(len(prompts))]
 
 
+FILTER_VALUES = 500  # the most common values of a metadata column offered by the tokens view's filter
+
+
+def shown_value(v: object) -> str:
+    """A metadata value (as _meta_value gives it) as the tokens view shows it, as JavaScript's String() writes
+    numbers, so the app and the browser compare the same text."""
+    if v is None:
+        return "(missing)"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e21 else repr(v)
+    return str(v)
+
+
+def prompt_filter(run, column: str, value: str) -> dict:
+    """The prompts whose metadata `column` shows as `value` ('' = none asked), and the column's
+    FILTER_VALUES most common values with their counts; reads one (prompt,) column."""
+    columns = metadata_columns(run)
+    if column not in columns:
+        raise OutOfRangeError(f"no metadata column {column!r}; this run has {', '.join(map(repr, columns)) or 'none'}")
+    shown = np.array([shown_value(_meta_value(v)) for v in run.ds[META_PREFIX + column].values], dtype=object)
+    names, counts = np.unique(shown, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:FILTER_VALUES]
+    return {"column": column, "value": value, "values": [[str(names[i]), int(counts[i])] for i in order],
+            "n_values": int(len(names)), "prompts": np.flatnonzero(shown == value).tolist() if value else []}
+
+
 def tokens(run, prompt: int) -> dict:
     """One prompt: its text, its metadata and its tokens (raw strings, readable labels, ids, generated flags)."""
     sl, info = _prompt_rows(run, prompt)
@@ -457,6 +485,7 @@ def dla(run, prompt: int) -> dict:
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
+    "prompt_filter": (prompt_filter, {"column": str, "value": str}),
     "attention": (attention, {"prompt": int, "layer": int}),
     "lens": (lens, {"prompt": int}),
     "saliency": (saliency, {"prompt": int, "method": str}),
