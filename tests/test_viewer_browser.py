@@ -648,6 +648,33 @@ def test_save_buttons_write_files(browser, report_url):
 
 
 @pytest.mark.real
+def test_real_smollm2_rankings_view(browser, tmp_path):
+    """SmolLM2 through the CLI: capture, `lens`, `report`; the rankings view shows the stored ranks of
+    the token that came next at 31 depths, its colour bar spans ranks 1 to 49,152, its axis stays in sight,
+    and the no-break space and tab of the prompt show as symbols."""
+    from click.testing import CliRunner
+
+    import stratascope as ss
+    from stratascope.cli import cli
+
+    store, out, runner = str(tmp_path / "smol.zarr"), tmp_path / "smol.html", CliRunner()
+    ss.capture(model="smollm2", prompts=["The Eiffel Tower is in\u00a0Paris,\tthe capital of France"], out=store,
+               capture=("hidden",), device="cpu", progress=False)
+    for args in (["lens", store, "--device", "cpu"], ["report", store, "-o", str(out), "--views", "rankings,tokens"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    ranks = only_result(store, "lens")["target_rank"][:].T  # depth, token (1-based; -1 at the last token)
+    v = Viewer(browser, ("report", out.as_uri()), "rankings", prompt=0)
+    assert _plot(v)["text"] == [[str(r) for r in row[:-1]] for row in ranks] and len(ranks) == 31
+    cb = v.page.evaluate("() => document.querySelector('.ss-heat').data[0].colorbar")
+    assert cb["ticktext"] == ["1", "10", "100", "1k", "10k", "49,152 (vocab)"]
+    axis_visible(v, ".ss-heat")
+    ticks = " ".join(v.page.evaluate("() => document.querySelector('.ss-heat').layout.xaxis.ticktext"))
+    assert "⇥" in ticks and "⟨U+00A0⟩" in ticks, ticks
+    v.done("real_smollm2_rankings")
+
+
+@pytest.mark.real
 def test_real_smollm2_report_head_view(browser, tmp_path):
     """SmolLM2 end to end: capture attention, `stratascope report` through the CLI, the head view's
     lines equal the captured weights above the threshold."""

@@ -30,9 +30,12 @@
       hovertemplate: '%{customdata}<br>depth %{y}: rank %{text}<extra></extra>'}];
     if (top) {
       layout.xaxis2 = {overlaying: 'x', side: 'top', tickvals: x, ticktext: top.map(l => S.ptext(S.short(l, 40))), tickangle: -45,
-                       range: layout.xaxis.range, automargin: true, showgrid: false, title: {text: 'the token it came after', standoff: 4}};
-      traces.push({type: 'scatter', x: [x[0]], y: [y[0]], xaxis: 'x2', mode: 'markers', marker: {opacity: 0}, hoverinfo: 'skip',
-                   showlegend: false});
+                       range: layout.xaxis.range, automargin: true, showgrid: false, zeroline: false,
+                       title: {text: 'the token it came after', standoff: 4}};
+      // An axis shows only with a trace on it: an invisible point, on a hidden y axis so the depths keep their range.
+      layout.yaxis2 = {overlaying: 'y', visible: false};
+      traces.push({type: 'scatter', x: [x[0]], y: [0], xaxis: 'x2', yaxis: 'y2', mode: 'markers', marker: {opacity: 0},
+                   hoverinfo: 'skip', showlegend: false});
     }
     window.Plotly.newPlot(div, traces, layout, S.plotlyConfig(name));
   };
