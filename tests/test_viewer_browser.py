@@ -15,8 +15,8 @@ import pytest
 from stratascope.viewer import data
 from viewer_fixtures import (
     BIAS_OCCUPATIONS,
-    INVISIBLE,
     BIAS_PAIRS,
+    INVISIBLE,
     PROBE_LABELS,
     WATCH,
     XSS_ALERT,
@@ -43,8 +43,9 @@ def label(s: str) -> str:
     """The label a view shows for a token, from the spec: ␣ ↵ ⇥ ␍, ⟨U+XXXX⟩ for any other control, format,
     surrogate or separator character (Unicode categories Cc Cf Cs Z*), ∅ for the empty token."""
     symbols = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
-    return "".join(symbols.get(c) or (f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
-                                      else c) for c in s) or "∅"
+    escaped = ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
+    return "".join(symbols.get(c) or (f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in escaped else c)
+                   for c in s) or "∅"
 
 
 @pytest.fixture(scope="module")
@@ -279,10 +280,11 @@ def test_rankings_long_prompt_axes_and_labels(browser, target, viewer_store):
     n = s.n(p)
     axis_visible(v, ".ss-heat")
     lay = v.page.evaluate("() => { const gd = document.querySelector('.ss-heat'); return {x: gd.layout.xaxis, "
-                          "x2: gd.layout.xaxis2, title: gd.layout.title.text, cb: gd.data[0].colorbar, zmax: gd.data[0].zmax}; }")
+                          "x2: gd.layout.xaxis2, title: gd.layout.title.text, cb: gd.data[0].colorbar, "
+                          "zmax: gd.data[0].zmax}; }")
     labels = [label(t) for t in s.token_str[s.rows(p)]]
-    assert lay["x"]["ticktext"] == [ptext(f"{i}: {t}") for i, t in enumerate(labels)][1:]  # the tokens that came next
-    assert lay["x2"]["ticktext"] == [ptext(f"{i}: {t}") for i, t in enumerate(labels)][:-1]  # the tokens they came after
+    ticks = [ptext(f"{i}: {t}") for i, t in enumerate(labels)]
+    assert lay["x"]["ticktext"] == ticks[1:] and lay["x2"]["ticktext"] == ticks[:-1]  # came next; came after
     assert lay["x"]["title"]["text"] == "the token that came next" and "the token that came next" in lay["title"]
     assert "the token that came next" in v.page.inner_text(".ss-rank-caption")
     assert lay["cb"]["title"]["text"] == "rank (1 = top)"
@@ -302,7 +304,7 @@ def test_invisible_characters_shown(browser, target, viewer_store):
     the same from Python (data.py) and from core.js's twin."""
     from stratascope.viewer.render import token_label
 
-    s, p = viewer_store, 3
+    p = 3
     v = Viewer(browser, target, "tokens", prompt=p)
     chips = v.page.eval_on_selector_all(f'.ss-prompt[data-prompt="{p}"] .ss-chip', "es => es.map(e => e.textContent)")
     assert [chips[i] for i in INVISIBLE] == [shown for _, shown in INVISIBLE.values()]
@@ -348,7 +350,8 @@ def test_tokens_metadata_and_filter(browser, tokens_target, probe_store):
     g = zarr.open_group(probe_store.path, mode="r")
     occupation = np.array([str(x) for x in g["meta_occupation"][:]])
     v = Viewer(browser, tokens_target, "tokens")
-    listed = v.page.evaluate("() => (Stratascope.meta.prompt_list || []).map(p => p.index)") or list(range(len(occupation)))
+    listed = (v.page.evaluate("() => (Stratascope.meta.prompt_list || []).map(p => p.index)")
+              or list(range(len(occupation))))  # an app too large to list its prompts filters them all
     shown = v.page.eval_on_selector_all('.ss-prompt .ss-meta-item[data-column="occupation"]',
                                         "es => es.map(e => e.textContent)")
     assert shown == [f"occupation: {occupation[i]}" for i in listed[:10]]
@@ -589,7 +592,8 @@ def test_probe_view(browser, probe_target, probe_store):
     ticks = v.page.eval_on_selector_all(".ss-probe-plot .xtick text", "es => es.map(e => e.textContent)")
     assert ticks == ["0", "1", "2", "3"]  # integer depths only
     # the same payload stretched to 31 depths (SmolLM2's): ticks at every 5th depth, as integers
-    ticks = v.page.evaluate("""async () => { const S = Stratascope, d = await S.get('probe', {label: S.meta.probe_labels[0]});
+    ticks = v.page.evaluate("""async () => {
+        const S = Stratascope, d = await S.get('probe', {label: S.meta.probe_labels[0]});
         const n = 31, f = a => (a ? Array.from({length: n}, (_, i) => a[i % a.length]) : a);
         const e = Object.assign({}, d, {depths: [...Array(n).keys()], score: f(d.score), score_sd: f(d.score_sd),
                                         control: f(d.control), macro_f1: f(d.macro_f1)});

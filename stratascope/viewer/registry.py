@@ -59,7 +59,9 @@ def _needs_probe(run) -> str | None:
 
 
 def _needs_attribution(run) -> str | None:
-    return None if data.attribution_methods(run) else "this run has no attribution arrays; capture with --capture attribution"
+    if data.attribution_methods(run):
+        return None
+    return "this run has no attribution arrays; capture with --capture attribution"
 
 
 VIEWS: dict[str, View] = {v.name: v for v in (
@@ -73,7 +75,8 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("layer_predictions", "Layer predictions", "lens",
          "top-k tokens of the logit lens at every depth for one position", _needs_lens(data.LENS_TOPK_IDS), True),
     View("rankings", "Rankings", "lens",
-         "rank of the token that came next, at every depth: a column per token that came next", _needs_lens(data.LENS_TARGET_RANK), True),
+         "rank of the token that came next, at every depth: a column per token that came next",
+         _needs_lens(data.LENS_TARGET_RANK), True),
     View("rankings_watch", "Rankings (watch)", "lens",
          "ranks of watched tokens at every depth for one position", _needs_lens(data.LENS_WATCH_RANK), True),
     View("saliency", "Saliency", "saliency",
