@@ -43,6 +43,12 @@
     }
     return out;
   };
+  /* A chart's width for n columns of `most` px each plus `extra` (axes, colour bar), narrowed to fit the
+     box it is in while a column keeps `least` px: short charts fit whole, long ones scroll sideways. */
+  S.fitWidth = (div, n, least, most, extra) => {
+    const room = (div.parentElement && div.parentElement.clientWidth) || 1200;
+    return Math.max(520, Math.round(Math.min(most * n, Math.max(least * n, room - 4 - extra))) + extra);
+  };
   /* A depth axis with readable integer ticks: every depth up to 12, then every 2nd, then every 5th. */
   S.depthAxis = (depths, title) => {
     const n = depths.length;

@@ -66,7 +66,7 @@
           title: {text: S.ptext(`mean ${ratio} per occupation and depth` + (colour === 'centred' ? ', minus each depth\'s mean' : ''))},
           xaxis: {title: {text: 'depth (click to pick)'}, dtick: 1}, yaxis: {tickvals: y, ticktext: ticks, autorange: 'reversed', automargin: true},
           shapes: [{type: 'rect', xref: 'x', yref: 'paper', x0: depth - 0.5, x1: depth + 0.5, y0: 0, y1: 1, line: {color: '#222', width: 2}}],
-          width: Math.max(520, 30 * D + 420), height: Math.max(260, 16 * n + 140), margin: {t: 50}}, S.plotlyConfig(name('heatmap')()));
+          width: S.fitWidth(heat, D, 18, 30, 420), height: Math.max(260, 16 * n + 140), margin: {t: 50}}, S.plotlyConfig(name('heatmap')()));
         heat.on('plotly_click', ev => ctx.set({depth: ev.points[0].x}));
         if (stat) {
           const pts = idx.filter(i => stat[i] !== null && d.means[i][depthIndex] !== null);

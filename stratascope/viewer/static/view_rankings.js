@@ -22,7 +22,7 @@
       title: {text: title, y: 0.995, yanchor: 'top'},
       xaxis: {title: {text: xtitle}, tickvals: x, ticktext: ticktext, tickangle: -45, automargin: true, range: [-0.5, x.length - 0.5]},
       yaxis: {title: {text: 'depth'}, dtick: 1}, height: Math.max(200, 26 * y.length) + bottom + above + 90,
-      width: Math.max(600, 44 * x.length + 260), margin: {t: 50 + above, b: bottom}};
+      width: S.fitWidth(div, x.length, 28, 44, 260), margin: {t: 50 + above, b: bottom}};
     const traces = [{
       type: 'heatmap', z: logz, x: x, y: y, text: z.map(row => row.map(r => (r === null ? '' : String(r)))), customdata: hover,
       texttemplate: '%{text}', textfont: {size: 10}, zmin: 0, zmax: ticks.max, colorscale: 'YlGnBu', reversescale: true,
