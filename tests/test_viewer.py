@@ -48,6 +48,51 @@ def test_header_and_labels_escape():
     assert render.token_label(" the\n") == "␣the↵" and render.token_label("") == "∅"
 
 
+@pytest.mark.parametrize("token, shown", [
+    (" the\n", "␣the↵"), ("", "∅"), ("\t\r", "⇥␍"), ("\u00a0Paris", "⟨U+00A0⟩Paris"),
+    ("\u200b\u200c\u200d\ufeff", "⟨U+200B⟩⟨U+200C⟩⟨U+200D⟩⟨U+FEFF⟩"),
+    ("\x00\x1b\x7f\x85\x9f", "⟨U+0000⟩⟨U+001B⟩⟨U+007F⟩⟨U+0085⟩⟨U+009F⟩"),
+    ("\u3000\u2009\u2028\u2029", "⟨U+3000⟩⟨U+2009⟩⟨U+2028⟩⟨U+2029⟩"), ("\u202eevil", "⟨U+202E⟩evil"),
+    ("\ud800", "⟨U+D800⟩"),
+    ("é你好😀�", "é你好😀�"), ("a-b_c", "a-b_c")])
+def test_token_label_makes_invisible_characters_visible(token, shown):
+    assert render.token_label(token) == shown
+    # a lone surrogate no longer breaks the page's JSON
+    assert json.loads(render.json_for_html(render.token_label(token))) == shown
+
+
+def test_tokens_slice_has_the_prompt_metadata(probe_store):
+    import zarr
+
+    run, g = ss.open_run(probe_store.path), zarr.open_group(probe_store.path, mode="r")
+    columns = [c for c in run.prompts.columns if c not in ("text", "token_offset", "n_tokens")]
+    assert data.metadata_columns(run) == columns
+    assert registry.meta(run)["metadata_columns"] == data.metadata_columns(run)
+    for p in (0, 5, 23):
+        meta = data.tokens(run, p)["meta"]
+        assert meta["occupation"] == str(g["meta_occupation"][p])
+        stat = float(g["meta_bls_pct_female"][p])
+        assert meta["bls_pct_female"] == (None if np.isnan(stat) else pytest.approx(stat))
+    corpus_wide = {v["name"]: v["prompt"] for v in registry.meta(run)["views"]}
+    assert not (corpus_wide["bias"] or corpus_wide["probe"] or corpus_wide["heads_map"]) and corpus_wide["tokens"]
+
+
+def test_prompt_filter_against_numpy(probe_store, probe_app):
+    import zarr
+
+    run, g = ss.open_run(probe_store.path), zarr.open_group(probe_store.path, mode="r")
+    occupation = np.array([str(x) for x in g["meta_occupation"][:]])
+    f = data.prompt_filter(run, "occupation", "nurse")
+    assert f["prompts"] == np.flatnonzero(occupation == "nurse").tolist() and len(f["prompts"]) == 3
+    names, counts = np.unique(occupation, return_counts=True)
+    assert sorted(map(tuple, f["values"])) == sorted(zip(names.tolist(), counts.tolist())) and f["n_values"] == 8
+    stat = g["meta_bls_pct_female"][:]
+    assert data.prompt_filter(run, "bls_pct_female", "88")["prompts"] == np.flatnonzero(stat == 88.0).tolist()
+    assert data.prompt_filter(run, "bls_pct_female", "(missing)")["prompts"] == np.flatnonzero(np.isnan(stat)).tolist()
+    status, _, body = _get(probe_app, "/api/prompt_filter?column=nope&value=")
+    assert status == 404 and "no metadata column 'nope'" in json.loads(body)["error"]
+
+
 def test_attention_slice_equals_raw_array(viewer_store):
     run = ss.open_run(viewer_store.path)
     for p, layer in ((0, 0), (4, 2)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from stratascope.viewer import data
 from viewer_fixtures import (
     BIAS_OCCUPATIONS,
     BIAS_PAIRS,
+    INVISIBLE,
     PROBE_LABELS,
     WATCH,
     XSS_ALERT,
@@ -38,7 +40,12 @@ VIEWS = ("tokens", "head", "model", "layer_predictions", "rankings", "rankings_w
 
 
 def label(s: str) -> str:
-    return s.replace(" ", "␣").replace("\n", "↵") or "∅"
+    """The label a view shows for a token, from the spec: ␣ ↵ ⇥ ␍, ⟨U+XXXX⟩ for any other control, format,
+    surrogate or separator character (Unicode categories Cc Cf Cs Z*), ∅ for the empty token."""
+    symbols = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+    escaped = ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
+    return "".join(symbols.get(c) or (f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in escaped else c)
+                   for c in s) or "∅"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,7 @@ def probe_report_url(probe_store, tmp_path_factory) -> str:
     from stratascope.cli import cli
 
     out = tmp_path_factory.mktemp("report") / "probes.html"
-    res = CliRunner().invoke(cli, ["report", probe_store.path, "-o", str(out), "--views", "bias,probe"])
+    res = CliRunner().invoke(cli, ["report", probe_store.path, "-o", str(out), "--views", "bias,probe,tokens"])
     assert res.exit_code == 0, res.output
     return out.as_uri()
 
@@ -227,10 +234,10 @@ def test_rankings_view(browser, target, viewer_store):
     s, p = viewer_store, 0
     v = Viewer(browser, target, "rankings", prompt=p)
     ranks = s.target_rank[s.rows(p)].T  # depth, token
-    assert _plot(v)["text"] == [["" if r < 0 else str(r) for r in row] for row in ranks]  # stored 1-based
-    assert all(row[-1] == "" for row in _plot(v)["text"])  # the last token has no next token
+    assert (ranks[:, -1] < 0).all()  # the last token has no next token: no column for it
+    assert _plot(v)["text"] == [[str(r) for r in row[:-1]] for row in ranks]  # stored 1-based
     v.choose("#ss-prompt", 3)
-    assert _plot(v)["text"] == [["" if r < 0 else str(r) for r in row] for row in s.target_rank[s.rows(3)].T]
+    assert _plot(v)["text"] == [[str(r) for r in row[:-1]] for row in s.target_rank[s.rows(3)].T]
     v.done("rankings")
 
 
@@ -245,6 +252,130 @@ def test_rankings_watch_view(browser, target, viewer_store):
     v.choose(".ss-position", 5)
     assert _plot(v)["text"] == [[str(r) for r in row] for row in w[5]]
     v.done("rankings_watch")
+
+
+def axis_visible(v: Viewer, cls: str) -> None:
+    """The chart's x axis (title and tick labels) lies inside the figure, and no box around the chart
+    clips it vertically (a chart may scroll sideways, or with the page, but never hide its axis)."""
+    got = v.page.evaluate("""c => {
+        const gd = document.querySelector(c), fig = gd.getBoundingClientRect();
+        const parts = [gd.querySelector('.xtitle')].concat([...gd.querySelectorAll('.xaxislayer-above .xtick text')]);
+        const boxes = parts.map(e => e.getBoundingClientRect());
+        const clipped = [];
+        for (let e = gd.parentElement; e && e !== document.body; e = e.parentElement) {
+            const st = getComputedStyle(e);
+            if (st.overflowY === 'visible') continue;
+            const r = e.getBoundingClientRect();
+            if (boxes.some(b => b.top < r.top - 1 || b.bottom > r.top + e.clientHeight + 1)) clipped.push(e.className);
+        }
+        return {n: parts.length, inside: boxes.every(b => b.top >= fig.top - 1 && b.bottom <= fig.bottom + 1),
+                title: parts[0] ? parts[0].textContent : null, clipped: clipped}; }""", cls)
+    assert got["title"] and got["n"] > 1 and got["inside"] and got["clipped"] == [], got
+
+
+def test_rankings_long_prompt_axes_and_labels(browser, target, viewer_store):
+    s, p = viewer_store, 4
+    v = Viewer(browser, target, "rankings", prompt=p)
+    v.page.set_viewport_size({"width": 1280, "height": 520})  # a laptop's short window
+    n = s.n(p)
+    axis_visible(v, ".ss-heat")
+    lay = v.page.evaluate("() => { const gd = document.querySelector('.ss-heat'); return {x: gd.layout.xaxis, "
+                          "x2: gd.layout.xaxis2, title: gd.layout.title.text, cb: gd.data[0].colorbar, "
+                          "zmax: gd.data[0].zmax}; }")
+    labels = [label(t) for t in s.token_str[s.rows(p)]]
+    ticks = [ptext(f"{i}: {t}") for i, t in enumerate(labels)]
+    assert lay["x"]["ticktext"] == ticks[1:] and lay["x2"]["ticktext"] == ticks[:-1]  # came next; came after
+    assert lay["x"]["title"]["text"] == "the token that came next" and "the token that came next" in lay["title"]
+    assert "the token that came next" in v.page.inner_text(".ss-rank-caption")
+    assert lay["cb"]["title"]["text"] == "rank (1 = top)"
+    vocab = len(s.vocab)  # the colour bar spans ranks 1 .. the vocabulary size, on a log scale
+    assert lay["zmax"] == pytest.approx(np.log10(vocab)) and lay["cb"]["tickvals"][-1] == pytest.approx(np.log10(vocab))
+    assert lay["cb"]["ticktext"][0] == "1" and lay["cb"]["ticktext"][-1] == f"{vocab:,} (vocab)"
+    assert np.all(np.diff(lay["cb"]["tickvals"]) >= 0.25)  # ticks far enough apart to read
+    shown = v.page.eval_on_selector_all(".ss-heat .colorbar .cbaxis text, .ss-heat .colorbar text",
+                                        "es => es.map(e => e.textContent)")
+    assert "rank (1 = top)" in shown and f"{vocab:,} (vocab)" in shown
+    assert len(_plot(v)["text"][0]) == n - 1
+    v.done("rankings_long")
+
+
+def test_invisible_characters_shown(browser, target, viewer_store):
+    """No-break spaces, tabs, control and zero-width characters show as symbols in every token label,
+    the same from Python (data.py) and from core.js's twin."""
+    from stratascope.viewer.render import token_label
+
+    p = 3
+    v = Viewer(browser, target, "tokens", prompt=p)
+    chips = v.page.eval_on_selector_all(f'.ss-prompt[data-prompt="{p}"] .ss-chip', "es => es.map(e => e.textContent)")
+    assert [chips[i] for i in INVISIBLE] == [shown for _, shown in INVISIBLE.values()]
+    samples = [raw for raw, _ in INVISIBLE.values()] + ["", " the", "a\u00a0b", "\u200c\u200d\u2028\u202e", "\u00ad",
+                                                       "é你好😀", "\x00\x07\x1f\x7f\x9f", "\u2009\u202f\u205f"]
+    assert v.page.evaluate("xs => xs.map(Stratascope.tokenLabel)", samples) == [token_label(x) for x in samples]
+    v.shot("tokens_invisible")
+    v.page.close()
+    v = Viewer(browser, target, "rankings", prompt=p)
+    ticks = v.page.evaluate("() => document.querySelector('.ss-heat').layout.xaxis2.ticktext")
+    assert [ticks[i] for i in INVISIBLE] == [f"{i}: {shown}" for i, (_, shown) in INVISIBLE.items()]
+    v.done("rankings_invisible")
+    v = Viewer(browser, target, "head", prompt=p, layer=0)
+    left = v.page.eval_on_selector_all(".ss-tok-q", "es => es.map(e => e.firstChild.textContent)")
+    assert [left[i] for i in INVISIBLE] == [shown for _, shown in INVISIBLE.values()]
+    v.done("head_invisible")
+
+
+@pytest.fixture
+def probe_app_unlisted(probe_store, monkeypatch):
+    """The app over the probe store as over a corpus too large to list its prompts in the page."""
+    import stratascope as ss
+    from stratascope.viewer import app
+    from stratascope.viewer.app import serve_in_thread
+
+    monkeypatch.setattr(app, "PROMPT_LIST_MAX", 5)
+    server, url = serve_in_thread(ss.open_run(probe_store.path))
+    yield "app", url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(params=["report", "app", "app_unlisted"])
+def tokens_target(request, probe_report_url, probe_app):
+    if request.param == "app_unlisted":
+        return request.getfixturevalue("probe_app_unlisted")
+    return request.param, (probe_report_url if request.param == "report" else probe_app)
+
+
+def test_tokens_metadata_and_filter(browser, tokens_target, probe_store):
+    import zarr
+
+    g = zarr.open_group(probe_store.path, mode="r")
+    occupation = np.array([str(x) for x in g["meta_occupation"][:]])
+    v = Viewer(browser, tokens_target, "tokens")
+    listed = (v.page.evaluate("() => (Stratascope.meta.prompt_list || []).map(p => p.index)")
+              or list(range(len(occupation))))  # an app too large to list its prompts filters them all
+    shown = v.page.eval_on_selector_all('.ss-prompt .ss-meta-item[data-column="occupation"]',
+                                        "es => es.map(e => e.textContent)")
+    assert shown == [f"occupation: {occupation[i]}" for i in listed[:10]]
+    assert v.page.is_visible("#ss-prompt")
+    v.choose(".ss-meta-column select, select.ss-meta-column", "occupation")
+    v.choose(".ss-meta-value select, select.ss-meta-value", "nurse")
+    want = [i for i in listed if occupation[i] == "nurse"]
+    got = v.page.eval_on_selector_all(".ss-prompt", "es => es.map(e => +e.dataset.prompt)")
+    assert got == want and len(want) >= 1
+    options = v.page.eval_on_selector_all("select.ss-meta-value option", "es => es.map(e => e.value)")
+    assert sorted(options) == sorted({str(occupation[i]) for i in listed})
+    v.done("tokens_metadata")
+
+
+def test_missing_method_or_view_says_so(browser, target, probe_app):
+    v = Viewer(browser, target, "saliency", prompt=0, method="lrp")
+    assert v.page.inner_text(".ss-unavailable") == ('Attribution method "lrp" was not captured in this run; it has '
+                                                   "grad_x_input, integrated_gradients (capture others with "
+                                                   "--capture attribution --attribution NAMES).")
+    v.done("saliency_missing_method")
+    v = Viewer(browser, ("app", probe_app), "saliency", prompt=0)  # a run without attributions
+    assert v.page.inner_text(".ss-unavailable") == ("Saliency cannot be shown: this run has no attribution arrays; "
+                                                   "capture with --capture attribution.")
+    v.done()
 
 
 def test_saliency_view(browser, target, viewer_store):
@@ -320,6 +451,7 @@ def test_neuron_view(browser, target, viewer_store):
 def test_heads_map_view(browser, target, viewer_store):
     s = viewer_store
     v = Viewer(browser, target, "heads_map")
+    assert not v.page.is_visible("#ss-prompt")  # corpus-wide: no prompt picker
     labels = [[str(x) for x in row] for row in s.heads["label"]]
     plot = _plot(v, ".ss-heads-map")
     names = v.page.evaluate("() => document.querySelector('.ss-heads-map').layout.title.text")
@@ -338,7 +470,7 @@ def test_heads_map_view(browser, target, viewer_store):
         return [r.left + L.xaxis.d2p(1), r.top + L.yaxis.d2p(2)]; }""")
     v.page.mouse.click(*xy)
     v.wait()
-    assert v.page.get_attribute("#ss-view", "data-view") == "head"
+    assert v.page.get_attribute("#ss-view", "data-view") == "head" and v.page.is_visible("#ss-prompt")
     pressed = v.page.eval_on_selector_all(".ss-head-toggle", "es => es.map(e => e.getAttribute('aria-pressed'))")
     assert pressed == ["false", "true", "false", "false"]
     assert v.page.eval_on_selector(".ss-layer select, select.ss-layer", "e => e.value") == "2"
@@ -412,6 +544,8 @@ def test_bias_view(browser, probe_target, probe_store):
         np.testing.assert_allclose(_trace(v, ".ss-bias-corr", "spearman_rho")[depth], rho, atol=1e-5)
         return names
 
+    assert not v.page.is_visible("#ss-prompt")
+    axis_visible(v, ".ss-bias-heat")
     names = scatter(0, 3)  # the last depth by default
     assert names == by_stat and v.count(".ss-pair option") == 2
     assert XSS_ALERT in v.text() and XSS_ALERT2 in v.text()  # occupation names show literally in the chart
@@ -454,6 +588,23 @@ def test_probe_view(browser, probe_target, probe_store):
         np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "baseline"), [baseline] * len(score), atol=1e-4)
         assert _trace(v, ".ss-probe-plot", "score", "x") == list(range(4))
 
+    assert not v.page.is_visible("#ss-prompt")
+    ticks = v.page.eval_on_selector_all(".ss-probe-plot .xtick text", "es => es.map(e => e.textContent)")
+    assert ticks == ["0", "1", "2", "3"]  # integer depths only
+    # the same payload stretched to 31 depths (SmolLM2's): ticks at every 5th depth, as integers
+    ticks = v.page.evaluate("""async () => {
+        const S = Stratascope, d = await S.get('probe', {label: S.meta.probe_labels[0]});
+        const n = 31, f = a => (a ? Array.from({length: n}, (_, i) => a[i % a.length]) : a);
+        const e = Object.assign({}, d, {depths: [...Array(n).keys()], score: f(d.score), score_sd: f(d.score_sd),
+                                        control: f(d.control), macro_f1: f(d.macro_f1)});
+        const body = S.el('div', {id: 'ss-probe31'});
+        document.getElementById('ss-root').appendChild(body);
+        await S.views.probe.render(body, {meta: S.meta, state: {label: d.label}, get: () => Promise.resolve(e),
+                                          set: () => {}, stale: () => false});
+        return [...body.querySelectorAll('.xtick text')].map(t => t.textContent); }""")
+    assert ticks == [str(d) for d in range(0, 31, 5)]
+    v.page.locator("#ss-probe31").screenshot(path=str(ARTIFACTS / f"probe_31_depths_{v.kind}.png"))
+    v.page.evaluate("() => document.getElementById('ss-probe31').remove()")
     assert v.page.eval_on_selector("select.ss-label", "e => e.value") == PROBE_LABELS[0]
     curve(PROBE_LABELS[0], "accuracy")
     facts = v.page.inner_text(".ss-probe-facts")
@@ -498,6 +649,33 @@ def test_save_buttons_write_files(browser, report_url):
         v.page.click(".ss-save-svg")
     assert re.search(r"<svg", Path(dl.value.path()).read_text()[:500])
     v.done()
+
+
+@pytest.mark.real
+def test_real_smollm2_rankings_view(browser, tmp_path):
+    """SmolLM2 through the CLI: capture, `lens`, `report`; the rankings view shows the stored ranks of
+    the token that came next at 31 depths, its colour bar spans ranks 1 to 49,152, its axis stays in sight,
+    and the no-break space and tab of the prompt show as symbols."""
+    from click.testing import CliRunner
+
+    import stratascope as ss
+    from stratascope.cli import cli
+
+    store, out, runner = str(tmp_path / "smol.zarr"), tmp_path / "smol.html", CliRunner()
+    ss.capture(model="smollm2", prompts=["The Eiffel Tower is in\u00a0Paris,\tthe capital of France"], out=store,
+               capture=("hidden",), device="cpu", progress=False)
+    for args in (["lens", store, "--device", "cpu"], ["report", store, "-o", str(out), "--views", "rankings,tokens"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    ranks = only_result(store, "lens")["target_rank"][:].T  # depth, token (1-based; -1 at the last token)
+    v = Viewer(browser, ("report", out.as_uri()), "rankings", prompt=0)
+    assert _plot(v)["text"] == [[str(r) for r in row[:-1]] for row in ranks] and len(ranks) == 31
+    cb = v.page.evaluate("() => document.querySelector('.ss-heat').data[0].colorbar")
+    assert cb["ticktext"] == ["1", "10", "100", "1k", "10k", "49,152 (vocab)"]
+    axis_visible(v, ".ss-heat")
+    ticks = " ".join(v.page.evaluate("() => document.querySelector('.ss-heat').layout.xaxis.ticktext"))
+    assert "⇥" in ticks and "⟨U+00A0⟩" in ticks, ticks
+    v.done("real_smollm2_rankings")
 
 
 @pytest.mark.real

@@ -14,6 +14,9 @@ LONG = ("The keys to the cabinet are on the table and the quick brown fox jumps 
         "while the nurse said that she was tired. ") * 3
 VIEWER_PROMPTS = ["The quick brown fox", XSS_IMG, XSS_SCRIPT, "Heathrow airport is located in the city of", LONG]
 WATCH = [" the", XSS_SCRIPT, XSS_IMG, " fox"]
+# Tokens of prompt 3 (by position) replaced by invisible characters, and the labels every view must show.
+INVISIBLE = {1: ("\u00a0airport", "⟨U+00A0⟩airport"), 2: ("\t\r\n", "⇥␍↵"), 3: ("\u200b\ufeff", "⟨U+200B⟩⟨U+FEFF⟩"),
+             4: ("\x85\u3000 x", "⟨U+0085⟩⟨U+3000⟩␣x")}
 METHODS = ("grad_x_input", "integrated_gradients")
 
 
@@ -73,6 +76,8 @@ def viewer_store(tiny_model_dirs, tmp_path_factory) -> Store:
     tok = g["token_str"][:]
     tok[offsets[1]], tok[offsets[2]] = XSS_IMG, XSS_SCRIPT
     tok[offsets[0] + 1] = " quick"  # a leading space, shown as ␣
+    for position, (raw, _) in INVISIBLE.items():
+        tok[offsets[3] + position] = raw
     g["token_str"][:] = tok
     n_tokens, vocab_size = int(lengths.sum()), int(g["readout/vocab_str"].shape[0])
     segments = np.zeros(n_tokens, dtype=np.int8)  # sentence A/B: the second half of prompt 0 is B

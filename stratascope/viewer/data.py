@@ -90,12 +90,67 @@ def _read_prompt_rows(run, prompt: int, sl: slice) -> tuple[slice, dict]:
     return sl, info
 
 
+def metadata_columns(run) -> list[str]:
+    """The corpus's per-prompt metadata columns (stored as meta_<name>), in the corpus's order."""
+    order = run.attrs.get("corpus", {}).get("metadata_columns", [])
+    names = [c for c in order if META_PREFIX + c in run.ds.variables]
+    return names + sorted(n[len(META_PREFIX):] for n, v in run.ds.variables.items()
+                          if n.startswith(META_PREFIX) and v.dims == ("prompt",) and n[len(META_PREFIX):] not in names)
+
+
+def _meta_value(v) -> object:
+    """A metadata value as JSON: text, a whole number, a rounded float, or None for a missing (NaN) one."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return None if not np.isfinite(v) else round(float(v), 6)
+    return str(v)
+
+
+def prompt_metadata(run, prompts: list[int]) -> list[dict]:
+    """Each prompt's metadata as {column: value}, reading only these prompts of each meta_<name>."""
+    columns = metadata_columns(run)
+    values = {c: run.ds[META_PREFIX + c].isel(prompt=prompts).values for c in columns} if prompts else {}
+    return [{c: _meta_value(values[c][i]) for c in columns} for i in range(len(prompts))]
+
+
+FILTER_VALUES = 500  # the most common values of a metadata column offered by the tokens view's filter
+
+
+def shown_value(v: object) -> str:
+    """A metadata value (as _meta_value gives it) as the tokens view shows it, as JavaScript's String() writes
+    numbers, so the app and the browser compare the same text."""
+    if v is None:
+        return "(missing)"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e21 else repr(v)
+    return str(v)
+
+
+def prompt_filter(run, column: str, value: str) -> dict:
+    """The prompts whose metadata `column` shows as `value` ('' = none asked), and the column's
+    FILTER_VALUES most common values with their counts; reads one (prompt,) column."""
+    columns = metadata_columns(run)
+    if column not in columns:
+        raise OutOfRangeError(f"no metadata column {column!r}; this run has {', '.join(map(repr, columns)) or 'none'}")
+    shown = np.array([shown_value(_meta_value(v)) for v in run.ds[META_PREFIX + column].values], dtype=object)
+    names, counts = np.unique(shown, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:FILTER_VALUES]
+    return {"column": column, "value": value, "values": [[str(names[i]), int(counts[i])] for i in order],
+            "n_values": int(len(names)), "prompts": np.flatnonzero(shown == value).tolist() if value else []}
+
+
 def tokens(run, prompt: int) -> dict:
-    """One prompt: its text and its tokens (raw strings, readable labels, ids, generated flags)."""
+    """One prompt: its text, its metadata and its tokens (raw strings, readable labels, ids, generated flags)."""
     sl, info = _prompt_rows(run, prompt)
     p = info["prompt"]
     info["text"] = str(run.ds["prompt_text"][p].values)
     info["ids"] = [int(i) for i in run.ds["token_id"].isel(token=sl).values]
+    info["meta"] = prompt_metadata(run, [p])[0]
     return info
 
 
@@ -150,7 +205,7 @@ def lens(run, prompt: int) -> dict:
     ds = _lens_dataset(run)
     sl, info = _prompt_rows(run, prompt)
     depth = ds["depth"].values if "depth" in ds.coords else np.arange(ds.sizes.get("depth", 0))
-    out = {**info, "depths": [int(d) for d in depth]}
+    out = {**info, "depths": [int(d) for d in depth], "vocab_size": int(run.readout["vocab_str"].shape[0])}
     rows = ds.isel(token=sl)
     if LENS_TOPK_IDS in ds and LENS_TOPK_PROBS in ds:
         ids = rows[LENS_TOPK_IDS].values  # token, depth, k
@@ -424,6 +479,7 @@ def dla(run, prompt: int) -> dict:
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
+    "prompt_filter": (prompt_filter, {"column": str, "value": str}),
     "attention": (attention, {"prompt": int, "layer": int}),
     "lens": (lens, {"prompt": int}),
     "saliency": (saliency, {"prompt": int, "method": str}),

@@ -22,6 +22,7 @@ class View:
     needs: Callable[[object], str | None]      # run -> None if the view can be shown, else why not
     plotly: bool = False                       # the renderer draws with plotly.js
     report_layers: int | None = None           # a report without --layers holds at most this many layers of it
+    prompt: bool = True                        # it shows one prompt (False: corpus-wide, no prompt picker)
 
     def unavailable(self, run) -> str | None:
         return self.needs(run)
@@ -58,12 +59,15 @@ def _needs_probe(run) -> str | None:
 
 
 def _needs_attribution(run) -> str | None:
-    return None if data.attribution_methods(run) else "this run has no attribution arrays"
+    if data.attribution_methods(run):
+        return None
+    return "this run has no attribution arrays; capture with --capture attribution"
 
 
 VIEWS: dict[str, View] = {v.name: v for v in (
     View("tokens", "Prompts & tokens", "tokens",
-         "each prompt with its tokens; spaces shown as ␣, generated tokens marked", _always),
+         "each prompt with its metadata and its tokens (invisible characters shown as ␣ ↵ ⇥ or ⟨U+…⟩), generated "
+         "tokens marked; filter prompts by a metadata value", _always),
     View("head", "Head view", "attention",
          "one layer: lines from each token to the tokens it attends to, a colour per head", _needs_attention),
     View("model", "Model view", "attention",
@@ -71,7 +75,8 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("layer_predictions", "Layer predictions", "lens",
          "top-k tokens of the logit lens at every depth for one position", _needs_lens(data.LENS_TOPK_IDS), True),
     View("rankings", "Rankings", "lens",
-         "rank of the token that came next, at every depth and position", _needs_lens(data.LENS_TARGET_RANK), True),
+         "rank of the token that came next, at every depth: a column per token that came next",
+         _needs_lens(data.LENS_TARGET_RANK), True),
     View("rankings_watch", "Rankings (watch)", "lens",
          "ranks of watched tokens at every depth for one position", _needs_lens(data.LENS_WATCH_RANK), True),
     View("saliency", "Saliency", "saliency",
@@ -81,16 +86,16 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          _needs_qk, report_layers=3),  # q and k of every head are d_head numbers per token each: keep reports small
     View("heads_map", "Heads map", "heads",
          "layers × heads coloured by pattern label or score; click a head for its lines", _needs_result(
-             data.HEADS_JOB, "`stratascope heads`"), True),
+             data.HEADS_JOB, "`stratascope heads`"), True, prompt=False),
     View("nmf", "NMF factors", "nmf",
          "the text coloured by each NMF factor's activation; factor picker, top tokens per factor",
          _needs_result(data.NMF_JOB, "`stratascope nmf`")),
     View("bias", "Bias probe", "bias",
          "occupations × depth heatmap of log p(female)/p(male); scatter against the occupation statistic with "
-         "its correlation", _needs_result(data.BIAS_JOB, "`stratascope probe bias`"), True),
+         "its correlation", _needs_result(data.BIAS_JOB, "`stratascope probe bias`"), True, prompt=False),
     View("probe", "Probe accuracy", "probe",
          "a linear probe's accuracy (or R²) at every depth, ± sd over folds, with the control task and the baseline",
-         _needs_probe, True),
+         _needs_probe, True, prompt=False),
     View("dla", "Logit attribution", "dla",
          "one position: what the embedding, each attention and MLP layer add to the target's logit, with the "
          "sum and the true logit", _needs_result(data.DLA_JOB, "`stratascope dla`"), True),
@@ -129,10 +134,11 @@ def meta(run) -> dict:
     for view in VIEWS.values():
         reason = view.unavailable(run)
         views.append({"name": view.name, "title": view.title, "description": view.description,
-                      "available": reason is None, "reason": reason})
+                      "available": reason is None, "reason": reason, "prompt": view.prompt})
     return {"store": Path(run.path.rstrip("/")).name, "model": {k: m.get(k) for k in ("name", "family", "n_layers",
                                                                                      "n_heads", "causal")},
             "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": data.captured_layers(run),
             "methods": data.attribution_methods(run), "views": views, "min_weight": data.MIN_WEIGHT,
-            "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run)}
+            "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run),
+            "metadata_columns": data.metadata_columns(run)}
 

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import html
 import json
+import unicodedata
 from importlib.resources import files
 
-# Whitespace made visible in token labels: a leading space is the most common case.
-_VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+# Characters a token label shows as a symbol: a leading space is the most common case.
+_SYMBOLS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+# Any other character of these categories would be invisible (or reorder the text around it): control
+# (C0, DEL, C1), format (zero-width, BOM, bidi), lone surrogates, and every other Unicode space or separator.
+_ESCAPED = frozenset({"Cc", "Cf", "Cs", "Zs", "Zl", "Zp"})
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
 def token_label(token: str) -> str:
-    """A readable label for a token: spaces as ␣, newlines as ↵, tabs as ⇥; the empty token as ∅."""
-    return token.translate(_VISIBLE) if token else "∅"
+    """A readable label for a token: space ␣, newline ↵, tab ⇥, carriage return ␍, any other invisible
+    character as its code point (no-break space ⟨U+00A0⟩, zero-width space ⟨U+200B⟩); the empty token ∅.
+    static/core.js has the same function (Stratascope.tokenLabel) for text the browser labels itself."""
+    if not token:
+        return "∅"
+    if token.isprintable() and " " not in token:  # the common case, and every character kept as it is
+        return token
+    return "".join(_SYMBOLS.get(c) or (f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in _ESCAPED else c)
+                   for c in token)
 
 
 def escape(text: object) -> str:

@@ -60,8 +60,9 @@ def choose_views(run, names: str | list[str] | None) -> list:
 def prompt_list(run, prompts: list[int]) -> list[dict]:
     texts = run.ds["prompt_text"].isel(prompt=prompts).values if prompts else []
     counts = run.ds["n_tokens"].isel(prompt=prompts).values if prompts else []
-    return [{"index": p, "preview": str(t)[:PREVIEW_CHARS], "n_tokens": int(c)}
-            for p, t, c in zip(prompts, texts, counts)]
+    metas = data.prompt_metadata(run, prompts)  # the tokens view filters prompts by these
+    return [{"index": p, "preview": str(t)[:PREVIEW_CHARS], "n_tokens": int(c), "meta": m}
+            for p, t, c, m in zip(prompts, texts, counts, metas)]
 
 
 def scripts(views: list, inline: bool) -> str:

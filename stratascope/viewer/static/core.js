@@ -30,6 +30,30 @@
   /* Plotly renders a little HTML in its strings; entities keep store text literal there. */
   S.ptext = s => String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
   S.short = (s, n) => (s.length > n ? s.slice(0, n - 1) + '…' : s);
+  /* The twin of render.token_label: space ␣, newline ↵, tab ⇥, carriage return ␍, any other control,
+     format (zero-width, BOM, bidi), lone surrogate or Unicode space as ⟨U+XXXX⟩; the empty token ∅. */
+  const SYMBOLS = {' ': '␣', '\n': '↵', '\t': '⇥', '\r': '␍'};
+  const INVISIBLE = /^[\p{Cc}\p{Cf}\p{Cs}\p{Zs}\p{Zl}\p{Zp}]$/u;
+  S.tokenLabel = function (token) {
+    const s = String(token);
+    if (!s) return '∅';
+    let out = '';
+    for (const c of s) {
+      out += SYMBOLS[c] || (INVISIBLE.test(c) ? '⟨U+' + c.codePointAt(0).toString(16).toUpperCase().padStart(4, '0') + '⟩' : c);
+    }
+    return out;
+  };
+  /* A chart's width for n columns of `most` px each plus `extra` (axes, colour bar), narrowed to fit the
+     box it is in while a column keeps `least` px: short charts fit whole, long ones scroll sideways. */
+  S.fitWidth = (div, n, least, most, extra) => {
+    const room = (div.parentElement && div.parentElement.clientWidth) || 1200;
+    return Math.max(520, Math.round(Math.min(most * n, Math.max(least * n, room - 4 - extra))) + extra);
+  };
+  /* A depth axis with readable integer ticks: every depth up to 12, then every 2nd, then every 5th. */
+  S.depthAxis = (depths, title) => {
+    const n = depths.length;
+    return {title: {text: title}, tick0: 0, dtick: n <= 12 ? 1 : n <= 24 ? 2 : 5, tickformat: 'd'};
+  };
 
   const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f',
                    '#bcbd22', '#17becf', '#393b79', '#ad494a', '#637939', '#8c6d31', '#7b4173', '#3182bd'];
@@ -223,15 +247,22 @@
     document.querySelectorAll('.ss-tab').forEach(t => t.setAttribute('aria-selected', t.dataset.view === st.view));
     const promptSel = document.getElementById('ss-prompt');
     if (promptSel && promptSel.value !== String(st.prompt)) promptSel.value = st.prompt;
+    const info = S.meta.views.find(v => v.name === st.view);
+    // Corpus-wide views (heads map, bias, probe) do not depend on a prompt: no prompt picker on them.
+    if (promptSel) promptSel.closest('.ss-control').hidden = !!info && info.prompt === false;
     const box = document.getElementById('ss-view');
     box.replaceChildren();
     box.removeAttribute('data-ready');
     box.setAttribute('data-view', st.view);
-    const info = S.meta.views.find(v => v.name === st.view);
     if (info) box.appendChild(S.el('p', {class: 'ss-desc', text: info.title + ': ' + info.description}));
     const body = S.el('div', {class: 'ss-body'});
     box.appendChild(body);
     if (!view) { body.appendChild(S.el('p', {class: 'ss-error', text: 'unknown view ' + st.view})); return; }
+    if (info && !info.available) {  // a link to a view this run cannot show says why, instead of another view
+      body.appendChild(S.el('p', {class: 'ss-notice ss-unavailable', text: `${info.title} cannot be shown: ${info.reason}.`}));
+      box.setAttribute('data-ready', '1');
+      return;
+    }
     const ctx = {meta: S.meta, state: st, get: S.get, set: S.set, stale: () => mine !== renderCount};
     Promise.resolve().then(() => view.render(body, ctx)).then(() => {
       if (mine === renderCount) box.setAttribute('data-ready', '1');
@@ -258,7 +289,8 @@
     S.mode = S.meta.mode;
     const available = S.meta.views.filter(v => v.available && S.views[v.name]);
     const st = Object.assign({}, S.meta.start || {}, readHash());
-    if (!available.some(v => v.name === st.view)) st.view = available.length ? available[0].name : 'tokens';
+    const known = S.meta.views.some(v => v.name === st.view && S.views[v.name]);  // unavailable ones say why
+    if (!known) st.view = available.length ? available[0].name : 'tokens';
     const first = S.meta.prompt_list && S.meta.prompt_list.length ? S.meta.prompt_list[0].index : 0;
     st.prompt = st.prompt === undefined ? first : +st.prompt;
     if (st.layer === undefined && S.meta.layers.length) st.layer = S.meta.layers[0];

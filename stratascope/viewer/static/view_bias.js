@@ -24,14 +24,14 @@
         const key = {statistic: i => (stat[i] === null ? Infinity : -stat[i]), value: i => -d.means[i][depthIndex],
                      name: i => d.occupations[i], corpus: i => i}[sort];
         idx.sort((a, b) => { const x = key(a), y = key(b); return x < y ? -1 : x > y ? 1 : a - b; });
-        const ratio = `log p(${d.female}) / p(${d.male})`;
+        const ratio = `log p(${S.tokenLabel(d.female)}) / p(${S.tokenLabel(d.male)})`;
         const heat = S.el('div', {class: 'ss-plot ss-heat ss-bias-heat'});
         const scatter = S.el('div', {class: 'ss-plot ss-bias-scatter'});
         const curve = S.el('div', {class: 'ss-plot ss-bias-corr'});
         const name = what => () => S.fileName('bias', what, d.pair.replace(/[^\w]+/g, '_'), 'd' + depth);
         const controls = [];
         if (pairs.length > 1) {
-          controls.push(S.select('ss-pair', 'Pair (female/male)', pairs.map(p => [p, p.replace(/ /g, '␣')]), pair, v => ctx.set({pair: v})));
+          controls.push(S.select('ss-pair', 'Pair (female/male)', pairs.map(p => [p, p.split('/').map(S.tokenLabel).join('/')]), pair, v => ctx.set({pair: v})));
         }
         // 'centred' subtracts each depth's mean over occupations: a shift that every occupation
         // shares (e.g. " he" favoured at middle depths) then no longer hides their order.
@@ -66,7 +66,7 @@
           title: {text: S.ptext(`mean ${ratio} per occupation and depth` + (colour === 'centred' ? ', minus each depth\'s mean' : ''))},
           xaxis: {title: {text: 'depth (click to pick)'}, dtick: 1}, yaxis: {tickvals: y, ticktext: ticks, autorange: 'reversed', automargin: true},
           shapes: [{type: 'rect', xref: 'x', yref: 'paper', x0: depth - 0.5, x1: depth + 0.5, y0: 0, y1: 1, line: {color: '#222', width: 2}}],
-          width: Math.max(520, 30 * D + 420), height: Math.max(260, 16 * n + 140), margin: {t: 50}}, S.plotlyConfig(name('heatmap')()));
+          width: S.fitWidth(heat, D, 18, 30, 420), height: Math.max(260, 16 * n + 140), margin: {t: 50}}, S.plotlyConfig(name('heatmap')()));
         heat.on('plotly_click', ev => ctx.set({depth: ev.points[0].x}));
         if (stat) {
           const pts = idx.filter(i => stat[i] !== null && d.means[i][depthIndex] !== null);
@@ -85,7 +85,7 @@
             {type: 'scatter', mode: 'lines+markers', name: 'Spearman ρ', meta: 'spearman_rho', x: d.depths, y: c.spearman_rho},
             {type: 'scatter', mode: 'lines+markers', name: 'Pearson r', meta: 'pearson_r', x: d.depths, y: c.pearson_r}], {
             title: {text: S.ptext(`correlation with ${d.statistic} across occupations (n = ${Math.max(0, ...c.n.filter(v => v !== null))})`)},
-            xaxis: {title: {text: 'depth (click to pick)'}, dtick: 1}, yaxis: {range: [-1.05, 1.05], zeroline: true},
+            xaxis: S.depthAxis(d.depths, 'depth (click to pick)'), yaxis: {range: [-1.05, 1.05], zeroline: true},
             shapes: [{type: 'line', xref: 'x', yref: 'paper', x0: depth, x1: depth, y0: 0, y1: 1, line: {color: '#222', dash: 'dot'}}],
             width: 760, height: 320, margin: {t: 50}}, S.plotlyConfig(name('correlation')()));
           curve.on('plotly_click', ev => ctx.set({depth: ev.points[0].x}));

@@ -25,7 +25,7 @@
           texttemplate: '%{text}', textfont: {size: 12}, zmin: 0, zmax: 1, colorscale: 'Blues', reversescale: true, colorbar: {title: {text: 'probability'}},
           hovertemplate: 'depth %{y}, rank %{x}: %{customdata}<br>p = %{z:.3f}<extra></extra>'}], {
           title: {text: S.ptext(`prompt ${st.prompt}, position ${pos}: «${d.labels[pos]}»`)},
-          xaxis: {title: {text: 'rank'}, dtick: 1}, yaxis: {title: {text: 'depth'}, dtick: 1},
+          xaxis: {title: {text: 'rank (1 = top)'}, dtick: 1}, yaxis: {title: {text: 'depth'}, dtick: 1},
           height: Math.max(320, 22 * d.depths.length + 140), width: Math.max(640, 110 * k + 220), margin: {t: 50}},
           S.plotlyConfig(name()));
         heat.on('plotly_click', ev => ctx.set({depth: ev.points[0].y}));

@@ -38,7 +38,7 @@
         body.append(S.el('div', {class: 'ss-row'}, controls.concat([S.plotlyButtons(div, name)])),
                     S.el('p', {class: 'ss-hint ss-probe-facts', text: facts}), div);
         window.Plotly.newPlot(div, traces, {
-          title: {text: S.ptext(`probe of ${d.label}: ${what} by depth`)}, xaxis: {title: {text: 'depth'}, dtick: 1},
+          title: {text: S.ptext(`probe of ${d.label}: ${what} by depth`)}, xaxis: S.depthAxis(d.depths, 'depth'),
           yaxis: {title: {text: what}, range: classify ? [0, 1.02] : undefined}, legend: {orientation: 'h', y: -0.2},
           width: Math.max(560, Math.min(1100, 24 * d.depths.length + 400)), height: 460, margin: {t: 50}}, S.plotlyConfig(name()));
       });

@@ -18,7 +18,7 @@
         const z = d.depths.map((_, di) => x.map(w => d.watch_rank[pos][di][w]));
         const hover = d.depths.map(() => d.watch.map(w => S.ptext(`«${w}»`)));
         S.rankHeatmap(div, z, x, d.watch, d.depths, hover,
-                      S.ptext(`prompt ${st.prompt}, after position ${pos} «${d.labels[pos]}»`), 'watched token', name());
+                      S.ptext(`prompt ${st.prompt}, after position ${pos} «${d.labels[pos]}»`), 'watched token', name(), d.vocab_size);
       });
     }
   };

@@ -6,7 +6,14 @@
   const S = window.Stratascope;
   S.views.saliency = {
     render: function (body, ctx) {
-      const st = ctx.state, method = st.method || ctx.meta.methods[0];
+      const st = ctx.state, methods = ctx.meta.methods, method = st.method || methods[0];
+      if (!methods.includes(method)) {  // e.g. a link made for another run: say so, offer the captured ones
+        body.append(S.el('div', {class: 'ss-row'}, [S.select('ss-method', 'Method', [['', '—']].concat(methods.map(m => [m, m])), '',
+                                                             v => ctx.set({method: v || null}))]),
+                    S.el('p', {class: 'ss-notice ss-unavailable', text: `Attribution method ${JSON.stringify(method)} was not captured ` +
+                      `in this run; it has ${methods.join(', ')} (capture others with --capture attribution --attribution NAMES).`}));
+        return Promise.resolve();
+      }
       return ctx.get('saliency', {prompt: st.prompt, method: method}).then(d => {
         if (ctx.stale()) return;
         const targets = new Set(d.targets);
