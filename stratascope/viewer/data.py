@@ -38,6 +38,7 @@ NMF_WEIGHTS = "token_factor"
 BIAS_GROUP = "analysis/bias"        # (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
 BIAS_CORRELATION_GROUP = "analysis/bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
 PROBE_PREFIX = "probe_"             # analysis/probe_<label>: (depth, fold) accuracy or r2, control_*, majority
+SIMILARITY_GROUP = "analysis/similarity"  # (depth_a, depth_b) or (layer_a, layer_b) similarity; dims_a/dims_b
 # ------------------------------------------------------------------------------------------------
 
 
@@ -392,6 +393,26 @@ def probe(run, label: str) -> dict:
     return out
 
 
+def similarity(run) -> dict:
+    """The stored similarity matrix (analysis/similarity): rows are depths (or layers) of the run,
+    columns those of the run it was compared with (itself, or another run)."""
+    if not has_group(run.path, SIMILARITY_GROUP):
+        raise MissingArrayError(f"{run.path} has no similarity result; run `stratascope similarity` first")
+    ds = open_dataset(run.path, SIMILARITY_GROUP)
+    a, b = ds["similarity"].dims
+    attrs = ds.attrs
+    out = {"method": str(attrs["method"]), "array": str(attrs["array"]), "axis": str(attrs["axis"]),
+           "positions": str(attrs["positions"]), "rows": str(attrs["rows"]), "n_rows": int(attrs["n_rows"]),
+           "definition": str(attrs["definition"]), "run_a": Path(str(attrs["run_a"]).rstrip("/")).name,
+           "run_b": Path(str(attrs["run_b"]).rstrip("/")).name, "same_run": attrs["run_a"] == attrs["run_b"],
+           "model_a": str(attrs["model_a"]), "model_b": str(attrs["model_b"]),
+           "depths_a": [int(v) for v in ds[a].values], "depths_b": [int(v) for v in ds[b].values],
+           "values": _rounded(ds["similarity"].values, 6)}
+    if "dims_a" in ds:
+        out["dims_a"], out["dims_b"] = ds["dims_a"].values.astype(int).tolist(), ds["dims_b"].values.astype(int).tolist()
+    return out
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -403,6 +424,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "nmf": (nmf, {"prompt": int}),
     "bias": (bias, {"pair": str}),
     "probe": (probe, {"label": str}),
+    "similarity": (similarity, {}),
 }
 
 
