@@ -212,6 +212,11 @@ def test_api_methods_arrays_positions(stores):
     rows = np.sort(np.random.default_rng(0).choice(len(x), size=20, replace=False))
     np.testing.assert_allclose(ds["similarity"].values, _matrix(x[rows], x[rows], np_cka), atol=1e-6)
     assert ds.attrs["n_rows"] == 20
+    # from position 1 on (a first-token attention sink left out)
+    keep = np.concatenate([np.arange(k) >= 1 for k in n])
+    ds = run.similarity(min_position=1, progress=False)
+    np.testing.assert_allclose(ds["similarity"].values, _matrix(x[keep], x[keep], np_cka), atol=1e-6)
+    assert ds.attrs["n_rows"] == int(keep.sum()) and "from position 1 on" in ds.attrs["rows"]
 
 
 def test_between_runs_by_prompt_and_position(stores):
@@ -247,6 +252,8 @@ def test_between_runs_by_prompt_text(stores):
 def test_bad_input_one_sentence(stores, tmp_path):
     code, text = invoke("similarity", stores["a"], "--depths", "0-9")
     assert code == 1 and "out of range" in text, text
+    code, text = invoke("similarity", stores["a"], "--positions", "last", "--min-position", "1")
+    assert code == 1 and "only with --positions all" in text, text
     code, text = invoke("similarity", stores["a"], "--method", "cca")
     assert code == 2 and "cca" in text
     before = dict(zarr.open_group(stores["a"], mode="r", path="analysis/similarity").attrs)

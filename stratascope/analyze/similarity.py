@@ -28,8 +28,10 @@ sample of at most `max_rows` rows (default 8192; seeded) gathered into a scratch
 correlations are biased towards 1 (a warning says so). `cka` uses every row unless
 `max_rows` is given.
 
-Rows (see similarity_rows): `positions="all"` every token; `"last"` / `"mean"` one row per
-prompt. The result lands in analysis/similarity, keyed by its parameters (and the other
+Rows (see similarity_rows): `positions="all"` every token (from `min_position` on: a model
+whose first token carries a massive activation, an attention sink, has its covariance
+dominated by that one row per prompt (SmolLM2: over 100× the norm of the others), so use
+min_position=1 there); `"last"` / `"mean"` one row per prompt. The result lands in analysis/similarity, keyed by its parameters (and the other
 run's fingerprint), and is reused when asked again.
 """
 
@@ -272,7 +274,8 @@ def _select(run, array: str, depths, what: str) -> tuple[np.ndarray, list[int]]:
 
 
 def similarity(run, other=None, method: str = "cka", array: str = "hidden", positions: str = "all", depths=None,
-               other_depths=None, max_rows: int | None = None, variance: float = SVCCA_VARIANCE,
+               other_depths=None, max_rows: int | None = None, min_position: int = 0,
+               variance: float = SVCCA_VARIANCE,
                device: str = "cpu", memory_mib: float = MEMORY_MIB, progress: bool = True,
                recompute: bool = False) -> xr.Dataset:
     """Depth × depth similarity of `run` (or depth of `run` × depth of `other`), stored in
@@ -286,6 +289,8 @@ def similarity(run, other=None, method: str = "cka", array: str = "hidden", posi
         raise ConfigError(f"--positions {positions!r} is not known; use all, last or mean")
     if max_rows is not None and int(max_rows) < 3:
         raise ConfigError(f"--max-rows {max_rows} is too small; similarities need at least 3 rows")
+    if min_position < 0 or (min_position and positions != "all"):
+        raise ConfigError(f"--min-position {min_position}: a position of at least 0, and only with --positions all")
     if not 0 < variance <= 1:
         raise ConfigError(f"variance {variance} must be a share in (0, 1], e.g. 0.99")
     device = parse_device(device)
@@ -297,7 +302,8 @@ def similarity(run, other=None, method: str = "cka", array: str = "hidden", posi
                          "depths" if other_depths is None else "other-depths")] if other is not None else [])]
     if max_rows is None and method != "cka":
         max_rows = CCA_MAX_ROWS
-    params = {"method": method, "array": array, "positions": positions, "depths": picked[0][1],
+    params = {"method": method, "array": array, "positions": positions, "min_position": int(min_position),
+              "depths": picked[0][1],
               "max_rows": None if max_rows is None else int(max_rows),
               "variance": float(variance) if method == "svcca" else None,
               "other": None if other is None else {**source_fingerprint(other), "depths": picked[1][1]}}
@@ -307,15 +313,17 @@ def similarity(run, other=None, method: str = "cka", array: str = "hidden", posi
         check_tokenized_alike(run, other)
     indices = [p[0] for p in picked]
     if positions == "all":
-        source = TokenPairs(runs, [r.ds[array].data for r in runs], indices, max_rows)
-        rows_note = ("every token" if other is None else "every token, matched by prompt and position")
+        source = TokenPairs(runs, [r.ds[array].data for r in runs], indices, max_rows, int(min_position))
+        rows_note = ("every token" if other is None else "every token, matched by prompt and position") + (
+            f", from position {min_position} on" if min_position else "")
     else:
         source = PromptPairs(runs, array, indices, positions, max_rows, progress)
         what = "the last prompt token" if positions == "last" else "the mean over its prompt tokens"
         rows_note = f"one row per prompt: {what}" + ("" if other is None else ", prompts matched by text")
     if source.n < 3:
         source.close()
-        raise ConfigError(f"only {source.n} rows to compare; similarities need at least 3 (use --positions all)")
+        raise ConfigError(f"only {source.n} rows to compare; similarities need at least 3 "
+                          "(use --positions all, or a lower --min-position)")
     try:
         if method == "cka":
             m, passes = cka_matrix(source, len(indices[0]), None if other is None else len(indices[1]), device,

@@ -44,14 +44,14 @@ def read_rows(arr, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 class TokenPairs:
-    """Rows = (prompt, position) of every token of every prompt, in corpus order, or a sample of them;
-    the same rows in each run (runs checked to be tokenized alike)."""
+    """Rows = (prompt, position) of every token of every prompt from position `min_position` on, in
+    corpus order, or a sample of them; the same rows in each run (runs checked to be tokenized alike)."""
 
-    def __init__(self, runs, arrays, indices, max_rows: int | None):
+    def __init__(self, runs, arrays, indices, max_rows: int | None, min_position: int = 0):
         self.arrays, self.indices = arrays, indices
         ds = runs[0].ds
-        self.n_tokens = ds["n_tokens"].values.astype(np.int64)
-        self.offsets = [r.ds["token_offset"].values.astype(np.int64) for r in runs]
+        self.n_tokens = np.maximum(ds["n_tokens"].values.astype(np.int64) - min_position, 0)
+        self.offsets = [r.ds["token_offset"].values.astype(np.int64) + min_position for r in runs]
         self.starts = np.concatenate([[0], np.cumsum(self.n_tokens)[:-1]])
         total = int(self.n_tokens.sum())
         self.sample = sample_rows(total, max_rows)
