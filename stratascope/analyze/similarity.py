@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges, parse_ranges
+from .lens import _release_freed_memory
 from .results import load_result, save_result, source_fingerprint
 from .similarity_rows import PromptPairs, TokenPairs, check_tokenized_alike
 
@@ -102,11 +103,13 @@ def cka_hsic(source, pairs, device: str = "cpu", memory_mib: float = MEMORY_MIB,
             for (f, g), a in acc.items():
                 a.addmm_(xs[f[0]][f[1]].T, xs[g[0]][g[1]])
             n += len(block[0])
+            del xs
+            _release_freed_memory()
             bar.update()
         for (f, g), a in acc.items():
             c = a - torch.outer(sums[f], sums[g]) / n
             out[(f, g)] = float((c * c).sum())
-        del acc, xs
+        del acc
     bar.close()
     return out, len(passes)
 

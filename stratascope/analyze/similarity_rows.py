@@ -31,15 +31,23 @@ def sample_rows(n: int, max_rows: int | None) -> np.ndarray | None:
 
 def read_rows(arr, rows: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Token rows `rows` (sorted) of a dask array (token, depth, d), columns `index` of axis 1, as
-    float32 (len(rows), len(index), d); only the chunks holding those rows are read."""
+    float32 (len(rows), len(index), d). Only the chunks holding those rows are read, neighbouring
+    chunks together up to BLOCK_BYTES at a time (a sparse sample touching every chunk must not
+    become one read of the whole store)."""
     edges = chunk_bounds(arr)
     chunk = np.searchsorted(edges, rows, side="right") - 1
     out = np.empty((len(rows), len(index), arr.shape[2]), dtype=np.float32)
-    breaks = np.flatnonzero(np.diff(chunk) > 1) + 1  # runs of neighbouring chunks are read at once
-    for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(rows)]])):
-        start, stop = int(edges[chunk[lo]]), int(edges[chunk[hi - 1] + 1])
+    span = max(1, BLOCK_BYTES // (int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))  # rows per read
+    lo = 0
+    while lo < len(rows):
+        start = int(edges[chunk[lo]])
+        hi = lo + 1
+        while hi < len(rows) and chunk[hi] - chunk[hi - 1] <= 1 and edges[chunk[hi] + 1] - start <= span:
+            hi += 1
+        stop = int(edges[chunk[hi - 1] + 1])
         x = np.asarray(arr[start:stop].compute())
         out[lo:hi] = x[rows[lo:hi] - start][:, index]
+        lo = hi
     return out
 
 
