@@ -37,7 +37,7 @@
                     S.el('div', {class: 'ss-row'}, [S.el('span', {class: 'ss-caption', text: `${ax} ${d.depths_a[i]} against every ${ax}:`}),
                                                    S.plotlyButtons(profile, name(`row${d.depths_a[i]}`))]), profile);
         const small = A * B <= 16 * 16;
-        const size = Math.max(14, Math.min(56, Math.floor(720 / Math.max(A, B))));
+        const size = Math.max(12, Math.min(56, Math.floor(480 / Math.max(A, B))));  // 31 depths fit a laptop screen unscrolled
         window.Plotly.newPlot(heat, [{
           type: 'heatmap', x: d.depths_b, y: d.depths_a, z: d.values, zmin: 0, zmax: 1, colorscale: 'Viridis', xgap: 1, ygap: 1,
           text: d.values.map(row => row.map(v => (v === null ? '' : v.toFixed(2)))), texttemplate: small ? '%{text}' : '',
