@@ -490,6 +490,39 @@ def export(run_path, job, fmt, out):
     click.echo(f"wrote {rows} rows to {out}")
 
 
+@cli.command()
+@click.argument("run_path", metavar="RUN")
+@click.option("--with", "with_path", default=None, metavar="RUN_B",
+              help="compare RUN's depths with this run's (default: RUN's depths with each other)")
+@click.option("--method", default="cka", show_default=True, type=click.Choice(["cka", "svcca", "pwcca"]),
+              help="linear CKA (exact, every row), SVCCA or PWCCA (on a row sample)")
+@click.option("--array", default="hidden", show_default=True, type=click.Choice(["hidden", "mlp"]),
+              help="the residual stream at each depth, or the MLP neurons of each layer")
+@click.option("--positions", default="all", show_default=True, type=click.Choice(["all", "last", "mean"]),
+              help="every token, or one row per prompt: its last prompt token or the mean over them")
+@click.option("--depths", default=None,
+              help="depths (layers with --array mlp) to compare, e.g. 0-30 (default: all captured)")
+@click.option("--max-rows", default=None, type=click.IntRange(3),
+              help="compare a seeded sample of at most N rows (default: every row for cka, 8192 for svcca/pwcca)")
+@click.option("--min-position", default=0, show_default=True, type=click.IntRange(0),
+              help="with --positions all: only tokens at this position or later (1 skips an attention sink)")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (where CKA accumulates)")
+@click.option("--recompute", is_flag=True, help="ignore a stored result with the same parameters")
+@friendly
+def similarity(run_path, with_path, method, array, positions, depths, max_rows, min_position, device, recompute):
+    """Similarity of every pair of depths (CKA, SVCCA, PWCCA) within RUN or between RUN and --with; stored in
+    RUN/analysis/similarity."""
+    from .analyze.similarity import summary_lines
+    from .api import open_run
+
+    run = open_run(run_path)
+    ds = run.similarity(other=open_run(with_path) if with_path else None, method=method, array=array,
+                        positions=positions, depths=depths, max_rows=max_rows, min_position=min_position,
+                        device=device, recompute=recompute)
+    for line in summary_lines(ds):
+        click.echo(line)
+
+
 def main():
     cli(prog_name="stratascope")
 

@@ -230,3 +230,16 @@ class Run(Store):
         from .analyze.probe import linear_probe
 
         return linear_probe(self, label, at=at, folds=folds, depths=depths, control=control, seed=seed, **options)
+
+    def similarity(self, other=None, method: str = "cka", array: str = "hidden", positions: str = "all",
+                   depths=None, max_rows: int | None = None, **options) -> xr.Dataset:
+        """Similarity (cka, svcca, pwcca) of every pair of depths of this run, or of this run's depths
+        with `other`'s (a Run or a path): analysis/similarity, reused for the same parameters; the
+        matrix is `.similarity`. See stratascope.analyze.similarity."""
+        from .analyze.similarity import similarity
+
+        if other is not None and not isinstance(other, Run):
+            other = Run(other)
+        return similarity(self, other, method=method, array=array, positions=positions, depths=depths,
+                          max_rows=max_rows, **options)
+

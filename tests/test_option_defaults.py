@@ -11,7 +11,7 @@ import inspect
 import pytest
 
 import stratascope as ss
-from stratascope.analyze import dla, heads, lens, nmf, probe
+from stratascope.analyze import dla, heads, lens, nmf, probe, similarity
 from stratascope.analyze.bias import bias
 from stratascope.capture import runner
 from stratascope.capture.config import CaptureConfig
@@ -30,6 +30,7 @@ PAIRS = [
     ("probe bias", bias),
     ("probe linear", Run.linear_probe), ("probe linear", probe.linear_probe),
     ("report", build_report),
+    ("similarity", Run.similarity), ("similarity", similarity.similarity),
     ("dla", Run.dla), ("dla", dla.dla),
 ]
 

@@ -797,3 +797,55 @@ def test_real_smollm2_bias_and_probe_views(browser, tmp_path):
     r2 = only_result(store, "probe_bls_pct_female")["r2"][:]
     np.testing.assert_allclose(_trace(v, ".ss-probe-plot", "score"), r2.mean(1), atol=1e-4)
     v.done("real_smollm2_probe")
+
+
+@pytest.fixture(scope="module")
+def similarity_targets(tiny_model_dirs, tmp_path_factory):
+    """A tiny llama capture with its depth × depth CKA stored, as a report and in the app."""
+    import stratascope as ss
+    from stratascope.viewer.app import serve_in_thread
+    from viewer_fixtures import VIEWER_PROMPTS
+
+    root = tmp_path_factory.mktemp("viewer-similarity")
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=VIEWER_PROMPTS, out=str(root / "sim.zarr"),
+                     capture=("hidden",), device="cpu", progress=False)
+    run.similarity(progress=False)
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    out = root / "sim.html"
+    res = CliRunner().invoke(cli, ["report", run.path, "-o", str(out), "--views", "similarity"])
+    assert res.exit_code == 0, res.output
+    server, url = serve_in_thread(ss.open_run(run.path))
+    yield run.path, {"report": out.as_uri(), "app": url}
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["report", "app"])
+def test_similarity_view(browser, similarity_targets, kind):
+    import zarr
+
+    path, urls = similarity_targets
+    g = only_result(path, "similarity")
+    m = g["similarity"][:]
+    v = Viewer(browser, (kind, urls[kind]), "similarity")
+    np.testing.assert_allclose(_trace(v, ".ss-sim-heat", key="z"), m, atol=1e-6)
+    assert _trace(v, ".ss-sim-heat", key="x") == [0, 1, 2, 3] and _trace(v, ".ss-sim-heat", key="y") == [0, 1, 2, 3]
+    i, j = np.unravel_index(np.argmin(m), m.shape)  # the default cell: the least similar pair
+    assert (v.page.get_attribute(".ss-sim-cell", "data-a"), v.page.get_attribute(".ss-sim-cell", "data-b")) == \
+        (str(i), str(j))
+    assert "linear CKA" in v.page.inner_text(".ss-sim-facts") and f"{int(g.attrs['n_rows'])} rows" in v.text()
+    v.shot("similarity")
+    # click the cell of depth 1 (row) x depth 3 (column): its depths and value, and depth 1's row below
+    xy = v.page.evaluate("""() => { const gd = document.querySelector('.ss-sim-heat'), L = gd._fullLayout;
+        const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+        return [r.left + L.xaxis.d2p(3), r.top + L.yaxis.d2p(1)]; }""")
+    v.page.mouse.click(*xy)
+    v.wait()
+    text = v.page.inner_text(".ss-sim-cell")
+    assert text.startswith("depth 1 of sim.zarr × depth 3 of sim.zarr") and f"linear CKA = {m[1, 3]:.3f}" in text
+    np.testing.assert_allclose(_trace(v, ".ss-sim-row", "row"), m[1], atol=1e-6)
+    assert "cell=1%2C3" in v.page.url or "cell=1,3" in v.page.url
+    v.done("similarity_clicked")

@@ -57,8 +57,9 @@ class PromptRows:
 
     BLOCK_BYTES = 16 * 2**20
 
-    def __init__(self, ds, prompts: np.ndarray, at: str, depth_idx: np.ndarray, progress: bool):
-        hidden = ds["hidden"].data
+    def __init__(self, ds, prompts: np.ndarray, at: str, depth_idx: np.ndarray, progress: bool,
+                 array: str = "hidden"):
+        hidden = ds[array].data
         n, d = len(prompts), hidden.shape[2]
         self._dir = tempfile.TemporaryDirectory(prefix="stratascope-probe-")
         self.x = np.lib.format.open_memmap(Path(self._dir.name) / "features.npy", mode="w+", dtype=np.float32,
@@ -66,7 +67,7 @@ class PromptRows:
         row_bytes = len(depth_idx) * d * 4
         step = max(1, self.BLOCK_BYTES // row_bytes)
         self.blocks = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-        _gather(ds, prompts, at, depth_idx, self.x, progress)
+        _gather(ds, prompts, at, depth_idx, self.x, progress, array)
         self.x.flush()
 
     def block_len(self, b: int) -> int:
@@ -98,9 +99,9 @@ def prompt_token_ranges(ds, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return offset, np.maximum(n - generated, 1)
 
 
-def _gather(ds, prompts, at, depth_idx, out, progress: bool) -> None:
+def _gather(ds, prompts, at, depth_idx, out, progress: bool, array: str = "hidden") -> None:
     """One pass over the token chunks holding the selected prompts: last row, or the mean of rows."""
-    hidden, pidx = ds["hidden"].data, ds["prompt_index"].data
+    hidden, pidx = ds[array].data, ds["prompt_index"].data
     offset, n = prompt_token_ranges(ds, prompts)
     edges = chunk_bounds(hidden)
     first_chunk = np.searchsorted(edges, offset, side="right") - 1

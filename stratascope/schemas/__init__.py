@@ -19,6 +19,8 @@ from .groups import (
     PROBE,
     READOUT,
     READOUT_ATTRS,
+    SIMILARITY,
+    SIMILARITY_MLP,
     GroupSpec,
     analysis_spec,
     group_path,
@@ -54,7 +56,8 @@ __all__ = [
     "CAPTURE_NAMES", "CORPUS_COLUMNS", "CORPUS_KEYS", "DIMS", "DLA", "GRADIENTS", "GROUPS", "GroupSpec", "HEADS",
     "INDEX_COORDS", "LABEL_PREFIX", "LENS", "LENS_STUDY", "META_PREFIX", "MODEL_KEYS", "NMF", "NMF_TRANSFORM",
     "PROBE", "PROJECTION_CAPTURES", "PROMPT_TABLE", "READOUT", "READOUT_ATTRS", "READOUT_PROJECTIONS", "RECORDS",
-    "REQUIRED_ATTRS", "ROOT_PATTERNS", "RootAttrs", "SCHEMA_VERSION", "TOKEN_COORDS", "TOKEN_TABLE", "VARIABLES",
-    "VariableSpec", "analysis_spec", "check_group", "consolidate", "describe", "dtype_matches", "group_path",
-    "parse_schema_version", "root_spec", "token_coords", "upgrade_store", "validate_root"
+    "REQUIRED_ATTRS", "ROOT_PATTERNS", "RootAttrs", "SCHEMA_VERSION", "SIMILARITY", "SIMILARITY_MLP", "TOKEN_COORDS",
+    "TOKEN_TABLE", "VARIABLES", "VariableSpec", "analysis_spec", "check_group", "consolidate", "describe",
+    "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords", "upgrade_store",
+    "validate_root"
 ]

@@ -244,7 +244,23 @@ BIAS_DLA = GroupSpec("analysis/bias_dla", (
     _v("layer", ("layer",), "int32", None, "layer", "captured blocks"), _HEAD),
     "the bias probe decomposed per head and MLP layer (analyze/bias_dla.py)")
 
-ANALYSIS = (LENS, LENS_STUDY, NMF, NMF_TRANSFORM, HEADS, BIAS, BIAS_CORRELATION, PROBE, DLA, BIAS_DLA)
+def _similarity(axis: str, variant: str = "") -> GroupSpec:
+    a, b = f"{axis}_a", f"{axis}_b"
+    return GroupSpec("analysis/similarity", (
+        _v("similarity", (a, b), "float64", None, "similarity",
+           "CKA, SVCCA or PWCCA of this run's depth (row) with the compared run's (column)"),
+        _v("dims_a", (a,), "int32", None, "kept dimensions (a)", "SVCCA/PWCCA: dimensions kept per depth of this run"),
+        _v("dims_b", (b,), "int32", None, "kept dimensions (b)", "the same for the compared run"),
+    ), (_v(a, (a,), "int32", None, axis, f"this run's {axis}s"),
+        _v(b, (b,), "int32", None, f"{axis} (compared)", f"the compared run's {axis}s")),
+        "representation similarity across depths and runs (analyze/similarity.py)", variant=variant, row_dim=a)
+
+
+SIMILARITY = _similarity("depth")
+SIMILARITY_MLP = _similarity("layer", "--array mlp")
+
+ANALYSIS = (LENS, LENS_STUDY, NMF, NMF_TRANSFORM, HEADS, BIAS, BIAS_CORRELATION, PROBE, DLA, BIAS_DLA, SIMILARITY,
+            SIMILARITY_MLP)
 GROUPS = (READOUT,) + ANALYSIS
 
 

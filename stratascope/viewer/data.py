@@ -7,6 +7,7 @@ Each function reads only the rows of one prompt (and one layer), never a whole a
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -52,6 +53,7 @@ BIAS_JOB = BIAS.job                            # (prompt, depth, pair) log_ratio
 BIAS_CORRELATION_JOB = BIAS_CORRELATION.job    # (pair, depth) pearson_r/_p, spearman_rho/_p, n
 PROBE_PREFIX = PROBE.prefix                    # analysis/probe_<label>/<name>
 DLA_JOB = DLA.job                              # (row, component) by_component; (row,) prompt, position, logit, gap
+SIMILARITY_JOB = "similarity"                  # (depth_a, depth_b) similarity; dims_a/dims_b
 # ------------------------------------------------------------------------------------------------
 
 
@@ -476,6 +478,25 @@ def dla(run, prompt: int) -> dict:
             "convention": str(ds.attrs.get("convention", ""))}
 
 
+def similarity(run) -> dict:
+    """The stored similarity matrix (analysis/similarity): rows are depths (or layers) of the run,
+    columns those of the run it was compared with (itself, or another run)."""
+    ds = require_result(run, SIMILARITY_JOB, "`stratascope similarity`")  # the newest one
+    a, b = ds["similarity"].dims
+    attrs = ds.attrs
+    out = {"method": str(attrs["method"]), "array": str(attrs["array"]), "axis": str(attrs["axis"]),
+           "positions": str(attrs["positions"]), "rows": str(attrs["rows"]), "n_rows": int(attrs["n_rows"]),
+           "definition": str(attrs["definition"]), "run_a": Path(str(attrs["run_a"]).rstrip("/")).name,
+           "run_b": Path(str(attrs["run_b"]).rstrip("/")).name, "same_run": attrs["run_a"] == attrs["run_b"],
+           "model_a": str(attrs["model_a"]), "model_b": str(attrs["model_b"]),
+           "depths_a": [int(v) for v in ds[a].values], "depths_b": [int(v) for v in ds[b].values],
+           "values": _rounded(ds["similarity"].values, 6)}
+    if "dims_a" in ds:
+        out["dims_a"] = ds["dims_a"].values.astype(int).tolist()
+        out["dims_b"] = ds["dims_b"].values.astype(int).tolist()
+    return out
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -489,6 +510,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "bias": (bias, {"pair": str}),
     "probe": (probe, {"label": str}),
     "dla": (dla, {"prompt": int}),
+    "similarity": (similarity, {}),
 }
 
 

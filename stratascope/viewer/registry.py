@@ -99,6 +99,9 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("dla", "Logit attribution", "dla",
          "one position: what the embedding, each attention and MLP layer add to the target's logit, with the "
          "sum and the true logit", _needs_result(data.DLA_JOB, "`stratascope dla`"), True),
+    View("similarity", "Similarity", "similarity",
+         "depth × depth similarity of representations (CKA, SVCCA or PWCCA); click a cell for its two depths and "
+         "value", _needs_result(data.SIMILARITY_JOB, "`stratascope similarity`"), True, prompt=False),
 )}
 
 
@@ -116,7 +119,7 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
     if view.endpoint == "qk":
         heads = range(int(run.ds.sizes["head"]))
         return [{"prompt": p, "layer": layer, "head": h} for p in prompts for layer in layers for h in heads]
-    if view.endpoint == "heads":
+    if view.endpoint in ("heads", "similarity"):
         return [{}]
     if view.endpoint == "bias":
         return [{"pair": pair} for pair in data.bias_pairs(run)]
