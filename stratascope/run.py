@@ -184,32 +184,44 @@ class Run:
         return ViewAccessor(self)
 
     # The logit lens (analyze/lens.py): a stored corpus job, and direct one-prompt views.
+    # lens: "logit", "tuned" (this run's analysis/tuned_lens) or "tuned:RUN" (another run's, same model).
     def lens(self, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
-             precision: str = "float32", progress: bool = True) -> xr.Dataset:
-        """Logit lens of every token, stored in analysis/lens (reused for the same parameters)."""
+             precision: str = "float32", progress: bool = True, lens: str = "logit") -> xr.Dataset:
+        """Logit (or tuned) lens of every token, stored in analysis/lens (reused for the same parameters)."""
         from .analyze.lens import run_lens
 
-        return run_lens(self, topk, watch, depths, norm, device, precision, progress)
+        return run_lens(self, topk, watch, depths, norm, device, precision, progress, lens)
 
     def layer_predictions(self, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
-                          norm: str = "final") -> pd.DataFrame:
+                          norm: str = "final", lens: str = "logit") -> pd.DataFrame:
         """Top-k tokens (token, prob) the lens reads out at `depth` for one position of one prompt."""
         from .analyze.lens import layer_predictions
 
-        return layer_predictions(self, prompt, position, depth, topk, norm)
+        return layer_predictions(self, prompt, position, depth, topk, norm, lens)
 
-    def rankings(self, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
+    def rankings(self, prompt: int = 0, norm: str = "final", lens: str = "logit") -> pd.DataFrame:
         """Depth x position: rank of the token that came next."""
         from .analyze.lens import rankings
 
-        return rankings(self, prompt, norm)
+        return rankings(self, prompt, norm, lens)
 
     def rankings_watch(self, prompt: int = 0, watch=(" he", " she"), position: int = -1,
-                       norm: str = "final") -> pd.DataFrame:
+                       norm: str = "final", lens: str = "logit") -> pd.DataFrame:
         """Depth x watch token: rank of each watched token at one position."""
         from .analyze.lens import rankings_watch
 
-        return rankings_watch(self, prompt, watch, position, norm)
+        return rankings_watch(self, prompt, watch, position, norm, lens)
+
+    def tuned_lens(self, depths=None, holdout: float = 0.2, steps: int | None = None, lr: float | None = None,
+                   seed: int = 0, batch_size: int | None = None, device: str = "cpu", progress: bool = True,
+                   recompute: bool = False):
+        """Train the tuned lens from the store (analysis/tuned_lens; reused when the parameters match).
+        Returns a TunedLens; `.eval` is the held-out KL / cross-entropy / entropy by depth for both lenses."""
+        from .analyze import tuned_lens as tl
+
+        return tl.tuned_lens(self, depths=depths, holdout=holdout, steps=steps or tl.DEFAULT_STEPS,
+                             lr=lr or tl.DEFAULT_LR, seed=seed, batch_rows=batch_size or tl.DEFAULT_BATCH,
+                             device=device, progress=progress, recompute=recompute)
 
     def bias(self, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
              device: str = "cpu", progress: bool = True):

@@ -10,6 +10,10 @@ norm). Ranks are 1-based. A token's target is the token that came next in its se
 (prompt or generated); the last token of each sequence has none: target_id -1,
 target_rank -1, target_prob NaN. kl_final is KL(p_final || p_depth) in nats against the
 model's output distribution (depth L, normalized); NaN if depth L was not captured.
+
+lens="tuned" (or "tuned:RUN", translators trained on another run of the same model) reads
+every depth below L through the tuned lens's affine translator first (tuned_lens.py); the
+result is keyed by that choice, so logit and tuned results never stand in for each other.
 """
 
 from __future__ import annotations
@@ -128,6 +132,27 @@ def _tokenizer(run):
     return Tokenizer.from_str(blob.decode("utf-8"))
 
 
+def lens_translator(run, lens, depths: list[int], norm: str):
+    """(weight, bias) tensors translating the residual at each of `depths` (identity at depth L),
+    or None for the logit lens."""
+    from .tuned_lens import resolve_lens
+
+    tuned = resolve_lens(run, lens)
+    if tuned is None:
+        return None
+    if norm != "final":
+        raise ConfigError("--lens tuned reads out through the final norm it was trained with; drop --norm none")
+    return tuned.translator(depths, int(run.attrs["model"]["n_layers"]))
+
+
+def _translate(h: torch.Tensor, translator) -> torch.Tensor:
+    if translator is None:
+        return h
+    from .tuned_lens import translate
+
+    return translate(h, *translator)
+
+
 def _check(norm: str, precision: str, topk: int) -> None:
     if norm not in NORMS:
         raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORMS)}")
@@ -161,17 +186,19 @@ def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarr
 
 
 def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "final", device: str = "cpu",
-                precision: str = "float32") -> LensArrays:
+                precision: str = "float32", lens="logit") -> LensArrays:
     """The lens of selected token rows of `run` (a slice or an index array), computed now.
 
     Returns LensArrays with axes (row, depth, k|watch) for the chosen depths, in that order.
-    `watch` holds words or ids (see watch_ids). This is the function other analyses build on.
+    `watch` holds words or ids (see watch_ids); `lens` is 'logit', 'tuned' or 'tuned:RUN'.
+    This is the function other analyses build on.
     """
     _check(norm, precision, topk)
     hidden = require_hidden(run)
     readout = readout_for(run, device, precision)
     depths = parse_depths(run, depths)
     idx, final = _plan_depths(run, depths)
+    translator = lens_translator(run, lens, [captured_depths(run)[i] for i in idx], norm)
     _, ids = watch_ids(run, watch)
     n = run.n_tokens
     if isinstance(rows, slice):
@@ -186,8 +213,9 @@ def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "f
     tid, pidx = here["token_id"].values, here["prompt_index"].values
     nid = np.where(last, -1, ahead["token_id"].values)
     npr = np.where(last, -2, ahead["prompt_index"].values)
-    h = np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)
-    out = lens_rows(torch.from_numpy(h), readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
+    h = _translate(torch.from_numpy(np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)),
+                   translator)
+    out = lens_rows(h, readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
     return _select_depths(out, len(depths))
 
 
@@ -201,8 +229,10 @@ def _select_depths(out: LensArrays, n_depths: int) -> LensArrays:
 class _ChunkLens:
     """The dask task: lens of one token chunk; masked rows (prompt_index < 0) are filled, not computed."""
 
-    def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int):
+    def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int,
+                 translator=None):
         self.readout, self.ids, self.topk, self.norm, self.final, self.n_depths = readout, ids, topk, norm, final, n_depths
+        self.translator = translator
 
     def __call__(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         try:
@@ -212,7 +242,7 @@ class _ChunkLens:
 
     def _lens(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         valid = prompt_index >= 0
-        hv = torch.from_numpy(np.ascontiguousarray(h[valid], dtype=np.float32))
+        hv = _translate(torch.from_numpy(np.ascontiguousarray(h[valid], dtype=np.float32)), self.translator)
         got = _select_depths(lens_rows(hv, self.readout, target[valid], self.ids, self.topk, self.norm,
                                        self.final), self.n_depths)
         if valid.all():
@@ -248,12 +278,19 @@ _MALLOC_TRIM = None
 
 
 def lens_params(run, topk: int = 10, watch=(), depths=None, norm: str = "final",
-                precision: str = "float32") -> dict:
-    """The parameters that decide the lens result (the device does not)."""
+                precision: str = "float32", lens="logit") -> dict:
+    """The parameters that decide the lens result (the device does not). A tuned lens adds the
+    identity of its translators (the logit lens adds nothing, so earlier results still match)."""
+    from .tuned_lens import resolve_lens
+
     _check(norm, precision, topk)
     labels, ids = watch_ids(run, watch)
-    return {"topk": int(topk), "watch": labels, "watch_ids": ids, "depths": parse_depths(run, depths),
-            "norm": norm, "precision": precision}
+    params = {"topk": int(topk), "watch": labels, "watch_ids": ids, "depths": parse_depths(run, depths),
+              "norm": norm, "precision": precision}
+    tuned = resolve_lens(run, lens)
+    if tuned is not None:
+        params["lens"] = tuned.identity()
+    return params
 
 
 def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
@@ -262,6 +299,8 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     readout = readout_for(run, device, params["precision"])
     depths, ids, k = params["depths"], params["watch_ids"], min(params["topk"], readout.vocab_size)
     idx, final = _plan_depths(run, depths)
+    translator = lens_translator(run, f"tuned:{params['lens']['run']}" if "lens" in params else "logit",
+                                 [captured_depths(run)[i] for i in idx], params["norm"])
     hid = hidden.data[:, idx, :]
     tid, pidx = run.ds["token_id"].data, run.ds["prompt_index"].data
     tail = da.from_array(np.array([-1], dtype=np.int32))
@@ -269,7 +308,7 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     npr = da.concatenate([pidx[1:], tail - 1]).rechunk(pidx.chunks)
     target = da.map_blocks(targets_of, tid, pidx, nid, npr, dtype=np.int32).rechunk((hid.chunks[0],))
     pidx = pidx.rechunk((hid.chunks[0],))
-    task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths))
+    task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths), translator)
     D, W = len(depths), len(ids)
     token = dask.base.tokenize(run.path, run.attrs["created"], json.dumps(params, sort_keys=True), device)
     shapes = {"topk_ids": (D, k), "topk_probs": (D, k), "target_rank": (D,), "target_prob": (D,),
@@ -302,6 +341,8 @@ def _describe(run, params: dict, has_final: bool, device: str) -> dict:
                f"Ecco's variant: unembedding of the raw residual at depths < {L}; depth {L} normalized "
                "(as in Hugging Face's last hidden state)")
     return {"norm_variant": variant, "device": device,
+            "lens": (f"tuned: translators of {params['lens']['run']}/analysis/tuned_lens applied below depth {L}"
+                     if "lens" in params else "logit"),
             "precision_note": ("float32: ranks exact up to ties within rounding" if params["precision"] == "float32"
                                else "bfloat16 matmul: ranks and probabilities are approximate"),
             "rank": "1-based: 1 + number of vocabulary entries with a strictly larger logit",
@@ -312,9 +353,9 @@ def _describe(run, params: dict, has_final: bool, device: str) -> dict:
 
 
 def run_lens(run, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
-             precision: str = "float32", progress: bool = True) -> xr.Dataset:
+             precision: str = "float32", progress: bool = True, lens="logit") -> xr.Dataset:
     """The lens of every token, stored in analysis/lens; reused if it was computed with these parameters."""
-    params = lens_params(run, topk, watch, depths, norm, precision)
+    params = lens_params(run, topk, watch, depths, norm, precision, lens)
     require_hidden(run)
     stored = load_result(run, JOB, params)
     if stored is not None:
@@ -351,25 +392,25 @@ def _position_row(run, prompt: int, position: int) -> int:
 
 
 def layer_predictions(run, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
-                      norm: str = "final"):
+                      norm: str = "final", lens="logit"):
     """The top-k tokens the lens reads out at one depth (default: the last captured) for one position."""
     import pandas as pd
 
     depth = captured_depths(run)[-1] if depth is None else depth
-    out = lens_tokens(run, [_position_row(run, prompt, position)], [depth], topk=topk, norm=norm)
+    out = lens_tokens(run, [_position_row(run, prompt, position)], [depth], topk=topk, norm=norm, lens=lens)
     ids = out.topk_ids[0, 0]
     vocab = run.readout["vocab_str"].isel(vocab=ids).values
     return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "token": vocab.astype(object), "token_id": ids,
                          "prob": out.topk_probs[0, 0]})
 
 
-def rankings(run, prompt: int = 0, norm: str = "final"):
+def rankings(run, prompt: int = 0, norm: str = "final", lens="logit"):
     """Depth x position: the rank of the token that actually came next (Ecco's rankings).
     The last position has no next token, so it is not a column."""
     import pandas as pd
 
     rows = run.token_slice(prompt)
-    out = lens_tokens(run, rows, None, topk=1, norm=norm)
+    out = lens_tokens(run, rows, None, topk=1, norm=norm, lens=lens)
     tokens = run.tokens(prompt)
     n = len(tokens) - 1
     df = pd.DataFrame(out.target_rank[:n].T, index=pd.Index(captured_depths(run), name="depth"),
@@ -378,14 +419,15 @@ def rankings(run, prompt: int = 0, norm: str = "final"):
     return df
 
 
-def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = -1, norm: str = "final"):
+def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = -1, norm: str = "final",
+                   lens="logit"):
     """Depth x watch token: the rank of each watched token at one position (Ecco's rankings_watch)."""
     import pandas as pd
 
     labels, ids = watch_ids(run, watch)
     if not ids:
         raise ConfigError("give at least one watch word")
-    out = lens_tokens(run, [_position_row(run, prompt, position)], None, watch=ids, topk=1, norm=norm)
+    out = lens_tokens(run, [_position_row(run, prompt, position)], None, watch=ids, topk=1, norm=norm, lens=lens)
     return pd.DataFrame(out.watch_rank[0], index=pd.Index(captured_depths(run), name="depth"),
                         columns=pd.Index(labels, name="watch"))
 
@@ -395,7 +437,8 @@ def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
     the depth from which the tokens that came next are ranked first; then corpus totals."""
     depths = [int(d) for d in ds["depth"].values]
     vocab = run.readout["vocab_str"]
-    lines = [f"lens of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
+    kind = "tuned lens" if "lens" in ds.attrs["params"] else "lens"
+    lines = [f"{kind} of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
              f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
     for p in range(min(run.n_prompts, max_prompts)):
         rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()
