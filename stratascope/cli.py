@@ -316,10 +316,11 @@ def tuned_lens():
 
 @tuned_lens.command("train")
 @click.argument("run_path", metavar="RUN")
-@click.option("--depths", default=None, help="depths to train translators for, e.g. 0-29 (default: every depth below L)")
+@click.option("--depths", default=None,
+              help="depths to train translators for, e.g. 0-29 (default: every depth below L)")
 @click.option("--holdout", default=0.2, show_default=True, type=float, help="share of prompts held out for evaluation")
 @click.option("--steps", default=None, type=click.IntRange(1), help="optimizer steps (default 250)")
-@click.option("--lr", default=None, type=float, help="Adam learning rate (default 1e-3)")
+@click.option("--lr", default=None, type=float, help="Adam learning rate (default 3e-4)")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="token rows per step (default 32)")
 @click.option("--seed", default=0, show_default=True, type=int, help="seeds the prompt split and the batches")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")

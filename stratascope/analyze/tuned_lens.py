@@ -28,12 +28,18 @@ from ..store import has_group, open_dataset, root_attrs
 from .lens import captured_depths, parse_depths, readout_for, require_hidden, targets_of
 from .probe_rows import chunk_bounds
 from .results import load_result, save_result
-from .tuned_lens_kernel import Stats, kl_from_stats, kl_to_final, readout_stats, target_logits
+from .tuned_lens_kernel import (
+    Stats,
+    kl_from_stats,
+    kl_to_final,
+    readout_stats,
+    target_logits,
+)
 
 JOB = "tuned_lens"
 LENSES = ("logit", "tuned")
 DEFAULT_STEPS = 250
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 3e-4
 DEFAULT_BATCH = 32
 BUFFER_BYTES = 64 * 2**20  # the shuffle buffer of token rows (all trained depths) read at once
 EVAL_ROWS = 2048  # (token, depth) rows per readout pass during evaluation
@@ -205,7 +211,9 @@ def train(run, params: dict, device: str = "cpu", progress: bool = True) -> tupl
     torch.manual_seed(params["seed"])
     first = next(stream)
     D = len(params["depths"])
-    sample = np.concatenate([first] + [next(stream) for _ in range(max(0, 4096 // batch - 1))])[:, :D]
+    # The standardizing statistics come from the first few batches (at most half a buffer of rows).
+    n_sample = min(4096, BUFFER_BYTES // 2 // rows.row_bytes) // batch
+    sample = np.concatenate([first] + [next(stream) for _ in range(max(0, n_sample - 1))])[:, :D]
     model = Translators(*_standardizer(sample, readout.device))
     del sample
     opt = torch.optim.Adam(model.parameters(), lr=params["lr"])
@@ -214,7 +222,8 @@ def train(run, params: dict, device: str = "cpu", progress: bool = True) -> tupl
     steps, warm = params["steps"], max(1, params["steps"] // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min((t + 1) / warm, (steps - t) / max(1, steps - warm)))
     curve = np.zeros((params["steps"], D), dtype=np.float32)
-    bar = tqdm(range(params["steps"]), desc="tuned lens", unit="step", disable=not progress, mininterval=0.5)
+    bar = tqdm(range(params["steps"]), desc="tuned lens", unit="step", disable=None if progress else True,
+               mininterval=0.5)
     h = first
     for step in bar:
         if step:
@@ -245,7 +254,8 @@ def evaluate(run, weight: torch.Tensor, bias: torch.Tensor, depths: list[int], p
     sums = {m: np.zeros((2, D + 1)) for m in ("kl", "cross_entropy", "entropy")}
     n_rows = n_targets = 0
     step = max(1, EVAL_ROWS // (D + 1))
-    for c in tqdm(rows.chunks, desc="tuned lens eval", unit="chunk", disable=not progress, mininterval=0.5):
+    for c in tqdm(rows.chunks, desc="tuned lens eval", unit="chunk", disable=None if progress else True,
+                  mininterval=0.5):
         h_all, tgt_all = rows.read(int(c), with_targets=True)
         for lo in range(0, len(h_all), step):
             h = torch.from_numpy(h_all[lo:lo + step]).to(readout.device)
