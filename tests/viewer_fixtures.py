@@ -134,6 +134,8 @@ class ProbeStore:
             self.probes[label] = {k: g[k][:] for k in ("accuracy", "control_accuracy", "majority", "r2", "control_r2")
                                   if k in g}
             self.probes[label]["attrs"] = dict(g.attrs)
+        t = zarr.open_group(path, mode="r", path="analysis/tuned_lens")
+        self.tuned = {k: t[k][:] for k in ("kl", "cross_entropy", "entropy", "depth")}  # (lens, depth), lens logit/tuned
 
 
 @pytest.fixture(scope="session")
@@ -148,6 +150,7 @@ def probe_store(tiny_model_dirs, tmp_path_factory) -> ProbeStore:
     run = ss.open_run(path)
     for label in PROBE_LABELS:
         run.linear_probe(label, at="last", folds=3, seed=0, epochs=30, progress=False)
+    run.tuned_lens(steps=30, holdout=0.3, lr=0.01, progress=False)
     return ProbeStore(path)
 
 

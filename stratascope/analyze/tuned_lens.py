@@ -16,6 +16,8 @@ translators apply to runs of the same model only (same weights hash).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import torch
@@ -202,6 +204,10 @@ def _final_stats(h_final: torch.Tensor, readout) -> tuple[torch.Tensor, Stats]:
 def train(run, params: dict, device: str = "cpu", progress: bool = True) -> tuple[Translators, np.ndarray]:
     """Translators for params['depths'] and the training curve (steps, depths) of batch KL."""
     readout = readout_for(run, device, "float32")
+    # The cached readout may have been made under torch.inference_mode (by the lens job); the norm
+    # parameters take part in the backward pass, so use ordinary copies of them.
+    readout = replace(readout, **{k: getattr(readout, k).clone() for k in ("norm_weight", "norm_bias")
+                                  if getattr(readout, k) is not None})
     have = captured_depths(run)
     depth_idx = [have.index(d) for d in params["depths"]] + [have.index(_final_depth(run))]
     held = split_prompts(run.n_prompts, params["holdout"], params["seed"])

@@ -38,6 +38,7 @@ NMF_WEIGHTS = "token_factor"
 BIAS_GROUP = "analysis/bias"        # (prompt, depth, pair) log_ratio; occupation (prompt); pair coordinate
 BIAS_CORRELATION_GROUP = "analysis/bias_correlation"  # (pair, depth) pearson_r/_p, spearman_rho/_p, n
 PROBE_PREFIX = "probe_"             # analysis/probe_<label>: (depth, fold) accuracy or r2, control_*, majority
+TUNED_GROUP = "analysis/tuned_lens"  # (lens, depth) kl, cross_entropy, entropy held out; lens = logit, tuned
 # ------------------------------------------------------------------------------------------------
 
 
@@ -392,6 +393,21 @@ def probe(run, label: str) -> dict:
     return out
 
 
+def tuned_lens(run) -> dict:
+    """The stored tuned lens's held-out metrics by depth for both lenses (nats), and how it was trained."""
+    if not has_group(run.path, TUNED_GROUP):
+        raise MissingArrayError(f"{run.path} has no tuned lens; run `stratascope tuned-lens train {run.path}` first")
+    ds = open_dataset(run.path, TUNED_GROUP)
+    lenses = [str(v) for v in ds["lens"].values]
+    metrics = {m: {lens: _rounded(ds[m].values[i]) for i, lens in enumerate(lenses)}
+               for m in ("kl", "cross_entropy", "entropy")}
+    a = ds.attrs
+    return {"depths": [int(d) for d in ds["depth"].values], **metrics,
+            "params": {k: a["params"][k] for k in ("steps", "lr", "batch_rows", "holdout", "seed")},
+            "n_train_prompts": int(a["n_train_prompts"]), "n_heldout_prompts": int(a["n_heldout_prompts"]),
+            "n_heldout_tokens": int(a["n_heldout_tokens"]), "model": str(a["model"])}
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -403,6 +419,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "nmf": (nmf, {"prompt": int}),
     "bias": (bias, {"pair": str}),
     "probe": (probe, {"label": str}),
+    "tuned_lens": (tuned_lens, {}),
 }
 
 

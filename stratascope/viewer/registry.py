@@ -88,6 +88,9 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("probe", "Probe accuracy", "probe",
          "a linear probe's accuracy (or R²) at every depth, ± sd over folds, with the control task and the baseline",
          _needs_probe, True),
+    View("tuned_lens", "Tuned lens", "tuned_lens",
+         "held-out KL to the model's output, cross-entropy or entropy at every depth: logit lens vs tuned lens",
+         _needs_result(data.TUNED_GROUP, "`stratascope tuned-lens train`"), True),
 )}
 
 
@@ -105,7 +108,7 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
     if view.endpoint == "qk":
         heads = range(int(run.ds.sizes["head"]))
         return [{"prompt": p, "layer": layer, "head": h} for p in prompts for layer in layers for h in heads]
-    if view.endpoint == "heads":
+    if view.endpoint in ("heads", "tuned_lens"):
         return [{}]
     if view.endpoint == "bias":
         return [{"pair": pair} for pair in data.bias_pairs(run)]
