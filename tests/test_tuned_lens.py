@@ -3,6 +3,7 @@ distortion (training must undo it), and numpy full-vocabulary KL / cross-entropy
 of both lenses from the stored arrays and translators."""
 
 import shutil
+from collections import Counter
 import subprocess
 import sys
 
@@ -130,6 +131,24 @@ def test_split_by_prompt_and_stored(planted, trained):
     assert trained.weights_sha256 == run.attrs["model"]["weights_sha256"]
     other = split_prompts(run.n_prompts, 0.25, 1)
     assert not np.array_equal(held, other) and other.sum() == held.sum()
+
+
+def test_batches_come_from_training_prompts_only(planted):
+    from stratascope.analyze.tuned_lens import BUFFER_BYTES, _batches, _Rows
+
+    run, _ = planted
+    held = split_prompts(run.n_prompts, 0.25, 0)
+    h = run.ds["hidden"].values
+    pidx = run.ds["prompt_index"].values
+    train_rows = Counter(h[i].tobytes() for i in np.flatnonzero(~held[pidx]))  # (equal prefixes give equal rows)
+    rows = _Rows(run, np.flatnonzero(~held), list(range(h.shape[1])))
+    assert rows.n_rows == train_rows.total() and rows.row_bytes * rows.n_rows < BUFFER_BYTES
+    seen = [b for _, b in zip(range(3 * rows.n_rows // 16 + 1), _batches(rows, 16, np.random.default_rng(0)))]
+    assert all(r.tobytes() in train_rows for b in seen for r in b)
+    first_epoch = Counter(r.tobytes() for b in seen[:rows.n_rows // 16] for r in b)
+    assert first_epoch.total() == rows.n_rows // 16 * 16 and not first_epoch - train_rows  # each row at most once
+    again = [b for _, b in zip(range(5), _batches(rows, 16, np.random.default_rng(0)))]
+    np.testing.assert_array_equal(np.stack(again), np.stack(seen[:5]))
 
 
 def _copy(run, path):
