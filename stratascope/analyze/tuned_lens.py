@@ -139,6 +139,7 @@ def _batches(rows: _Rows, batch: int, rng: np.random.Generator):
                 n += len(h)
                 i += 1
             buf = np.concatenate(parts)
+            parts = None  # at most the buffer and its shuffled copy are held
             buf = buf[rng.permutation(len(buf))]
             whole = len(buf) // batch * batch
             for lo in range(0, whole, batch):
