@@ -3,18 +3,18 @@ distortion (training must undo it), and numpy full-vocabulary KL / cross-entropy
 of both lenses from the stored arrays and translators."""
 
 import shutil
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import TEXT
 
 import stratascope as ss
-from conftest import TEXT
 from stratascope.analyze.readout import Readout
 from stratascope.analyze.tuned_lens import split_prompts
 from stratascope.analyze.tuned_lens_kernel import kl_to_final, readout_stats

@@ -104,7 +104,7 @@ class _Rows:
         n = run.ds["n_tokens"].values[prompts].astype(np.int64)
         first = np.searchsorted(self.edges, offset, side="right") - 1
         last = np.searchsorted(self.edges, offset + n - 1, side="right") - 1
-        self.chunks = np.unique(np.concatenate([np.arange(f, l + 1) for f, l in zip(first, last)]))
+        self.chunks = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)]))
         self.n_rows = int(n.sum())
         self.row_bytes = len(depth_idx) * self.hidden.shape[2] * 4
 

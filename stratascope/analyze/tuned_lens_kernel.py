@@ -40,7 +40,9 @@ class Stats:
 
     def expand(self, times: int) -> Stats:
         """Each row repeated `times` times in a row (one token's final stats for each of its depths)."""
-        rep = (lambda t: None if t is None else t.repeat_interleave(times, 0))
+        def rep(t):
+            return None if t is None else t.repeat_interleave(times, 0)
+
         return Stats(rep(self.lse), rep(self.mean_logit), rep(self.mean_unembed), rep(self.mean_bias))
 
 
