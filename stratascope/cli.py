@@ -371,10 +371,12 @@ def report(run_path, out, prompts, layers, views):
 @click.option("--contrast", default=None, help="a second word: also its logit and the logit difference")
 @click.option("--contrast-column", default=None, help="a metadata column holding each prompt's contrast word")
 @click.option("--strict", is_flag=True, help="refuse target words of several tokens (default: score the first)")
+@click.option("--lens", "lens_", default="logit", show_default=True, metavar="logit|tuned[:RUN]",
+              help="tuned: translate each depth with this run's tuned lens (or RUN's, a run of the same model)")
 @friendly
 @cluster_options
 def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, positions, target, target_column,
-         contrast, contrast_column, strict):
+         contrast, contrast_column, strict, lens_):
     """Logit lens at every depth: top-k, rank of the next token (or of a chosen word), watched tokens, entropy, KL."""
     from .analyze.lens import summary
     from .analyze.targets import study_summary
@@ -383,7 +385,7 @@ def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, posit
     run = open_run(run_path)
     res = run.lens(topk=topk, watch=list(watch) + list(watch_id), depths=depths, norm=norm, device=device,
                    precision=precision, positions=positions, target=target, target_column=target_column,
-                   contrast=contrast, contrast_column=contrast_column, strict=strict)
+                   contrast=contrast, contrast_column=contrast_column, strict=strict, lens=lens_)
     for line in (study_summary(run, res.ds) if "row" in res.ds.dims else summary(run, res.ds)):
         click.echo(line)
 
@@ -411,6 +413,47 @@ def dla(run_path, target, target_column, contrast, contrast_column, positions, n
                                  contrast_column=contrast_column, positions=positions, neurons=neurons, strict=strict,
                                  device=device)
     for line in res.summary():
+        click.echo(line)
+
+
+@cli.group("tuned-lens")
+def tuned_lens():
+    """The tuned lens (Belrose et al. 2023): affine translators per depth, trained from the store."""
+
+
+@tuned_lens.command("train")
+@click.argument("run_path", metavar="RUN")
+@click.option("--depths", default=None,
+              help="depths to train translators for, e.g. 0-29 (default: every depth below L)")
+@click.option("--holdout", default=0.2, show_default=True, type=float, help="share of prompts held out for evaluation")
+@click.option("--steps", default=None, type=click.IntRange(1), help="optimizer steps (default 250)")
+@click.option("--lr", default=None, type=float, help="Adam learning rate (default 3e-4)")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="token rows per step (default 32)")
+@click.option("--seed", default=0, show_default=True, type=int, help="seeds the prompt split and the batches")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--recompute", is_flag=True, help="train again even if a tuned lens with these parameters is stored")
+@friendly
+def tuned_lens_train(run_path, depths, holdout, steps, lr, batch_size, seed, device, recompute):
+    """Train translators for every depth into RUN/analysis/tuned_lens and print the held-out table."""
+    from .analyze.tuned_lens import heldout_table
+    from .api import open_run
+
+    tl = open_run(run_path).tuned_lens(depths=depths, holdout=holdout, steps=steps, lr=lr, seed=seed,
+                                       batch_size=batch_size, device=device, recompute=recompute)
+    for line in heldout_table(tl):
+        click.echo(line)
+
+
+@tuned_lens.command("eval")
+@click.argument("run_path", metavar="RUN")
+@friendly
+def tuned_lens_eval(run_path):
+    """Print the stored tuned lens's held-out KL, cross-entropy and entropy by depth, next to the logit lens's."""
+    from .analyze.tuned_lens import heldout_table, load_tuned_lens
+    from .api import open_run
+
+    open_run(run_path)  # a complete stratascope run
+    for line in heldout_table(load_tuned_lens(run_path)):
         click.echo(line)
 
 

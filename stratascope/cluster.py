@@ -32,7 +32,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
     # workers ignore Ctrl-C (worker_setup.py); on an interrupt this process stops them, quietly
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
-                           worker_kwargs={"preload": ["stratascope.worker_setup"]})
+                           preload=["stratascope.worker_setup"])
     try:
         with Client(cluster) as client:
             yield client

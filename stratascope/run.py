@@ -96,10 +96,11 @@ class Run(Store):
         return ViewAccessor(self)
 
     # The logit lens (analyze/lens.py): a stored corpus job, and direct one-prompt views.
+    # lens: "logit", "tuned" (this run's analysis/tuned_lens) or "tuned:RUN" (another run's, same model).
     def lens(self, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
-             precision: str = "float32", progress: bool = True, *, positions: str = "all", target: str | None = None,
-             target_column: str | None = None, contrast: str | None = None, contrast_column: str | None = None,
-             strict: bool = False):
+             precision: str = "float32", progress: bool = True, lens: str = "logit", *, positions: str = "all",
+             target: str | None = None, target_column: str | None = None, contrast: str | None = None,
+             contrast_column: str | None = None, strict: bool = False):
         """Logit lens, stored in analysis/lens/<name> (reused for the same parameters); a LensResult.
 
         By default every token, scored on the token that came next. A study selects rows and words:
@@ -108,6 +109,8 @@ class Run(Store):
         per prompt (scored through its first token; strict refuses words of several tokens);
         contrast / contrast_column a second word, for the logit difference. `.table` is then one
         row per (prompt row, depth) with the metadata. See stratascope.analyze.targets.
+        lens 'tuned' reads every depth through this run's tuned lens (run.tuned_lens), 'tuned:RUN'
+        through another run's of the same model.
         """
         from .analyze.lens import run_lens
         from .analyze.targets import LensResult, is_study, run_study
@@ -116,9 +119,9 @@ class Run(Store):
             if watch:
                 raise ConfigError("watch words belong to the lens of every token; a study scores --target words")
             ds = run_study(self, positions, target, target_column, contrast, contrast_column, strict, topk, depths,
-                           norm, device, precision, progress)
+                           norm, device, precision, progress, lens)
         else:
-            ds = run_lens(self, topk, watch, depths, norm, device, precision, progress)
+            ds = run_lens(self, topk, watch, depths, norm, device, precision, progress, lens)
         return LensResult(self, ds)
 
     def rank_of(self, targets, position: int = -1, depths=None, norm: str = "final", device: str = "cpu",
@@ -130,24 +133,35 @@ class Run(Store):
         return rank_of(self, targets, position, depths, norm, device, strict)
 
     def layer_predictions(self, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
-                          norm: str = "final") -> pd.DataFrame:
+                          norm: str = "final", lens: str = "logit") -> pd.DataFrame:
         """Top-k tokens (token, prob) the lens reads out at `depth` for one position of one prompt."""
         from .analyze.prompt_lens import layer_predictions
 
-        return layer_predictions(self, prompt, position, depth, topk, norm)
+        return layer_predictions(self, prompt, position, depth, topk, norm, lens)
 
-    def rankings(self, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
+    def rankings(self, prompt: int = 0, norm: str = "final", lens: str = "logit") -> pd.DataFrame:
         """Depth x position: rank of the token that came next."""
         from .analyze.prompt_lens import rankings
 
-        return rankings(self, prompt, norm)
+        return rankings(self, prompt, norm, lens)
 
     def rankings_watch(self, prompt: int = 0, watch=(" he", " she"), position: int = -1,
-                       norm: str = "final") -> pd.DataFrame:
+                       norm: str = "final", lens: str = "logit") -> pd.DataFrame:
         """Depth x watch token: rank of each watched token at one position."""
         from .analyze.prompt_lens import rankings_watch
 
-        return rankings_watch(self, prompt, watch, position, norm)
+        return rankings_watch(self, prompt, watch, position, norm, lens)
+
+    def tuned_lens(self, depths=None, holdout: float = 0.2, steps: int | None = None, lr: float | None = None,
+                   seed: int = 0, batch_size: int | None = None, device: str = "cpu", progress: bool = True,
+                   recompute: bool = False):
+        """Train the tuned lens from the store (analysis/tuned_lens; reused when the parameters match).
+        Returns a TunedLens; `.eval` is the held-out KL / cross-entropy / entropy by depth for both lenses."""
+        from .analyze import tuned_lens as tl
+
+        return tl.tuned_lens(self, depths=depths, holdout=holdout, steps=steps or tl.DEFAULT_STEPS,
+                             lr=lr or tl.DEFAULT_LR, seed=seed, batch_rows=batch_size or tl.DEFAULT_BATCH,
+                             device=device, progress=progress, recompute=recompute)
 
     def bias(self, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
              device: str = "auto", progress: bool = True):

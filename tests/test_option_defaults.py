@@ -30,6 +30,7 @@ PAIRS = [
     ("probe bias", bias),
     ("probe linear", Run.linear_probe), ("probe linear", probe.linear_probe),
     ("report", build_report),
+    ("tuned-lens train", Run.tuned_lens),
     ("similarity", Run.similarity), ("similarity", similarity.similarity),
     ("dla", Run.dla), ("dla", dla.dla),
 ]

@@ -84,7 +84,8 @@ def probe_report_url(probe_store, tmp_path_factory) -> str:
     from stratascope.cli import cli
 
     out = tmp_path_factory.mktemp("report") / "probes.html"
-    res = CliRunner().invoke(cli, ["report", probe_store.path, "-o", str(out), "--views", "bias,probe,tokens"])
+    res = CliRunner().invoke(cli, ["report", probe_store.path, "-o", str(out), "--views",
+                                   "bias,probe,tokens,tuned_lens"])
     assert res.exit_code == 0, res.output
     return out.as_uri()
 
@@ -619,6 +620,21 @@ def test_probe_view(browser, probe_target, probe_store):
     v.done("probe_regression")
 
 
+def test_tuned_lens_view(browser, probe_target, probe_store):
+    t = probe_store.tuned
+    v = Viewer(browser, probe_target, "tuned_lens")
+    for metric in ("kl", "cross_entropy"):
+        if metric != "kl":
+            v.choose(".ss-metric", metric)
+        for i, lens in enumerate(("logit", "tuned")):
+            np.testing.assert_allclose(_trace(v, ".ss-tuned-plot", lens), t[metric][i], atol=1e-4)
+            assert _trace(v, ".ss-tuned-plot", lens, "x") == t["depth"].tolist()
+        v.shot(f"tuned_lens_{metric}")
+    facts = v.page.inner_text(".ss-tuned-facts")
+    assert "30 steps" in facts and "held-out prompts" in facts
+    v.done()
+
+
 @pytest.mark.parametrize("view", VIEWS)
 def test_xss_prompt_shows_as_text(browser, target, view):
     for p, needle in ((1, "<img␣src=x"), (2, "<script>window.")):
@@ -778,7 +794,7 @@ def test_real_smollm2_bias_and_probe_views(browser, tmp_path):
     for args in (["probe", "bias", "--model", "smollm2", "--out", store, "--occupations", str(csv), "--templates",
                   str(templates), "--device", "cpu"],
                  ["probe", "linear", store, "--label", "bls_pct_female", "--folds", "3", "--epochs", "20"],
-                 ["report", store, "-o", str(out), "--views", "bias,probe"]):
+                 ["report", store, "-o", str(out), "--views", "bias,probe,tuned_lens"]):
         res = runner.invoke(cli, args)
         assert res.exit_code == 0, res.output
     g = only_result(store, "bias")

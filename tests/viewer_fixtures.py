@@ -148,6 +148,9 @@ class ProbeStore:
             self.probes[label] = {k: g[k][:] for k in ("accuracy", "control_accuracy", "majority", "r2", "control_r2")
                                   if k in g}
             self.probes[label]["attrs"] = dict(g.attrs)
+        t = only_result(path, "tuned_lens")
+        # (lens, depth), lens logit/tuned
+        self.tuned = {k: t[k][:] for k in ("kl", "cross_entropy", "entropy", "depth")}
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +165,7 @@ def probe_store(tiny_model_dirs, tmp_path_factory) -> ProbeStore:
     run = ss.open_run(path)
     for label in PROBE_LABELS:
         run.linear_probe(label, at="last", folds=3, seed=0, epochs=30, progress=False)
+    run.tuned_lens(steps=30, holdout=0.3, lr=0.01, progress=False)
     return ProbeStore(path)
 
 

@@ -10,6 +10,10 @@ norm). Ranks are 1-based. A token's target is the token that came next in its se
 (prompt or generated); the last token of each sequence has none: target_id -1,
 target_rank -1, target_prob NaN. kl_final is KL(p_final || p_depth) in nats against the
 model's output distribution (depth L, normalized); NaN if depth L was not captured.
+
+lens="tuned" (or "tuned:RUN", translators trained on another run of the same model) reads
+every depth below L through the tuned lens's affine translator first (tuned_lens.py); the
+result is keyed by that choice, so logit and tuned results never stand in for each other.
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..caching import LRU
-from ..devices import resolve_device
-from ..errors import OutOfRangeError
+from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import LENS
 from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here by other analyses
@@ -39,7 +41,7 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
     watch_ids,
 )
 from .lens_kernel import LensArrays, lens_rows
-from .readout import Readout, load_readout
+from .readout import Readout, readout_for
 from .results import job_progress, load_result, save_result
 
 JOB = LENS.job
@@ -47,34 +49,47 @@ _FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "k
 _FILL = {"int32": -1, "float32": np.nan}
 
 
-# ---------------------------------------------------------------- the readout
+# ---------------------------------------------------------------- the tuned lens
 
 
-_READOUTS = LRU(2)  # readouts are model-sized: the last two are kept
+def lens_translator(run, lens, depths: list[int], norm: str):
+    """(weight, bias) tensors translating the residual at each of `depths` (identity at depth L),
+    or None for the logit lens."""
+    from .tuned_lens import resolve_lens
+
+    tuned = resolve_lens(run, lens)
+    if tuned is None:
+        return None
+    if norm != "final":
+        raise ConfigError("--lens tuned reads out through the final norm it was trained with; drop --norm none")
+    return tuned.translator(depths, int(run.attrs["model"]["n_layers"]))
 
 
-def readout_for(run, device: str = "cpu", precision: str = "float32") -> Readout:
-    """The run's readout on `device` in `precision`, loaded once per process."""
-    device = str(resolve_device(device))
-    key = (run.path, run.attrs["created"], device, precision)
-    return _READOUTS.get(key, lambda: load_readout(run, device=device, precision=precision))
+def _translate(h: torch.Tensor, translator) -> torch.Tensor:
+    if translator is None:
+        return h
+    from .tuned_lens import translate
+
+    return translate(h, *translator)
 
 
 # ---------------------------------------------------------------- rows
 
 
 def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "final", device: str = "cpu",
-                precision: str = "float32") -> LensArrays:
+                precision: str = "float32", lens="logit") -> LensArrays:
     """The lens of selected token rows of `run` (a slice or an index array), computed now.
 
     Returns LensArrays with axes (row, depth, k|watch) for the chosen depths, in that order.
-    `watch` holds words or ids (see watch_ids). This is the function other analyses build on.
+    `watch` holds words or ids (see watch_ids); `lens` is 'logit', 'tuned' or 'tuned:RUN'.
+    This is the function other analyses build on.
     """
     _check(norm, precision, topk)
     hidden = require_hidden(run)
     readout = readout_for(run, device, precision)
     depths = parse_depths(run, depths)
     idx, final = _plan_depths(run, depths)
+    translator = lens_translator(run, lens, [captured_depths(run)[i] for i in idx], norm)
     _, ids = watch_ids(run, watch)
     n = run.n_tokens
     if isinstance(rows, slice):
@@ -89,8 +104,9 @@ def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "f
     tid, pidx = here["token_id"].values, here["prompt_index"].values
     nid = np.where(last, -1, ahead["token_id"].values)
     npr = np.where(last, -2, ahead["prompt_index"].values)
-    h = np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)
-    out = lens_rows(torch.from_numpy(h), readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
+    h = _translate(torch.from_numpy(np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)),
+                   translator)
+    out = lens_rows(h, readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
     return _select_depths(out, len(depths))
 
 
@@ -104,9 +120,10 @@ def _select_depths(out: LensArrays, n_depths: int) -> LensArrays:
 class _ChunkLens:
     """The dask task: lens of one token chunk; masked rows (prompt_index < 0) are filled, not computed."""
 
-    def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int):
+    def __init__(self, readout: Readout, ids: list[int], topk: int, norm: str, final: int | None, n_depths: int,
+                 translator=None):
         self.readout, self.ids, self.topk, self.norm = readout, ids, topk, norm
-        self.final, self.n_depths = final, n_depths
+        self.final, self.n_depths, self.translator = final, n_depths, translator
 
     def __call__(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         try:
@@ -116,7 +133,7 @@ class _ChunkLens:
 
     def _lens(self, h: np.ndarray, target: np.ndarray, prompt_index: np.ndarray) -> tuple[np.ndarray, ...]:
         valid = prompt_index >= 0
-        hv = torch.from_numpy(np.ascontiguousarray(h[valid], dtype=np.float32))
+        hv = _translate(torch.from_numpy(np.ascontiguousarray(h[valid], dtype=np.float32)), self.translator)
         got = _select_depths(lens_rows(hv, self.readout, target[valid], self.ids, self.topk, self.norm,
                                        self.final), self.n_depths)
         if valid.all():
@@ -152,12 +169,19 @@ _MALLOC_TRIM = None
 
 
 def lens_params(run, topk: int = 10, watch=(), depths=None, norm: str = "final",
-                precision: str = "float32") -> dict:
-    """The parameters that decide the lens result (the device does not)."""
+                precision: str = "float32", lens="logit") -> dict:
+    """The parameters that decide the lens result (the device does not). A tuned lens adds the
+    identity of its translators (the logit lens adds nothing, so earlier results still match)."""
+    from .tuned_lens import resolve_lens
+
     _check(norm, precision, topk)
     labels, ids = watch_ids(run, watch)
-    return {"topk": int(topk), "watch": labels, "watch_ids": ids, "depths": parse_depths(run, depths),
-            "norm": norm, "precision": precision}
+    params = {"topk": int(topk), "watch": labels, "watch_ids": ids, "depths": parse_depths(run, depths),
+              "norm": norm, "precision": precision}
+    tuned = resolve_lens(run, lens)
+    if tuned is not None:
+        params["lens"] = tuned.identity()
+    return params
 
 
 def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
@@ -166,6 +190,8 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     readout = readout_for(run, device, params["precision"])
     depths, ids, k = params["depths"], params["watch_ids"], min(params["topk"], readout.vocab_size)
     idx, final = _plan_depths(run, depths)
+    translator = lens_translator(run, f"tuned:{params['lens']['run']}" if "lens" in params else "logit",
+                                 [captured_depths(run)[i] for i in idx], params["norm"])
     hid = hidden.data[:, idx, :]
     tid, pidx = run.ds["token_id"].data, run.ds["prompt_index"].data
     tail = da.from_array(np.array([-1], dtype=np.int32))
@@ -173,7 +199,7 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     npr = da.concatenate([pidx[1:], tail - 1]).rechunk(pidx.chunks)
     target = da.map_blocks(targets_of, tid, pidx, nid, npr, dtype=np.int32).rechunk((hid.chunks[0],))
     pidx = pidx.rechunk((hid.chunks[0],))
-    task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths))
+    task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths), translator)
     D, W = len(depths), len(ids)
     token = dask.base.tokenize(run.path, run.attrs["created"], json.dumps(params, sort_keys=True), device)
     shapes = {"topk_ids": (D, k), "topk_probs": (D, k), "target_rank": (D,), "target_prob": (D,),
@@ -203,6 +229,8 @@ def _describe(run, params: dict, has_final: bool, device: str) -> dict:
                f"Ecco's variant: unembedding of the raw residual at depths < {L}; depth {L} normalized "
                "(as in Hugging Face's last hidden state)")
     return {"norm_variant": variant, "device": device,
+            "lens": (f"tuned: translators of {params['lens']['run']}/analysis/tuned_lens applied below depth {L}"
+                     if "lens" in params else "logit"),
             "precision_note": ("float32: ranks exact up to ties within rounding" if params["precision"] == "float32"
                                else "bfloat16 matmul: ranks and probabilities are approximate"),
             "rank": "1-based: 1 + number of vocabulary entries with a strictly larger logit",
@@ -213,9 +241,9 @@ def _describe(run, params: dict, has_final: bool, device: str) -> dict:
 
 
 def run_lens(run, topk: int = 10, watch=(), depths=None, norm: str = "final", device: str = "cpu",
-             precision: str = "float32", progress: bool = True) -> xr.Dataset:
+             precision: str = "float32", progress: bool = True, lens="logit") -> xr.Dataset:
     """The lens of every token, stored in analysis/lens; reused if it was computed with these parameters."""
-    params = lens_params(run, topk, watch, depths, norm, precision)
+    params = lens_params(run, topk, watch, depths, norm, precision, lens)
     require_hidden(run)
     stored = load_result(run, JOB, params)
     if stored is not None:
@@ -242,7 +270,8 @@ def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
     the depth from which the tokens that came next are ranked first; then corpus totals."""
     depths = [int(d) for d in ds["depth"].values]
     vocab = run.readout["vocab_str"]
-    lines = [f"lens of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
+    kind = "tuned lens" if "lens" in ds.attrs["params"] else "lens"
+    lines = [f"{kind} of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
              f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
     for p in range(min(run.n_prompts, max_prompts)):
         rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()

@@ -146,12 +146,15 @@ def lens_of_rows(readout: ReadoutArrays, hidden: np.ndarray, norm: str, final_in
 
 
 def _rows_lens(run, start: int, stop: int, depth_values: list[int], norm: str, watch=(), topk: int = 10,
-               with_targets: bool = True) -> RowLens:
-    """The lens of token rows start..stop-1 at `depth_values`, read straight from zarr."""
+               with_targets: bool = True, lens="logit") -> RowLens:
+    """The lens of token rows start..stop-1 at `depth_values`, read straight from zarr; `lens`
+    'tuned' / 'tuned:RUN' translates each depth first (analyze/tuned_lens.py)."""
     require_hidden(run)
     idx, final = _plan_depths(run, depth_values)
     hidden = run.array("hidden")
     h = np.asarray(hidden.get_orthogonal_selection((slice(start, stop), idx)), dtype=np.float32)
+    if str(lens) != "logit":
+        h = _translated(run, h, [captured_depths(run)[i] for i in idx], norm, lens)
     targets = None
     if with_targets:
         n = run.n_tokens
@@ -166,8 +169,16 @@ def _rows_lens(run, start: int, stop: int, depth_values: list[int], norm: str, w
     return RowLens(got.topk_ids[:, :D], got.topk_probs[:, :D], got.target_rank[:, :D], got.watch_rank[:, :D])
 
 
+def _translated(run, h: np.ndarray, depths: list[int], norm: str, lens) -> np.ndarray:
+    """h + A h + b at each depth, with the tuned lens's translators (the identity at depth L)."""
+    from .lens import lens_translator
+
+    weight, bias = (t.numpy() for t in lens_translator(run, lens, depths, norm))
+    return h + np.einsum("nkj,kij->nki", h, weight) + bias
+
+
 def layer_predictions(run, prompt: int = 0, position: int = -1, depth: int | None = None, topk: int = 10,
-                      norm: str = "final") -> pd.DataFrame:
+                      norm: str = "final", lens="logit") -> pd.DataFrame:
     """The top-k tokens the lens reads out at one depth (default: the last captured) for one position."""
     _check(norm, "float32", topk)
     depths = captured_depths(run)
@@ -178,20 +189,20 @@ def layer_predictions(run, prompt: int = 0, position: int = -1, depth: int | Non
 
         raise OutOfRangeError(f"depth {depth} is out of range; this run holds depths {format_ranges(depths)}")
     row = _position_row(run, prompt, position)
-    got = _rows_lens(run, row, row + 1, [depth], norm, topk=topk, with_targets=False)
+    got = _rows_lens(run, row, row + 1, [depth], norm, topk=topk, with_targets=False, lens=lens)
     ids = got.topk_ids[0, 0]
     vocab = np.asarray(run.array("readout/vocab_str").get_coordinate_selection(ids))
     return pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "token": vocab.astype(object), "token_id": ids,
                          "prob": got.topk_probs[0, 0]})
 
 
-def rankings(run, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
+def rankings(run, prompt: int = 0, norm: str = "final", lens="logit") -> pd.DataFrame:
     """Depth x position: the rank of the token that actually came next (Ecco's rankings). The last
     position has no next token, so it is not a column; columns are labelled with the tokens."""
     _check(norm, "float32", 1)
     rows = run.token_slice(prompt)
     depths = captured_depths(run)
-    got = _rows_lens(run, rows.start, rows.stop, depths, norm, topk=0)
+    got = _rows_lens(run, rows.start, rows.stop, depths, norm, topk=0, lens=lens)
     tokens = np.asarray(run.array("token_str")[rows.start:rows.stop]).astype(object)
     n = len(tokens) - 1
     columns = pd.MultiIndex.from_arrays([np.arange(n), tokens[1:]], names=["position", "next token"])
@@ -201,7 +212,7 @@ def rankings(run, prompt: int = 0, norm: str = "final") -> pd.DataFrame:
 
 
 def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = -1,
-                   norm: str = "final") -> pd.DataFrame:
+                   norm: str = "final", lens="logit") -> pd.DataFrame:
     """Depth x watch token: the rank of each watched token at one position (Ecco's rankings_watch)."""
     _check(norm, "float32", 1)
     labels, ids = watch_ids(run, watch)
@@ -209,6 +220,6 @@ def rankings_watch(run, prompt: int = 0, watch=(" he", " she"), position: int = 
         raise ConfigError("give at least one watch word")
     row = _position_row(run, prompt, position)
     depths = captured_depths(run)
-    got = _rows_lens(run, row, row + 1, depths, norm, watch=ids, topk=0, with_targets=False)
+    got = _rows_lens(run, row, row + 1, depths, norm, watch=ids, topk=0, with_targets=False, lens=lens)
     return pd.DataFrame(got.watch_rank[0], index=pd.Index(depths, name="depth"),
                         columns=pd.Index(labels, name="watch"))

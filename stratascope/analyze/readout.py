@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ..caching import LRU
 from ..devices import resolve_device
 from ..errors import ConfigError, MissingArrayError
 
@@ -104,3 +105,13 @@ def load_readout(run, device: str = "cpu", precision: str = "float32") -> Readou
     unembed = torch.from_numpy(np.asarray(ds["unembed"].values, dtype=np.float32))
     readout = Readout(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, unembed, unembed_bias)
     return readout.to(device, precision)
+
+
+_READOUTS = LRU(2)  # readouts are model-sized: the last two are kept
+
+
+def readout_for(run, device: str = "cpu", precision: str = "float32") -> Readout:
+    """The run's readout on `device` in `precision`, loaded once per process."""
+    device = str(resolve_device(device))
+    key = (run.path, run.attrs["created"], device, precision)
+    return _READOUTS.get(key, lambda: load_readout(run, device=device, precision=precision))

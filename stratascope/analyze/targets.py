@@ -26,7 +26,18 @@ from ..errors import ConfigError, MissingMetadataError, OutOfRangeError
 from ..progress import tqdm
 from ..ranges import parse_ranges
 from ..schemas import LABEL_PREFIX, META_PREFIX
-from .lens import JOB, _check, _plan_depths, lens_params, parse_depths, readout_for, require_hidden, targets_of
+from .lens import (
+    JOB,
+    _check,
+    _plan_depths,
+    _translate,
+    lens_params,
+    lens_translator,
+    parse_depths,
+    readout_for,
+    require_hidden,
+    targets_of,
+)
 from .lens_kernel import lens_rows, prepare_rows
 from .results import load_result, save_result
 
@@ -151,13 +162,13 @@ def _words_per_row(run, rows: np.ndarray, word, column, what: str) -> np.ndarray
 
 def target_params(run, positions: str = "all", target=None, target_column=None, contrast=None,
                   contrast_column=None, strict: bool = False, topk: int = 10, depths=None, norm: str = "final",
-                  precision: str = "float32") -> dict:
+                  precision: str = "float32", lens="logit") -> dict:
     """Every parameter that decides a study's result (the device does not)."""
     if target in ("next",):
         target = None
     if (contrast is not None or contrast_column is not None) and target is None and target_column is None:
         raise ConfigError("--contrast needs a --target or --target-column to compare with")
-    params = lens_params(run, topk, (), depths, norm, precision)
+    params = lens_params(run, topk, (), depths, norm, precision, lens)
     params.update({"positions": str(positions), "target": target, "target_column": target_column,
                    "contrast": contrast, "contrast_column": contrast_column, "strict": bool(strict)})
     return params
@@ -171,11 +182,11 @@ def is_study(positions="all", target=None, target_column=None, contrast=None, co
 
 def run_study(run, positions: str = "all", target=None, target_column=None, contrast=None, contrast_column=None,
               strict: bool = False, topk: int = 10, depths=None, norm: str = "final", device: str = "cpu",
-              precision: str = "float32", progress: bool = True) -> xr.Dataset:
+              precision: str = "float32", progress: bool = True, lens="logit") -> xr.Dataset:
     """Score the chosen rows and words at every depth; stored as a lens result, reused for the same parameters."""
     require_hidden(run)
     params = target_params(run, positions, target, target_column, contrast, contrast_column, strict, topk, depths,
-                           norm, precision)
+                           norm, precision, lens)
     stored = load_result(run, JOB, params)
     if stored is not None:
         return stored
@@ -186,7 +197,7 @@ def run_study(run, positions: str = "all", target=None, target_column=None, cont
     contrast_words = _words_per_row(run, rows, contrast, contrast_column, "contrast")
     target_ids = first_token_ids(run, words, strict, "target") if words is not None else _next_ids(run, rows)
     contrast_ids = first_token_ids(run, contrast_words, strict, "contrast") if contrast_words is not None else None
-    arrays = score_rows(run, rows, target_ids, contrast_ids, params, device, progress)
+    arrays = score_rows(run, rows, target_ids, contrast_ids, params, device, progress, lens)
     ds = _dataset(run, rows, params, arrays, target_ids, words, contrast_ids, contrast_words)
     return save_result(run, JOB, ds, params)
 
@@ -204,19 +215,21 @@ def _next_ids(run, rows: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def score_rows(run, rows: np.ndarray, target_ids: np.ndarray, contrast_ids: np.ndarray | None, params: dict,
-               device: str = "cpu", progress: bool = True) -> dict[str, np.ndarray]:
+               device: str = "cpu", progress: bool = True, lens="logit") -> dict[str, np.ndarray]:
     """Per row and depth: top-k, the target's rank / probability / logit, entropy, KL to the output,
     and (with contrast ids) the contrast's logit. Reads ROWS_PER_STEP rows of hidden at a time."""
     hidden = require_hidden(run)
     readout = readout_for(run, device, params["precision"])
     depths = parse_depths(run, params["depths"])
     idx, final = _plan_depths(run, depths)
+    translator = lens_translator(run, lens, [run.depths[i] for i in idx], params["norm"])
     D = len(depths)
     parts: dict[str, list[np.ndarray]] = {}
     with tqdm(total=len(rows), unit="row", desc="lens study", disable=not progress) as bar:
         for s in range(0, len(rows), ROWS_PER_STEP):
             part = rows[s:s + ROWS_PER_STEP]
-            h = torch.from_numpy(np.asarray(hidden.isel(token=part, depth=idx).values, dtype=np.float32))
+            h = _translate(torch.from_numpy(np.asarray(hidden.isel(token=part, depth=idx).values, dtype=np.float32)),
+                           translator)
             tgt = target_ids[s:s + len(part)]
             own_final = final if final is not None and final < D else None  # the output depth, if asked for
             got = lens_rows(h, readout, tgt, (), params["topk"], params["norm"], final)

@@ -21,6 +21,7 @@ from .groups import (
     READOUT_ATTRS,
     SIMILARITY,
     SIMILARITY_MLP,
+    TUNED_LENS,
     GroupSpec,
     analysis_spec,
     group_path,
@@ -57,7 +58,7 @@ __all__ = [
     "INDEX_COORDS", "LABEL_PREFIX", "LENS", "LENS_STUDY", "META_PREFIX", "MODEL_KEYS", "NMF", "NMF_TRANSFORM",
     "PROBE", "PROJECTION_CAPTURES", "PROMPT_TABLE", "READOUT", "READOUT_ATTRS", "READOUT_PROJECTIONS", "RECORDS",
     "REQUIRED_ATTRS", "ROOT_PATTERNS", "RootAttrs", "SCHEMA_VERSION", "SIMILARITY", "SIMILARITY_MLP", "TOKEN_COORDS",
-    "TOKEN_TABLE", "VARIABLES", "VariableSpec", "analysis_spec", "check_group", "consolidate", "describe",
-    "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords", "upgrade_store",
+    "TOKEN_TABLE", "TUNED_LENS", "VARIABLES", "VariableSpec", "analysis_spec", "check_group", "consolidate",
+    "describe", "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords", "upgrade_store",
     "validate_root"
 ]

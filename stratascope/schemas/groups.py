@@ -256,11 +256,25 @@ def _similarity(axis: str, variant: str = "") -> GroupSpec:
         "representation similarity across depths and runs (analyze/similarity.py)", variant=variant, row_dim=a)
 
 
+TUNED_LENS = GroupSpec("analysis/tuned_lens", (
+    _v("weight", ("depth", "d_out", "d_in"), "float32", None, "translator", "the affine translator's matrix A"),
+    _v("bias", ("depth", "d_out"), "float32", None, "translator bias", "its bias b: h + A h + b"),
+    _v("train_kl", ("step", "depth"), "float32", None, "training KL", "mean KL of each training batch (nats)"),
+    _v("kl", ("lens", "depth"), "float32|float64", None, "held-out KL", "KL(p_final || p_depth), held-out rows"),
+    _v("cross_entropy", ("lens", "depth"), "float32|float64", None, "held-out cross-entropy",
+       "of the next token, held-out rows that have one"),
+    _v("entropy", ("lens", "depth"), "float32|float64", None, "held-out entropy", "of the lens distribution"),
+    _v("heldout", ("prompt",), "bool", None, "held out", "the prompts held out from training"),
+), (_v("depth", ("depth",), "int32", None, "depth", "the depths with a translator, then L"),
+    _v("lens", ("lens",), "str", None, "lens", "logit, tuned"),
+    _v("step", ("step",), "int32", None, "step", "training step")),
+    "the tuned lens trained from the store (analyze/tuned_lens.py)")
+
 SIMILARITY = _similarity("depth")
 SIMILARITY_MLP = _similarity("layer", "--array mlp")
 
-ANALYSIS = (LENS, LENS_STUDY, NMF, NMF_TRANSFORM, HEADS, BIAS, BIAS_CORRELATION, PROBE, DLA, BIAS_DLA, SIMILARITY,
-            SIMILARITY_MLP)
+ANALYSIS = (LENS, LENS_STUDY, NMF, NMF_TRANSFORM, HEADS, BIAS, BIAS_CORRELATION, PROBE, DLA, BIAS_DLA, TUNED_LENS,
+            SIMILARITY, SIMILARITY_MLP)
 GROUPS = (READOUT,) + ANALYSIS
 
 

@@ -54,6 +54,7 @@ BIAS_CORRELATION_JOB = BIAS_CORRELATION.job    # (pair, depth) pearson_r/_p, spe
 PROBE_PREFIX = PROBE.prefix                    # analysis/probe_<label>/<name>
 DLA_JOB = DLA.job                              # (row, component) by_component; (row,) prompt, position, logit, gap
 SIMILARITY_JOB = "similarity"                  # (depth_a, depth_b) similarity; dims_a/dims_b
+TUNED_JOB = "tuned_lens"                       # (lens, depth) held-out kl, cross_entropy, entropy
 # ------------------------------------------------------------------------------------------------
 
 
@@ -497,6 +498,19 @@ def similarity(run) -> dict:
     return out
 
 
+def tuned_lens(run) -> dict:
+    """The stored tuned lens's held-out metrics by depth for both lenses (nats), and how it was trained."""
+    ds = require_result(run, TUNED_JOB, f"`stratascope tuned-lens train {run.path}`")  # the newest one
+    lenses = [str(v) for v in ds["lens"].values]
+    metrics = {m: {lens: _rounded(ds[m].values[i]) for i, lens in enumerate(lenses)}
+               for m in ("kl", "cross_entropy", "entropy")}
+    a = ds.attrs
+    return {"depths": [int(d) for d in ds["depth"].values], **metrics,
+            "params": {k: a["params"][k] for k in ("steps", "lr", "batch_rows", "holdout", "seed")},
+            "n_train_prompts": int(a["n_train_prompts"]), "n_heldout_prompts": int(a["n_heldout_prompts"]),
+            "n_heldout_tokens": int(a["n_heldout_tokens"]), "model": str(a["model"])}
+
+
 # Endpoint name -> (function, its parameters with their types). The app serves exactly these.
 ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
@@ -511,6 +525,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "probe": (probe, {"label": str}),
     "dla": (dla, {"prompt": int}),
     "similarity": (similarity, {}),
+    "tuned_lens": (tuned_lens, {}),
 }
 
 

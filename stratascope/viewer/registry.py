@@ -102,6 +102,9 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("similarity", "Similarity", "similarity",
          "depth × depth similarity of representations (CKA, SVCCA or PWCCA); click a cell for its two depths and "
          "value", _needs_result(data.SIMILARITY_JOB, "`stratascope similarity`"), True, prompt=False),
+    View("tuned_lens", "Tuned lens", "tuned_lens",
+         "held-out KL to the model's output, cross-entropy or entropy at every depth: logit lens vs tuned lens",
+         _needs_result(data.TUNED_JOB, "`stratascope tuned-lens train`"), True, prompt=False),
 )}
 
 
@@ -119,7 +122,7 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
     if view.endpoint == "qk":
         heads = range(int(run.ds.sizes["head"]))
         return [{"prompt": p, "layer": layer, "head": h} for p in prompts for layer in layers for h in heads]
-    if view.endpoint in ("heads", "similarity"):
+    if view.endpoint in ("heads", "similarity", "tuned_lens"):
         return [{}]
     if view.endpoint == "bias":
         return [{"pair": pair} for pair in data.bias_pairs(run)]
