@@ -174,3 +174,49 @@ def test_ctrl_c_with_workers_is_one_line_and_resumes(tiny_model_dirs, tmp_path):
     done = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ss.open_run(str(out)).n_prompts == 800
+
+
+def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
+    """A real ENOSPC: the capture writes to a small tmpfs that a filler file fills once the store is
+    created. One sentence, exit 1; after the filler is removed `--resume` completes the store."""
+    import json
+    import os
+    import shutil
+    import time
+
+    import zarr
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not permitted'})")
+    try:
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text("".join(json.dumps({"text": f"The number {i} is followed by the number {i + 1} and"})
+                                  + "\n" for i in range(1500)))
+        out = mount / "r.zarr"
+        args = [sys.executable, "-m", "stratascope", "capture", "--model", str(tiny_model_dirs["llama"]), "--corpus",
+                str(corpus), "--out", str(out), "--capture", "hidden", "--batch-size", "4", "--shard-tokens", "64",
+                "--device", "cpu"]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if zarr.open_group(str(out), mode="r").attrs.get("identity"):
+                    break
+            except Exception:  # not created yet
+                pass
+            time.sleep(0.2)
+        free = shutil.disk_usage(mount).free
+        with open(mount / "filler", "wb") as f:  # leave a few KB: the next shards cannot fit
+            f.write(b"\0" * max(0, free - 8192))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-2000:]
+        assert "no space left on the disk while writing" in err and "--resume" in err and "Traceback" not in err
+        os.remove(mount / "filler")
+        resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert ss.open_run(str(out)).n_prompts == 1500
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

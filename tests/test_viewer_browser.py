@@ -794,7 +794,7 @@ def test_real_smollm2_bias_and_probe_views(browser, tmp_path):
     for args in (["probe", "bias", "--model", "smollm2", "--out", store, "--occupations", str(csv), "--templates",
                   str(templates), "--device", "cpu"],
                  ["probe", "linear", store, "--label", "bls_pct_female", "--folds", "3", "--epochs", "20"],
-                 ["report", store, "-o", str(out), "--views", "bias,probe,tuned_lens"]):
+                 ["report", store, "-o", str(out), "--views", "bias,probe"]):
         res = runner.invoke(cli, args)
         assert res.exit_code == 0, res.output
     g = only_result(store, "bias")

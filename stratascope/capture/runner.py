@@ -267,7 +267,8 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
         if overwrite or resume:  # resume: a store whose creation was interrupted starts over
             remove_store(out)
         root = _create(out, loaded, adapter, cfg, data, plan, vocab, labels)
-    todo = [s for s in plan.shards if not completed(root)[s.index]]
+    done = completed(root)  # read once: one flag (one chunk) per shard
+    todo = [s for s in plan.shards if not done[s.index]]
     started = time.perf_counter()
     try:
         if workers or scheduler:
