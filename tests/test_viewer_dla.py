@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from test_viewer_browser import Viewer, _trace, browser, label
+from test_viewer_browser import Viewer, _trace, axis_visible, browser, label
 from viewer_fixtures import only_result
 
 import stratascope as ss
@@ -150,3 +150,90 @@ def test_dla_views_unavailable_say_why(tiny_model_dirs, tmp_path):
     assert "capture with --capture mlp" in VIEWS["dla_neurons"].unavailable(run)
     with pytest.raises(ss.errors.MissingArrayError, match="--capture z"):
         data.dla_heads(run)
+
+
+@pytest.fixture(params=["report", "app"])
+def dla_views_target(request, dla_store, tmp_path_factory):
+    if request.param == "report":
+        out = tmp_path_factory.mktemp("report") / "dla_views.html"
+        res = CliRunner().invoke(cli, ["report", dla_store, "-o", str(out), "--views", "dla_heads,dla_neurons,head"])
+        assert res.exit_code == 0, res.output
+        yield "report", out.as_uri()
+        return
+    from stratascope.viewer.app import serve_in_thread
+
+    server, url = serve_in_thread(ss.open_run(dla_store))
+    yield "app", url
+    server.shutdown()
+    server.server_close()
+
+
+def _inside(v: Viewer, cls: str) -> None:
+    """Every text of the chart (title, ticks, colour bar, annotations) lies inside the figure."""
+    out = v.page.evaluate("""c => { const gd = document.querySelector(c), f = gd.getBoundingClientRect();
+        return [...gd.querySelectorAll('svg text')].filter(t => t.textContent.trim()).map(t => {
+            const b = t.getBoundingClientRect();
+            return b.left >= f.left - 1 && b.right <= f.right + 1 && b.top >= f.top - 1 && b.bottom <= f.bottom + 1
+                ? null : t.textContent; }).filter(x => x); }""", cls)
+    assert out == [], f"cut off: {out}"
+
+
+@pytest.mark.browser
+def test_dla_heads_view(browser, dla_views_target, dla_store):
+    s = _stored(dla_store)
+    v = Viewer(browser, dla_views_target, "dla_heads")
+    assert not v.page.is_visible("#ss-prompt")  # corpus-wide
+    mean = s["by_head"].mean(0)
+    np.testing.assert_allclose(np.array(_trace(v, ".ss-dla-heads", key="z"), dtype=float), mean, atol=1e-4)
+    trace = v.page.evaluate("() => { const t = document.querySelector('.ss-dla-heads').data[0]; "
+                            "return {zmid: t.zmid, zmin: t.zmin, zmax: t.zmax, bar: t.colorbar.title.text}; }")
+    assert trace["zmid"] == 0 and trace["zmin"] == -trace["zmax"] == pytest.approx(-np.abs(mean).max(), abs=1e-4)
+    assert "mean contribution" in trace["bar"] and v.count(".ss-dla-heads .colorbar") == 1
+    facts = v.page.inner_text(".ss-dla-heads-facts")
+    assert f"Mean over {len(s['by_head'])} rows (all positions of 2 prompts)" in facts
+    assert "the token that came next − «␣the»" in facts and "Click a head" in facts
+    axis_visible(v, ".ss-dla-heads")
+    _inside(v, ".ss-dla-heads")
+    v.shot("dla_heads")
+    # click layer 2, head 1: the head view opens on layer 2 with only head 1 shown
+    xy = v.page.evaluate("""() => { const gd = document.querySelector('.ss-dla-heads'), L = gd._fullLayout;
+        const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
+        return [r.left + L.xaxis.d2p(1), r.top + L.yaxis.d2p(2)]; }""")
+    v.page.mouse.click(*xy)
+    v.wait()
+    assert v.page.get_attribute("#ss-view", "data-view") == "head" and v.page.is_visible("#ss-prompt")
+    pressed = v.page.eval_on_selector_all(".ss-head-toggle", "es => es.map(e => e.getAttribute('aria-pressed'))")
+    assert pressed == ["false", "true", "false", "false"]
+    assert v.page.eval_on_selector("select.ss-layer", "e => e.value") == "2"
+    v.done()
+
+
+@pytest.mark.browser
+def test_dla_neurons_view(browser, dla_views_target, dla_store):
+    s = _stored(dla_store)
+    valid = s["prompt_index"] >= 0
+
+    def check(layer: int):
+        mean_abs, mean, _ = _neuron_table(s, layer)
+        want = np.argsort(-mean_abs, kind="stable")[:data.DLA_NEURONS]
+        want = want[mean_abs[want] > 0]
+        assert _trace(v, ".ss-dla-neurons", "mean_abs") == [f"neuron {n}" for n in want]
+        np.testing.assert_allclose(_trace(v, ".ss-dla-neurons", "mean_abs", "x"), mean_abs[want], atol=1e-4)
+        np.testing.assert_allclose(_trace(v, ".ss-dla-neurons", "mean", "x"), mean[want], atol=1e-4)
+        rows = v.page.eval_on_selector_all(".ss-dla-neurons-table tbody tr", "es => es.map(e => e.innerText)")
+        assert len(rows) == len(want)
+        for text, n in zip(rows, want):  # the neuron's strongest token, by numpy over the whole mlp column
+            r = int(np.argmax(np.where(valid, np.abs(s["mlp"][:, layer, n]), -np.inf)))
+            a = s["mlp"][r, layer, n]  # shown to three significant digits, as JavaScript writes the number
+            assert text.startswith(str(n)) and f"{label(s['token_str'][r])} {'+' if a >= 0 else '-'}"\
+                f"{float(f'{abs(a):.3g}')!r}" in text
+        assert f"Layer {layer}: the {len(want)} neurons" in v.page.inner_text(".ss-dla-neurons-facts")
+
+    v = Viewer(browser, dla_views_target, "dla_neurons", layer=1)
+    assert not v.page.is_visible("#ss-prompt")
+    check(1)
+    _inside(v, ".ss-dla-neurons")
+    v.shot("dla_neurons")
+    v.choose("select.ss-layer", 2)
+    check(2)
+    v.done("dla_neurons_layer2")

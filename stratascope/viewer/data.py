@@ -489,6 +489,11 @@ DLA_CONTEXT = 4             # tokens of context shown before each
 MLP_SCAN_BYTES = 64 << 20   # the most of the mlp array read at once
 
 
+def _sig(v) -> float:
+    """Six significant digits: a tiny model's contributions are ~1e-4, a real one's ~1."""
+    return float(f"{float(v):.6g}")
+
+
 def dla_result(run, neurons: bool = False):
     """The newest dla result (with neurons: the newest that kept neurons), or None."""
     return latest_result(run, DLA_JOB, where=(lambda p: p.get("neurons", 0) > 0) if neurons else None)
@@ -615,10 +620,10 @@ def _scan_dla_neurons(run, ds, mlp) -> dict:
         context = [token_label(str(strs[at[c]])) for c in range(max(0, r - DLA_CONTEXT), r)
                    if prompts[at[c]] == prompts[i]]
         return {"label": token_label(str(strs[i])), "token": str(strs[i]), "prompt": int(prompts[i]),
-                "position": int(positions[i]), "activation": round(float(signed[t, col]), 4), "context": context}
+                "position": int(positions[i]), "activation": _sig(signed[t, col]), "context": context}
 
-    neurons = [[{"neuron": int(order[l, j]), "mean_abs": round(float(abs_sum[l, order[l, j]] / max(n_rows, 1)), 5),
-                 "mean": round(float(signed_sum[l, order[l, j]] / max(n_rows, 1)), 5),
+    neurons = [[{"neuron": int(order[l, j]), "mean_abs": _sig(abs_sum[l, order[l, j]] / max(n_rows, 1)),
+                 "mean": _sig(signed_sum[l, order[l, j]] / max(n_rows, 1)),
                  "n_top": int(in_top[l, order[l, j]]),
                  "tokens": [token(t, col) for t in range(best.shape[0]) if found[t, col]]}
                 for j in range(order.shape[1]) if in_top[l, order[l, j]] > 0
