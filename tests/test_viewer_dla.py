@@ -10,12 +10,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 from test_viewer_browser import Viewer, _trace, axis_visible, browser, label
-from viewer_fixtures import only_result
 
 import stratascope as ss
 from stratascope.cli import cli
 from stratascope.viewer import data
 from stratascope.viewer.registry import VIEWS
+from viewer_fixtures import only_result
 
 NEURONS = 4  # --neurons K of the fixture's dla result
 PROMPTS = ["The nurse said that she was tired", "<img src=x onerror=\"window.__pwned=1\"> the keys"]
@@ -129,15 +129,19 @@ def test_dla_neurons_data(dla_store, small_scans):
             act = np.where(valid, np.abs(s["mlp"][:, layer, n["neuron"]]), -np.inf)
             rows = np.argsort(-act, kind="stable")[:data.DLA_NEURON_TOKENS]
             got = n["tokens"]
-            assert [(t["prompt"], t["position"]) for t in got] == [(s["prompt_index"][r], s["position"][r]) for r in rows]
+            assert [(t["prompt"], t["position"]) for t in got] == [(s["prompt_index"][r], s["position"][r])
+                                                                   for r in rows]
             assert [t["token"] for t in got] == [s["token_str"][r] for r in rows]
             np.testing.assert_allclose([t["activation"] for t in got], s["mlp"][rows, layer, n["neuron"]], atol=1e-4)
             for t, r in zip(got, rows):  # up to DLA_CONTEXT tokens before it, from its own prompt
-                before = [q for q in range(max(0, r - data.DLA_CONTEXT), r) if s["prompt_index"][q] == s["prompt_index"][r]]
+                before = [q for q in range(max(0, r - data.DLA_CONTEXT), r)
+                          if s["prompt_index"][q] == s["prompt_index"][r]]
                 assert t["context"] == [label(s["token_str"][q]) for q in before] and t["label"] == label(t["token"])
         assert d["n_rows"] == len(s["neuron_id"]) and d["k"] == NEURONS and d["n_tokens"] == int(valid.sum())
     with pytest.raises(ss.errors.OutOfRangeError, match="layer 7 is not in the dla result"):
         data.dla_neurons(run, 7)
+    html = run.view.dla_neurons(layer=2).html()  # in Jupyter: the report's page holding that layer
+    assert "dla_neurons?layer=2" in html and "dla_neurons?layer=1" not in html
 
 
 def test_dla_views_unavailable_say_why(tiny_model_dirs, tmp_path):
@@ -237,3 +241,43 @@ def test_dla_neurons_view(browser, dla_views_target, dla_store):
     v.choose("select.ss-layer", 2)
     check(2)
     v.done("dla_neurons_layer2")
+
+
+FACTS = [("The Eiffel Tower is located in the city of", " Paris"), ("Heathrow airport is in the city of", " London"),
+         ("The capital of Japan is the city of", " Tokyo"), ("The Colosseum is located in the city of", " Rome")]
+
+
+@pytest.mark.real
+@pytest.mark.browser
+def test_real_smollm2_dla_heads_and_neurons(browser, tmp_path):
+    """SmolLM2 through the CLI: capture four fact prompts, `dla --target-column attribute --neurons 10`,
+    `report`; the heads heatmap is numpy's mean of the stored by_head over 30 layers × 9 heads, the neurons of
+    layer 28 and their strongest tokens are numpy's on the stored arrays."""
+    import json
+
+    corpus, store, out = tmp_path / "facts.jsonl", str(tmp_path / "f.zarr"), tmp_path / "f.html"
+    corpus.write_text("".join(json.dumps({"text": t, "attribute": a}) + "\n" for t, a in FACTS))
+    runner = CliRunner()
+    for args in (["capture", "--model", "smollm2", "--corpus", str(corpus), "--out", store, "--device", "cpu",
+                  "--capture", "hidden,components,z,mlp,attention"],
+                 ["dla", store, "--target-column", "attribute", "--neurons", "10"],
+                 ["report", store, "-o", str(out), "--views", "dla_heads,dla_neurons,head"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    s = _stored(store)
+    target = ("report", out.as_uri())
+    v = Viewer(browser, target, "dla_heads")
+    z = np.array(_trace(v, ".ss-dla-heads", key="z"), dtype=float)
+    assert z.shape == (30, 9)
+    np.testing.assert_allclose(z, s["by_head"].mean(0), atol=1e-4)
+    assert "Mean over 4 rows (last positions of 4 prompts)" in v.page.inner_text(".ss-dla-heads-facts")
+    axis_visible(v, ".ss-dla-heads")
+    _inside(v, ".ss-dla-heads")
+    v.done("real_smollm2_dla_heads")
+    v = Viewer(browser, target, "dla_neurons", layer=28)
+    mean_abs, mean, _ = _neuron_table(s, 28)
+    want = np.argsort(-mean_abs, kind="stable")[:data.DLA_NEURONS]
+    assert _trace(v, ".ss-dla-neurons", "mean_abs") == [f"neuron {n}" for n in want]
+    np.testing.assert_allclose(_trace(v, ".ss-dla-neurons", "mean", "x"), mean[want], atol=1e-4)
+    _inside(v, ".ss-dla-neurons")
+    v.done("real_smollm2_dla_neurons")

@@ -517,7 +517,7 @@ def _dla_target(params: dict) -> str:
 def _dla_about(ds) -> dict:
     p = ds.attrs.get("params", {})
     return {"n_rows": int(ds.sizes["row"]), "n_prompts": int(len(np.unique(ds["prompt"].values))),
-            "target": _dla_target(p), "positions": str(p.get("positions", "")), "created": str(ds.attrs.get("created", ""))}
+            "target": _dla_target(p), "positions": str(p.get("positions", ""))}
 
 
 def dla_heads(run) -> dict:
@@ -539,8 +539,8 @@ def _scan_dla_heads(ds) -> dict:
         squares += (block * block).sum(0)
     mean = total / n if n else np.full(total.shape, np.nan)
     sd = np.sqrt(np.maximum(squares / n - mean * mean, 0)) if n else mean
-    return {**_dla_about(ds), "layers": [int(v) for v in ds["layer"].values], "heads": [int(v) for v in ds["head"].values],
-            "mean": _rounded(mean, 5), "sd": _rounded(sd, 5),
+    return {**_dla_about(ds), "layers": [int(v) for v in ds["layer"].values],
+            "heads": [int(v) for v in ds["head"].values], "mean": _rounded(mean, 5), "sd": _rounded(sd, 5),
             "linearised": "linearised" in str(ds.attrs.get("heads", ""))}
 
 

@@ -38,7 +38,8 @@
           textfont: {size: 10}, colorbar: {title: {text: 'mean contribution<br>to the logit', side: 'right'}}}], {
           title: {text: S.ptext(`mean head contribution over ${d.n_rows} rows`) + '<br><sup>' +
                         S.ptext(`to the logit of ${S.short(d.target, 70)}`) + '</sup>'},
-          xaxis: {title: {text: 'head'}, dtick: 1}, yaxis: {title: {text: 'layer'}, dtick: L > 24 ? 2 : 1, autorange: 'reversed'},
+          xaxis: {title: {text: 'head'}, dtick: 1, showgrid: false, zeroline: false},
+          yaxis: {title: {text: 'layer'}, dtick: L > 24 ? 2 : 1, autorange: 'reversed', showgrid: false, zeroline: false},
           width: Math.max(560, 40 * H + 300), height: Math.max(340, 22 * L + 160), margin: {t: 80}}, S.plotlyConfig(name()));
         if (canOpen) {
           div.on('plotly_click', ev => {
