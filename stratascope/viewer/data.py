@@ -53,6 +53,9 @@ BIAS_JOB = BIAS.job                            # (prompt, depth, pair) log_ratio
 BIAS_CORRELATION_JOB = BIAS_CORRELATION.job    # (pair, depth) pearson_r/_p, spearman_rho/_p, n
 PROBE_PREFIX = PROBE.prefix                    # analysis/probe_<label>/<name>
 DLA_JOB = DLA.job                              # (row, component) by_component; (row,) prompt, position, logit, gap
+DLA_BY_HEAD = DLA["by_head"].name              # (row, layer, head) float32, with --capture z
+DLA_NEURON_ID = DLA["neuron_id"].name          # (row, layer, k) int32, with --neurons K
+DLA_NEURON_CONTRIBUTION = DLA["neuron_contribution"].name  # (row, layer, k) float32: their contributions
 SIMILARITY_JOB = "similarity"                  # (depth_a, depth_b) similarity; dims_a/dims_b
 TUNED_JOB = "tuned_lens"                       # (lens, depth) held-out kl, cross_entropy, entropy
 # ------------------------------------------------------------------------------------------------
@@ -479,6 +482,155 @@ def dla(run, prompt: int) -> dict:
             "convention": str(ds.attrs.get("convention", ""))}
 
 
+DLA_SCAN_ROWS = 16384       # rows of a dla result read at a time for the heads and neurons views
+DLA_NEURONS = 10            # neurons shown per layer
+DLA_NEURON_TOKENS = 8       # tokens shown per neuron (largest |activation| in the store's mlp)
+DLA_CONTEXT = 4             # tokens of context shown before each
+MLP_SCAN_BYTES = 64 << 20   # the most of the mlp array read at once
+
+
+def _sig(v) -> float:
+    """Six significant digits: a tiny model's contributions are ~1e-4, a real one's ~1."""
+    return float(f"{float(v):.6g}")
+
+
+def dla_result(run, neurons: bool = False):
+    """The newest dla result (with neurons: the newest that kept neurons), or None."""
+    return latest_result(run, DLA_JOB, where=(lambda p: p.get("neurons", 0) > 0) if neurons else None)
+
+
+def _dla_target(params: dict) -> str:
+    """What a dla result attributes, in words: 'the token that came next − «␣the»'."""
+    word = lambda w: f"«{token_label(str(w))}»"  # noqa: E731
+    target = {"next": "the token that came next", "top": "the model's top-1 token"}.get(params.get("target"))
+    if params.get("target_column"):
+        target = f"the word in column {params['target_column']!r}"
+    elif target is None:
+        target = word(params.get("target"))
+    if params.get("contrast") is not None:
+        target += f" − {word(params['contrast'])}"
+    elif params.get("contrast_column"):
+        target += f" − the word in column {params['contrast_column']!r}"
+    return target
+
+
+def _dla_about(ds) -> dict:
+    p = ds.attrs.get("params", {})
+    return {"n_rows": int(ds.sizes["row"]), "n_prompts": int(len(np.unique(ds["prompt"].values))),
+            "target": _dla_target(p), "positions": str(p.get("positions", ""))}
+
+
+def dla_heads(run) -> dict:
+    """The newest dla result's head contributions, averaged over all its rows: per (layer, head) the mean
+    and sd (ddof=0) of z[h] @ W_O[h] through the target's direction, summed over row blocks."""
+    ds = require_result(run, DLA_JOB, "`stratascope dla`")
+    if DLA_BY_HEAD not in ds:
+        raise MissingArrayError("the newest dla result has no per-head contributions; capture with --capture z "
+                                "and run `stratascope dla` again")
+    return _cached(run, ("dla_heads", str(ds.attrs.get("created", ""))), lambda: _scan_dla_heads(ds), size=1)
+
+
+def _scan_dla_heads(ds) -> dict:
+    heads, n = ds[DLA_BY_HEAD], int(ds.sizes["row"])
+    total, squares = np.zeros(heads.shape[1:]), np.zeros(heads.shape[1:])
+    for start in range(0, n, DLA_SCAN_ROWS):
+        block = np.asarray(heads.isel(row=slice(start, start + DLA_SCAN_ROWS)).values, dtype=np.float64)
+        total += block.sum(0)
+        squares += (block * block).sum(0)
+    mean = total / n if n else np.full(total.shape, np.nan)
+    sd = np.sqrt(np.maximum(squares / n - mean * mean, 0)) if n else mean
+    return {**_dla_about(ds), "layers": [int(v) for v in ds["layer"].values],
+            "heads": [int(v) for v in ds["head"].values], "mean": _rounded(mean, 5), "sd": _rounded(sd, 5),
+            "linearised": "linearised" in str(ds.attrs.get("heads", ""))}
+
+
+def dla_neurons(run, layer: int) -> dict:
+    """One layer's DLA_NEURONS neurons with the largest mean |contribution| over the rows of the newest dla
+    result that kept neurons (a row where a neuron is not among its top k counts 0: a lower bound), and for
+    each the DLA_NEURON_TOKENS tokens of the store where its activation (`mlp`) is largest in absolute value.
+    One scan of the result's rows and one of `mlp` serve every layer (cached)."""
+    ds = dla_result(run, neurons=True)
+    if ds is None:
+        require_result(run, DLA_JOB, "`stratascope dla --neurons K`")
+        raise MissingArrayError("no dla result kept neurons; run `stratascope dla --neurons K`")
+    mlp = run.require("mlp", "mlp")
+    layers = [int(v) for v in ds["layer"].values]
+    if layer not in layers:
+        raise OutOfRangeError(f"layer {layer} is not in the dla result; it has layers 0-{layers[-1]}")
+    top = _cached(run, ("dla_neurons", str(ds.attrs.get("created", ""))), lambda: _scan_dla_neurons(run, ds, mlp),
+                  size=1)
+    li = layers.index(layer)
+    return {**_dla_about(ds), "layer": layer, "layers": layers, "k": int(ds.sizes["k"]),
+            "n_tokens": top["n_tokens"], "neurons": top["neurons"][li]}
+
+
+def _neuron_means(ds, d_mlp: int) -> tuple[np.ndarray, ...]:
+    """Per (layer, neuron): the sum over rows of |contribution| and of contribution (0 where not in a row's
+    top k), and the number of rows whose top k hold it."""
+    L = int(ds.sizes["layer"])
+    sums = np.zeros((3, L * d_mlp))
+    offset = (np.arange(L) * d_mlp)[None, :, None]
+    for start in range(0, int(ds.sizes["row"]), DLA_SCAN_ROWS):
+        rows = slice(start, start + DLA_SCAN_ROWS)
+        ids = np.asarray(ds[DLA_NEURON_ID].isel(row=rows).values, dtype=np.int64) + offset  # row, layer, k
+        vals = np.asarray(ds[DLA_NEURON_CONTRIBUTION].isel(row=rows).values, dtype=np.float64)
+        for i, w in enumerate((np.abs(vals), vals, np.ones_like(vals))):
+            sums[i] += np.bincount(ids.ravel(), w.ravel(), minlength=L * d_mlp)
+    return tuple(s.reshape(L, d_mlp) for s in sums)
+
+
+def _scan_dla_neurons(run, ds, mlp) -> dict:
+    n_rows, d_mlp = int(ds.sizes["row"]), int(mlp.sizes[mlp.dims[-1]])
+    abs_sum, signed_sum, in_top = _neuron_means(ds, d_mlp)
+    order = np.argsort(-abs_sum, axis=1, kind="stable")[:, :DLA_NEURONS]  # layer, N (neurons with some contribution)
+    L = order.shape[0]
+    captured = captured_layers(run) or list(range(L))  # dla needs every layer captured
+    li = np.array([captured.index(int(v)) for v in ds["layer"].values]).repeat(order.shape[1])
+    ni = order.ravel()
+    # Stream mlp over whole token chunks (each holds every layer), keeping per (layer, neuron) the rows of
+    # largest |activation| and their signed values.
+    n_tok = int(mlp.shape[0])
+    chunk = int(getattr(mlp.data, "chunksize", (1,))[0])
+    step = max(1, MLP_SCAN_BYTES // (int(np.prod(mlp.shape[1:])) * mlp.dtype.itemsize))
+    step = step // chunk * chunk if step >= chunk else step  # whole chunks where they fit the budget
+    pidx = run.ds["prompt_index"]
+    best, signed = np.full((0, len(ni)), -np.inf), np.zeros((0, len(ni)))
+    where = np.zeros((0, len(ni)), dtype=np.int64)
+    n_valid = 0
+    for start in range(0, n_tok, step):
+        stop = min(n_tok, start + step)
+        block = np.asarray(mlp.isel({mlp.dims[0]: slice(start, stop)}).values)[:, li, ni].astype(np.float64)
+        valid = pidx[start:stop].values >= 0
+        n_valid += int(valid.sum())
+        size = np.where(valid[:, None] & np.isfinite(block), np.abs(block), -np.inf)
+        best, signed = np.concatenate([best, size]), np.concatenate([signed, block])
+        where = np.concatenate([where, np.broadcast_to(np.arange(start, stop)[:, None], block.shape)])
+        keep = np.argsort(-best, axis=0, kind="stable")[:DLA_NEURON_TOKENS]
+        best, signed, where = (np.take_along_axis(a, keep, 0) for a in (best, signed, where))
+    found = np.isfinite(best)
+    hits = np.unique(where[found])
+    near = np.unique(np.clip(hits[:, None] - np.arange(DLA_CONTEXT + 1)[None, :], 0, None))  # each hit and its context
+    table = run.ds[["token_str", "prompt_index", "position"]].isel(token=near)
+    strs, prompts, positions = (table[c].values for c in ("token_str", "prompt_index", "position"))
+    at = {int(r): i for i, r in enumerate(near)}
+
+    def token(t: int, col: int) -> dict:
+        r = int(where[t, col])
+        i = at[r]
+        context = [token_label(str(strs[at[c]])) for c in range(max(0, r - DLA_CONTEXT), r)
+                   if prompts[at[c]] == prompts[i]]
+        return {"label": token_label(str(strs[i])), "token": str(strs[i]), "prompt": int(prompts[i]),
+                "position": int(positions[i]), "activation": _sig(signed[t, col]), "context": context}
+
+    neurons = [[{"neuron": int(order[l, j]), "mean_abs": _sig(abs_sum[l, order[l, j]] / max(n_rows, 1)),
+                 "mean": _sig(signed_sum[l, order[l, j]] / max(n_rows, 1)),
+                 "n_top": int(in_top[l, order[l, j]]),
+                 "tokens": [token(t, col) for t in range(best.shape[0]) if found[t, col]]}
+                for j in range(order.shape[1]) if in_top[l, order[l, j]] > 0
+                for col in [l * order.shape[1] + j]] for l in range(L)]
+    return {"n_tokens": n_valid, "neurons": neurons}
+
+
 def similarity(run) -> dict:
     """The stored similarity matrix (analysis/similarity): rows are depths (or layers) of the run,
     columns those of the run it was compared with (itself, or another run)."""
@@ -524,6 +676,8 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "bias": (bias, {"pair": str}),
     "probe": (probe, {"label": str}),
     "dla": (dla, {"prompt": int}),
+    "dla_heads": (dla_heads, {}),
+    "dla_neurons": (dla_neurons, {"layer": int}),
     "similarity": (similarity, {}),
     "tuned_lens": (tuned_lens, {}),
 }

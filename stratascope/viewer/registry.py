@@ -64,6 +64,25 @@ def _needs_attribution(run) -> str | None:
     return "this run has no attribution arrays; capture with --capture attribution"
 
 
+def _needs_dla_heads(run) -> str | None:
+    ds = data.dla_result(run)
+    if ds is None:
+        return f"this run has no analysis/{data.DLA_JOB}; run `stratascope dla`"
+    if data.DLA_BY_HEAD not in ds:
+        return "the newest dla result has no per-head contributions; capture with --capture z and run `stratascope dla`"
+    return None
+
+
+def _needs_dla_neurons(run) -> str | None:
+    if data.dla_result(run) is None:
+        return f"this run has no analysis/{data.DLA_JOB}; run `stratascope dla --neurons K`"
+    if "mlp" not in run.ds:
+        return "this run has no mlp activations; capture with --capture mlp"
+    if data.dla_result(run, neurons=True) is None:
+        return "no dla result of this run kept neurons; run `stratascope dla --neurons K`"
+    return None
+
+
 VIEWS: dict[str, View] = {v.name: v for v in (
     View("tokens", "Prompts & tokens", "tokens",
          "each prompt with its metadata and its tokens (invisible characters shown as ␣ ↵ ⇥ or ⟨U+…⟩), generated "
@@ -99,6 +118,12 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("dla", "Logit attribution", "dla",
          "one position: what the embedding, each attention and MLP layer add to the target's logit, with the "
          "sum and the true logit", _needs_result(data.DLA_JOB, "`stratascope dla`"), True),
+    View("dla_heads", "DLA heads", "dla_heads",
+         "layers × heads heatmap of each head's mean contribution to the target's logit over the rows of the dla "
+         "result; click a head for its lines", _needs_dla_heads, True, prompt=False),
+    View("dla_neurons", "DLA neurons", "dla_neurons",
+         "one layer: the neurons with the largest mean |contribution| to the target's logit, and the tokens of the "
+         "store on which each fires most", _needs_dla_neurons, True, prompt=False),
     View("similarity", "Similarity", "similarity",
          "depth × depth similarity of representations (CKA, SVCCA or PWCCA); click a cell for its two depths and "
          "value", _needs_result(data.SIMILARITY_JOB, "`stratascope similarity`"), True, prompt=False),
@@ -122,8 +147,10 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
     if view.endpoint == "qk":
         heads = range(int(run.ds.sizes["head"]))
         return [{"prompt": p, "layer": layer, "head": h} for p in prompts for layer in layers for h in heads]
-    if view.endpoint in ("heads", "similarity", "tuned_lens"):
+    if view.endpoint in ("heads", "similarity", "tuned_lens", "dla_heads"):
         return [{}]
+    if view.endpoint == "dla_neurons":
+        return [{"layer": layer} for layer in layers]
     if view.endpoint == "bias":
         return [{"pair": pair} for pair in data.bias_pairs(run)]
     if view.endpoint == "probe":
