@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -216,7 +217,7 @@ class Run(Store):
         """How many of the capture's shards are recorded complete."""
         if "shard_complete" not in self.ds:
             return {"complete": 0, "total": 0}
-        done = self.ds["shard_complete"].values
+        done = np.asarray(self.array("shard_complete")[:])  # one chunk per shard: zarr reads them at once
         return {"complete": int(done.sum()), "total": int(done.size)}
 
     def results(self) -> list[dict]:

@@ -21,6 +21,7 @@ import os
 import socket
 import uuid
 
+import numpy as np
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError
@@ -50,7 +51,7 @@ def source_fingerprint(run) -> dict:
     source = {"corpus_sha256": run.attrs["corpus"]["sha256"], "weights_sha256": run.attrs["model"]["weights_sha256"],
               "created": run.attrs["created"]}
     if not run.attrs.get("complete") and "shard_complete" in run.ds:
-        source["incomplete_shards_done"] = int(run.ds["shard_complete"].values.sum())
+        source["incomplete_shards_done"] = int(np.asarray(run.array("shard_complete")[:]).sum())
     return source
 
 
