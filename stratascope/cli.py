@@ -418,7 +418,8 @@ def dla(run_path, target, target_column, contrast, contrast_column, positions, n
 
 @cli.group("tuned-lens")
 def tuned_lens():
-    """The tuned lens (Belrose et al. 2023): affine translators per depth, trained from the store."""
+    """Train and evaluate the tuned lens: affine translators per depth, learned from the store (Belrose
+    et al. 2023)."""
 
 
 @tuned_lens.command("train")
