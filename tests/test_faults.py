@@ -178,7 +178,9 @@ def test_ctrl_c_with_workers_is_one_line_and_resumes(tiny_model_dirs, tmp_path):
 
 def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
     """A real ENOSPC: the capture writes to a small tmpfs that a filler file fills once the store is
-    created. One sentence, exit 1; after the filler is removed `--resume` completes the store."""
+    created (the corpus is long enough that the capture is still running then; space gone before
+    the start is refused up front instead). One sentence, exit 1; after the filler is removed
+    `--resume` completes the store."""
     import json
     import os
     import shutil
@@ -188,13 +190,13 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not permitted'})")
     try:
         corpus = tmp_path / "c.jsonl"
         corpus.write_text("".join(json.dumps({"text": f"The number {i} is followed by the number {i + 1} and"})
-                                  + "\n" for i in range(800)))
+                                  + "\n" for i in range(3000)))
         out = mount / "r.zarr"
         args = [sys.executable, "-m", "stratascope", "capture", "--model", str(tiny_model_dirs["llama"]), "--corpus",
                 str(corpus), "--out", str(out), "--capture", "hidden", "--batch-size", "4", "--shard-tokens", "64",
@@ -217,6 +219,6 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
         os.remove(mount / "filler")
         resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert ss.open_run(str(out)).n_prompts == 800
+        assert ss.open_run(str(out)).n_prompts == 3000
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
