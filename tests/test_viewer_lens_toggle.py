@@ -59,3 +59,11 @@ def test_a_run_without_a_tuned_result(viewer_store):  # noqa: F811
         data.lens(run, 0, lens="tuned")
     with pytest.raises(OutOfRangeError, match="not one of logit, tuned"):
         data.lens(run, 0, lens="tunned")
+
+
+def test_notebook_view_starts_on_the_chosen_lens(lens_store):  # noqa: F811
+    page = ss.open_run(lens_store).view.rankings(prompt=1, lens="tuned").html()
+    meta = json.loads(re.search(r'<script type="application/json" id="ss-meta">(.*?)</script>', page, re.S)[1])
+    assert meta["start"]["lens"] == "tuned" and meta["lens_kinds"] == ["logit", "tuned"]
+    payload = json.loads(re.search(r'<script type="application/json" id="ss-data">(.*?)</script>', page, re.S)[1])
+    assert sorted(payload) == ["lens?lens=logit&prompt=1", "lens?lens=tuned&prompt=1"]
