@@ -97,3 +97,14 @@ def test_bias_probe_refuses_a_bad_lens_before_capturing(tiny_model_dirs, tmp_pat
         ss.bias_probe(model=str(tiny_model_dirs["llama"]), out=str(out), occupations=OCCUPATIONS,
                       templates=TEMPLATES, pairs=PAIRS, device="cpu", progress=False, lens="tuned:")
     assert not out.exists()
+
+
+def test_bias_view_names_the_lens_of_the_newest_probe(tuned_bias):
+    from stratascope.viewer import data
+
+    run, _, tuned, _ = tuned_bias
+    d = data.bias(run, PAIRS[0])
+    assert d["lens"] == "tuned"  # the tuned probe is the newest result
+    t = tuned.table[tuned.table["pair"] == PAIRS[0]]
+    want = t.groupby(["occupation", "depth"])["log_ratio"].mean().unstack()
+    np.testing.assert_allclose(d["means"], want.loc[d["occupations"]].to_numpy(), atol=1e-4)

@@ -438,7 +438,8 @@ def bias(run, pair: str) -> dict:
     out = {"pairs": pairs, "pair": pair, "female": str(ds["female"].values[i]), "male": str(ds["male"].values[i]),
            "depths": depths, "occupations": occupations, "means": _rounded(means, 5),
            "counts": [int((occ == o).sum()) for o in occupations], "n_templates": int(len(set(ds["template"].values))),
-           "statistic": statistic, "statistic_values": values, "correlation": None}
+           "statistic": statistic, "statistic_values": values, "correlation": None,
+           "lens": _lens_kind(ds.attrs.get("params", {}))}  # the newest probe: say which lens it read through
     if corr is not None and pair in [str(p) for p in corr["pair"].values]:
         c = corr.sel(pair=pair).reindex(depth=depths)
         out["correlation"] = {k: _rounded(c[k].values, 6) for k in ("pearson_r", "spearman_rho")}
