@@ -14,10 +14,10 @@ from stratascope.errors import MissingArrayError, OutOfRangeError
 from stratascope.viewer import data, registry
 from stratascope.viewer.render import token_label
 from stratascope.viewer.report import build_report
-from viewer_fixtures import LENS_WATCH, lens_result, lens_store, viewer_store  # noqa: F401
+from viewer_fixtures import LENS_WATCH, lens_result, lens_store, viewer_store
 
 
-def test_each_lens_payload_is_its_stored_result(lens_store):  # noqa: F811
+def test_each_lens_payload_is_its_stored_result(lens_store):
     run = ss.open_run(lens_store)
     assert data.lens_kinds(run) == ["logit", "tuned"] == registry.meta(run)["lens_kinds"]
     g = zarr.open_group(lens_store, mode="r")
@@ -41,7 +41,7 @@ def test_each_lens_payload_is_its_stored_result(lens_store):  # noqa: F811
     np.testing.assert_array_equal(a[:, -1], b[:, -1])
 
 
-def test_report_embeds_both_lenses(lens_store):  # noqa: F811
+def test_report_embeds_both_lenses(lens_store):
     run = ss.open_run(lens_store)
     html = build_report(run, prompts="0-1", views="layer_predictions,rankings")
     payload = json.loads(re.search(r'<script type="application/json" id="ss-data">(.*?)</script>', html, re.S)[1])
@@ -52,7 +52,7 @@ def test_report_embeds_both_lenses(lens_store):  # noqa: F811
             np.testing.assert_allclose(got["topk_probs"][0], want, atol=1e-4)
 
 
-def test_a_run_without_a_tuned_result(viewer_store):  # noqa: F811
+def test_a_run_without_a_tuned_result(viewer_store):
     run = ss.open_run(viewer_store.path)
     assert data.lens_kinds(run) == ["logit"]
     with pytest.raises(MissingArrayError, match="--lens tuned"):
@@ -61,7 +61,7 @@ def test_a_run_without_a_tuned_result(viewer_store):  # noqa: F811
         data.lens(run, 0, lens="tunned")
 
 
-def test_notebook_view_starts_on_the_chosen_lens(lens_store):  # noqa: F811
+def test_notebook_view_starts_on_the_chosen_lens(lens_store):
     page = ss.open_run(lens_store).view.rankings(prompt=1, lens="tuned").html()
     meta = json.loads(re.search(r'<script type="application/json" id="ss-meta">(.*?)</script>', page, re.S)[1])
     assert meta["start"]["lens"] == "tuned" and meta["lens_kinds"] == ["logit", "tuned"]

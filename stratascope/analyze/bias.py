@@ -6,8 +6,9 @@ every captured depth, for each word pair (female, male):
 
 - log_ratio = log p(female) - log p(male) under the logit lens (final norm, unembedding),
   or with lens='tuned' / 'tuned:RUN' under the tuned lens (each depth's residual through its
-  trained affine translator first, analyze/tuned_lens.py). It is the difference of the two logits read through the stored readout: the softmax
-  normalizer cancels, so it is exact and finite even where both probabilities underflow.
+  trained affine translator first, analyze/tuned_lens.py). It is the difference of the two
+  logits read through the stored readout: the softmax normalizer cancels, so it is exact
+  and finite even where both probabilities underflow.
 - rank_female, rank_male: the words' 1-based ranks over the vocabulary (the lens' watch ranks).
 
 The lens is part of the result's parameters (the logit lens adds none, so earlier results
@@ -324,7 +325,8 @@ class BiasResult:
         every = max(1, len(trace) // 8)
         picks = pd.concat([trace.iloc[::every], trace.iloc[[-1]]]).drop_duplicates("depth")
         return [
-            f"bias probe{' (tuned lens)' if self.lens == 'tuned' else ''}: {self.table['occupation'].nunique()} occupations x {n_templates} templates, "
+            f"bias probe{' (tuned lens)' if self.lens == 'tuned' else ''}: "
+            f"{self.table['occupation'].nunique()} occupations x {n_templates} templates, "
             f"pairs {', '.join(repr(p) for p in self.pairs)} (stored in {self.path}/analysis/bias)",
             f"at depth {int(h['depth'])}, mean log p({pair[0]!r}) - log p({pair[1]!r}) per occupation vs "
             f"{self.statistic}: Spearman rho = {h['spearman_rho']:+.3f} (p = {h['spearman_p']:.2g}), "

@@ -148,6 +148,7 @@ def meta(run) -> dict:
                                                                                      "n_heads", "causal")},
             "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": data.captured_layers(run),
             "methods": data.attribution_methods(run), "views": views, "min_weight": data.MIN_WEIGHT,
-            "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run), "lens_kinds": data.lens_kinds(run),
+            "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run),
+            "lens_kinds": data.lens_kinds(run),
             "metadata_columns": data.metadata_columns(run)}
 
