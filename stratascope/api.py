@@ -32,11 +32,12 @@ def bias_probe(model: str = "smollm2", out: str = "runs/bias.zarr", occupations=
                strict: bool = False, overwrite: bool = False, corpus: str = "builtin", statistic: str | None = None,
                device: str = CaptureConfig.device, dtype: str = CaptureConfig.dtype,
                batch_size: int = CaptureConfig.batch_size,
-               progress: bool = True, dla: bool = False):
+               progress: bool = True, dla: bool = False, lens: str = "logit"):
     """Capture the occupation corpus (hidden states only) with `model` into `out`, then run the bias
     probe on it and return its BiasResult; see stratascope.workflows.bias_probe. dla=True also captures
-    the residual components and per-head z, for run.bias_dla()."""
+    the residual components and per-head z, for run.bias_dla(). lens: 'logit' or 'tuned:RUN' (the
+    tuned lens of another run of `model`)."""
     from .workflows.bias_probe import bias_probe as run_bias_probe
 
     return run_bias_probe(model, out, occupations, templates, pairs, strict, overwrite, corpus, statistic, device,
-                          dtype, batch_size, progress, dla)
+                          dtype, batch_size, progress, dla, lens)

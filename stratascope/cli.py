@@ -276,6 +276,12 @@ def demo(out, model, overwrite):
     run_demo(out=out, model=model, overwrite=overwrite, echo=click.echo)
 
 
+# The lens a readout goes through, one definition for every command that reads out (lens, probe bias).
+LENS_OPTION = click.option(
+    "--lens", "lens_", default="logit", show_default=True, metavar="logit|tuned[:RUN]",
+    help="tuned: translate each depth with this run's tuned lens (or RUN's, a run of the same model)")
+
+
 @cli.group()
 def probe():
     """Probes over a stored run: what its hidden states encode, without the model."""
@@ -304,27 +310,31 @@ def probe():
 @click.option("--dla", "with_dla", is_flag=True,
               help="also decompose the first pair's log-ratio per head and MLP layer and correlate each with "
                    "the statistic")
+@LENS_OPTION
 @friendly
 def probe_bias(model, out, run_path, corpus, occupations, templates, pairs, statistic, strict, overwrite, dtype,
-               device, top, with_dla):
+               device, top, with_dla, lens_):
     """Gender bias at every depth: log p(she) - log p(he) after occupation prompts, vs. labour statistics."""
     from .api import open_run
     from .errors import ConfigError
     from .workflows.bias_probe import bias_probe
 
+    if with_dla and lens_ != "logit":
+        raise ConfigError("--dla decomposes the logit lens's log-ratio (direct logit attribution); drop --lens "
+                          "or run the tuned probe without --dla")
     if run_path:
         given = [f for f, v in (("--out", out), ("--model", model), ("--templates", templates), ("--corpus", corpus))
                  if v]
         if given:
             raise ConfigError(f"{given[0]} builds and captures a corpus; with --run the run's own prompts are probed")
         res = open_run(run_path).bias(pairs=list(pairs), strict=strict, statistic=statistic, occupations=occupations,
-                                      device=device)
+                                      device=device, lens=lens_)
     elif not out:
         raise ConfigError("give --out STORE to capture the occupation corpus, or --run RUN to probe an existing run")
     else:
         res = bias_probe(model=model or "smollm2", out=out, occupations=occupations, templates=templates,
                          pairs=list(pairs), strict=strict, overwrite=overwrite, corpus=corpus or "builtin",
-                         statistic=statistic, device=device, dtype=dtype, dla=with_dla)
+                         statistic=statistic, device=device, dtype=dtype, dla=with_dla, lens=lens_)
     for line in res.summary(top):
         click.echo(line)
     if with_dla:
@@ -371,8 +381,7 @@ def report(run_path, out, prompts, layers, views):
 @click.option("--contrast", default=None, help="a second word: also its logit and the logit difference")
 @click.option("--contrast-column", default=None, help="a metadata column holding each prompt's contrast word")
 @click.option("--strict", is_flag=True, help="refuse target words of several tokens (default: score the first)")
-@click.option("--lens", "lens_", default="logit", show_default=True, metavar="logit|tuned[:RUN]",
-              help="tuned: translate each depth with this run's tuned lens (or RUN's, a run of the same model)")
+@LENS_OPTION
 @friendly
 @cluster_options
 def lens(run_path, topk, watch, watch_id, depths, device, precision, norm, positions, target, target_column,

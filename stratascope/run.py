@@ -165,13 +165,14 @@ class Run(Store):
                              device=device, progress=progress, recompute=recompute)
 
     def bias(self, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
-             device: str = "auto", progress: bool = True):
+             device: str = "auto", progress: bool = True, lens: str = "logit"):
         """Bias probe over the prompts with occupation metadata: log p(female) - log p(male) and ranks at
-        every depth, and their correlation with `statistic` (analysis/bias); see stratascope.analyze.bias."""
+        every depth, and their correlation with `statistic` (analysis/bias); see stratascope.analyze.bias.
+        lens: 'logit', 'tuned' (this run's tuned lens) or 'tuned:RUN' (another run's, same model)."""
         from .analyze.bias import bias
 
         return bias(self, pairs=pairs, strict=strict, statistic=statistic, occupations=occupations, device=device,
-                    progress=progress)
+                    progress=progress, lens=lens)
 
     def dla(self, target: str | None = "next", target_column: str | None = None, contrast: str | None = None,
             contrast_column: str | None = None, positions: str = "last", neurons: int = 0, strict: bool = False,

@@ -23,6 +23,8 @@ from viewer_fixtures import (
     XSS_ALERT2,
     XSS_IMG,
     XSS_SCRIPT,
+    lens_result,
+    lens_store,
     only_result,
     probe_app,
     probe_store,
@@ -253,6 +255,70 @@ def test_rankings_watch_view(browser, target, viewer_store):
     v.choose(".ss-position", 5)
     assert _plot(v)["text"] == [[str(r) for r in row] for row in w[5]]
     v.done("rankings_watch")
+
+
+@pytest.fixture(scope="module")
+def lens_report_url(lens_store, tmp_path_factory) -> str:
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    out = tmp_path_factory.mktemp("report") / "lens.html"
+    res = CliRunner().invoke(cli, ["report", lens_store, "-o", str(out), "--prompts", "0-2", "--views",
+                                   "layer_predictions,rankings,tokens"])
+    assert res.exit_code == 0, res.output
+    return out.as_uri()
+
+
+@pytest.fixture(scope="module")
+def lens_app(lens_store):
+    import stratascope as ss
+    from stratascope.viewer.app import serve_in_thread
+
+    server, url = serve_in_thread(ss.open_run(lens_store))
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(params=["report", "app"])
+def lens_target(request, lens_report_url, lens_app) -> tuple[str, str]:
+    return request.param, (lens_report_url if request.param == "report" else lens_app)
+
+
+def test_lens_toggle_switches_the_stored_result(browser, lens_target, lens_store):
+    import zarr
+
+    g = zarr.open_group(lens_store, mode="r")
+    p = 1
+    rows = slice(int(g["token_offset"][p]), int(g["token_offset"][p] + g["n_tokens"][p]))
+    stored = {kind: lens_result(lens_store, kind) for kind in ("logit", "tuned")}
+    pressed = "() => [...document.querySelectorAll('.ss-lens-toggle')].map(b => [b.dataset.lens, b.ariaPressed])"
+
+    v = Viewer(browser, lens_target, "rankings", prompt=p)
+    for i, kind in enumerate(("logit", "tuned", "logit")):  # logit first: the default when both are stored
+        if i:
+            v.page.click(f".ss-lens-toggle[data-lens={kind}]")
+            v.wait()
+        assert v.page.evaluate(pressed) == [["logit", str(kind == "logit").lower()],
+                                            ["tuned", str(kind == "tuned").lower()]]
+        ranks = stored[kind]["target_rank"][rows].T  # depth, token (1-based; -1 on the last token)
+        assert _plot(v)["text"] == [[str(r) for r in row[:-1]] for row in ranks]
+        if kind == "tuned":
+            assert "(tuned lens)" in v.page.evaluate("() => document.querySelector('.ss-heat').layout.title.text")
+            v.shot("rankings_tuned")
+    v.done()
+
+    v = Viewer(browser, lens_target, "layer_predictions", prompt=p, position=2)
+    np.testing.assert_allclose(_plot(v)["z"], stored["logit"]["topk_probs"][rows][2], atol=1e-4)
+    v.page.click(".ss-lens-toggle[data-lens=tuned]")
+    v.wait()
+    np.testing.assert_allclose(_plot(v)["z"], stored["tuned"]["topk_probs"][rows][2], atol=1e-4)
+    shown = v.page.evaluate("() => document.querySelector('.ss-heat').data[0].customdata")
+    vocab = g["readout/vocab_str"][:]
+    assert shown == [[ptext(label(str(vocab[i]))) for i in d] for d in stored["tuned"]["topk_ids"][rows][2]]
+    assert "lens=tuned" in v.page.url  # the choice is part of the link
+    v.done("layer_predictions_tuned")
 
 
 def axis_visible(v: Viewer, cls: str) -> None:

@@ -178,3 +178,34 @@ def probe_app(probe_store):
     yield url
     server.shutdown()
     server.server_close()
+
+
+# ---- the lens views' logit/tuned toggle: the real lens job of every token through both lenses on a tiny llama
+LENS_WATCH = [" the", " fox"]
+
+
+@pytest.fixture(scope="session")
+def lens_store(tiny_model_dirs, tmp_path_factory) -> str:
+    """A tiny llama capture with a trained tuned lens and two lens results of every token: logit and tuned."""
+    import stratascope as ss
+    from conftest import TEXT
+
+    words = TEXT.split()
+    prompts = [" ".join(words[(5 * i) % (len(words) - 12):][:5 + i % 6]) for i in range(24)]
+    path = str(tmp_path_factory.mktemp("viewer-lens") / "lens.zarr")
+    ss.capture(model=str(tiny_model_dirs["llama"]), prompts=prompts, out=path, capture=("hidden",), batch_size=8,
+               device="cpu", progress=False)
+    run = ss.open_run(path)
+    run.tuned_lens(steps=40, lr=0.05, batch_size=64, holdout=0.25, seed=0, progress=False)
+    for lens in ("logit", "tuned"):
+        run.lens(topk=5, watch=LENS_WATCH, lens=lens, progress=False)
+    return path
+
+
+def lens_result(path: str, kind: str) -> zarr.Group:
+    """The stored lens result read out through `kind` (its params name a tuned lens or not), opened with zarr."""
+    base = zarr.open_group(path, mode="r", path="analysis/lens", use_consolidated=False)
+    groups = [base[name] for name in base.group_keys()]
+    found = [g for g in groups if ("lens" in dict(g.attrs)["params"]) == (kind == "tuned")]
+    assert len(found) == 1, f"expected one {kind} lens result, found {len(found)}"
+    return found[0]

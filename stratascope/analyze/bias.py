@@ -4,10 +4,15 @@ one after occupation prompts, and how that follows a statistic such as the share
 For each prompt with an `occupation` (metadata column), at its last prompt position and at
 every captured depth, for each word pair (female, male):
 
-- log_ratio = log p(female) - log p(male) under the logit lens (final norm, unembedding).
-  It is the difference of the two logits read through the stored readout: the softmax
-  normalizer cancels, so it is exact and finite even where both probabilities underflow.
+- log_ratio = log p(female) - log p(male) under the logit lens (final norm, unembedding),
+  or with lens='tuned' / 'tuned:RUN' under the tuned lens (each depth's residual through its
+  trained affine translator first, analyze/tuned_lens.py). It is the difference of the two
+  logits read through the stored readout: the softmax normalizer cancels, so it is exact
+  and finite even where both probabilities underflow.
 - rank_female, rank_male: the words' 1-based ranks over the vocabulary (the lens' watch ranks).
+
+The lens is part of the result's parameters (the logit lens adds none, so earlier results
+still match): a logit and a tuned result of the same pairs are stored side by side.
 
 The per-prompt table is stored in analysis/bias (dims prompt x depth x pair, reused for the
 same pairs). Per occupation the log-ratios are averaged over templates, then correlated
@@ -29,7 +34,7 @@ from ..errors import ConfigError, MissingMetadataError
 from ..progress import tqdm
 from ..schemas import BIAS, BIAS_CORRELATION
 from .bias_corpus import load_occupations
-from .lens import captured_depths, lens_tokens, readout_for, require_hidden
+from .lens import _translate, captured_depths, lens_tokens, lens_translator, readout_for, require_hidden
 from .results import load_result, save_result
 from .targets import first_token_ids, last_prompt_rows
 
@@ -99,10 +104,12 @@ def occupation_rows(run) -> pd.DataFrame:
 
 @torch.inference_mode()
 def probe_rows(run, rows: np.ndarray, ids: list[tuple[int, int]], device: str = "cpu",
-               progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(log_ratio, rank_female, rank_male), each (rows, depths, pairs), at every captured depth."""
+               progress: bool = True, lens="logit") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log_ratio, rank_female, rank_male), each (rows, depths, pairs), at every captured depth,
+    read out through `lens` ('logit', 'tuned' or 'tuned:RUN')."""
     hidden = require_hidden(run)
     readout = readout_for(run, device)
+    translator = lens_translator(run, lens, captured_depths(run), "final")
     watch = list(dict.fromkeys(i for pair in ids for i in pair))
     fcol = [watch.index(f) for f, _ in ids]
     mcol = [watch.index(m) for _, m in ids]
@@ -115,34 +122,43 @@ def probe_rows(run, rows: np.ndarray, ids: list[tuple[int, int]], device: str = 
     with tqdm(total=n, unit="prompt", desc="bias probe", disable=not progress, mininterval=1.0) as bar:
         for s in range(0, n, step):
             part = rows[s:s + step]
-            lens = lens_tokens(run, part, None, watch=watch, topk=1, device=device)
-            rank_f[s:s + len(part)] = lens.watch_rank[:, :, fcol]
-            rank_m[s:s + len(part)] = lens.watch_rank[:, :, mcol]
-            h = torch.from_numpy(np.asarray(hidden.isel(token=part).values, dtype=np.float32)).to(readout.device)
+            got = lens_tokens(run, part, None, watch=watch, topk=1, device=device, lens=lens)
+            rank_f[s:s + len(part)] = got.watch_rank[:, :, fcol]
+            rank_m[s:s + len(part)] = got.watch_rank[:, :, mcol]
+            h = torch.from_numpy(np.asarray(hidden.isel(token=part).values, dtype=np.float32))
+            h = _translate(h, translator).to(readout.device)
             z = readout.logits(readout.normalize(h).reshape(-1, h.shape[-1]), watch_t).reshape(len(part), D, -1)
             log_ratio[s:s + len(part)] = (z[..., fcol] - z[..., mcol]).cpu().numpy()
             bar.update(len(part))
     return log_ratio, rank_f, rank_m
 
 
-def bias_params(run, pairs, strict: bool = False) -> dict:
+def bias_params(run, pairs, strict: bool = False, lens="logit") -> dict:
+    """What decides the probe; a tuned lens adds its translators' identity, as in lens_params."""
+    from .tuned_lens import resolve_lens
+
+    tuned = resolve_lens(run, lens)
     pairs = parse_pairs(pairs)
     ids = pair_ids(run, pairs, strict)
-    return {"pairs": [list(p) for p in pairs], "pair_ids": [list(i) for i in ids], "depths": captured_depths(run),
-            "norm": "final", "precision": "float32", "position": "last prompt token"}
+    params = {"pairs": [list(p) for p in pairs], "pair_ids": [list(i) for i in ids], "depths": captured_depths(run),
+              "norm": "final", "precision": "float32", "position": "last prompt token"}
+    if tuned is not None:
+        params["lens"] = tuned.identity()
+    return params
 
 
-def bias_table(run, pairs=None, strict: bool = False, device: str = "cpu", progress: bool = True) -> xr.Dataset:
-    """The per-prompt probe (prompt x depth x pair), stored in analysis/bias; reused for the same pairs."""
+def bias_table(run, pairs=None, strict: bool = False, device: str = "cpu", progress: bool = True,
+               lens="logit") -> xr.Dataset:
+    """The per-prompt probe (prompt x depth x pair), stored in analysis/bias; reused for the same pairs and lens."""
     require_hidden(run)
     prompts = occupation_rows(run)
-    params = bias_params(run, pairs, strict)
+    params = bias_params(run, pairs, strict, lens)
     stored = load_result(run, JOB, params)
     if stored is not None:
         return stored
     rows = last_prompt_rows(run, prompts["prompt"].to_numpy())
     ids = [tuple(i) for i in params["pair_ids"]]
-    log_ratio, rank_f, rank_m = probe_rows(run, rows, ids, device, progress)
+    log_ratio, rank_f, rank_m = probe_rows(run, rows, ids, device, progress, lens)
     dims = ("prompt", "depth", "pair")
     obj = lambda values: np.array([str(v) for v in values], dtype=object)  # noqa: E731
     ds = xr.Dataset(
@@ -158,7 +174,9 @@ def bias_table(run, pairs=None, strict: bool = False, device: str = "cpu", progr
         "log_ratio": "log p(female) - log p(male) under the logit lens (final norm, unembedding) at the prompt's "
                      "last token: the difference of the two logits, exact (the softmax normalizer cancels)",
         "rank": "1-based: 1 + number of vocabulary entries with a strictly larger logit",
-        "token_row": "the prompt's last token that is not generated"})
+        "token_row": "the prompt's last token that is not generated",
+        "lens": (f"tuned: translators of {params['lens']['run']}/analysis/tuned_lens applied below the last depth"
+                 if "lens" in params else "logit")})
     return save_result(run, JOB, ds, params)
 
 
@@ -275,6 +293,7 @@ class BiasResult:
     pairs: list[str]
     path: str = ""
     ds: xr.Dataset | None = field(default=None, repr=False)
+    lens: str = "logit"
 
     @property
     def by_occupation(self) -> pd.DataFrame:
@@ -306,7 +325,8 @@ class BiasResult:
         every = max(1, len(trace) // 8)
         picks = pd.concat([trace.iloc[::every], trace.iloc[[-1]]]).drop_duplicates("depth")
         return [
-            f"bias probe: {self.table['occupation'].nunique()} occupations x {n_templates} templates, "
+            f"bias probe{' (tuned lens)' if self.lens == 'tuned' else ''}: "
+            f"{self.table['occupation'].nunique()} occupations x {n_templates} templates, "
             f"pairs {', '.join(repr(p) for p in self.pairs)} (stored in {self.path}/analysis/bias)",
             f"at depth {int(h['depth'])}, mean log p({pair[0]!r}) - log p({pair[1]!r}) per occupation vs "
             f"{self.statistic}: Spearman rho = {h['spearman_rho']:+.3f} (p = {h['spearman_p']:.2g}), "
@@ -319,16 +339,18 @@ class BiasResult:
 
 
 def bias(run, pairs=None, strict: bool = False, statistic: str | None = None, occupations=None,
-         device: str = "auto", progress: bool = True) -> BiasResult:
+         device: str = "auto", progress: bool = True, lens: str = "logit") -> BiasResult:
     """The bias probe of a run whose prompts carry occupation metadata (see the module docstring).
 
     statistic: the numeric column to correlate with (None: bls_pct_female, else stereotypical,
     else the first numeric one). occupations: a CSV path or DataFrame (occupation + numeric
-    columns) whose statistics are used instead of the run's metadata.
+    columns) whose statistics are used instead of the run's metadata. lens: 'logit', 'tuned'
+    (this run's analysis/tuned_lens) or 'tuned:RUN' (another run's, same model).
     """
-    ds = bias_table(run, pairs, strict, device, progress)
+    ds = bias_table(run, pairs, strict, device, progress, lens)
     table = table_frame(ds)
     name, stat = occupation_statistic(run, statistic, occupations)
     corr = correlate(table, stat)
     _store_correlation(run, ds.attrs["params"], corr, name, stat)
-    return BiasResult(table, corr, name, stat, [str(p) for p in ds["pair"].values], run.path, ds)
+    kind = "tuned" if "lens" in ds.attrs["params"] else "logit"
+    return BiasResult(table, corr, name, stat, [str(p) for p in ds["pair"].values], run.path, ds, kind)

@@ -189,8 +189,26 @@ def _vocab(run) -> np.ndarray:
     return _cached(run, ("vocab",), lambda: run.readout["vocab_str"].values, size=1)
 
 
-def _lens_dataset(run):
-    return require_result(run, LENS_JOB, "the lens job of every token (stratascope lens)", where=every_token)
+LENS_KINDS = ("logit", "tuned")  # the lens a stored lens result read out through (its params' "lens": tuned)
+
+
+def _lens_kind(params: dict) -> str:
+    return "tuned" if "lens" in params else "logit"
+
+
+def _lens_dataset(run, lens: str = "logit"):
+    """The newest lens result of every token computed with `lens`: logit and tuned never stand in for each other."""
+    if lens not in LENS_KINDS:
+        raise OutOfRangeError(f"lens {lens[:40]!r} is not one of {', '.join(LENS_KINDS)}")
+    how = ("the lens job of every token (stratascope lens)" if lens == "logit"
+           else f"`stratascope lens {run.path} --lens tuned`")
+    return require_result(run, LENS_JOB, how, where=lambda p: every_token(p) and _lens_kind(p) == lens)
+
+
+def lens_kinds(run) -> list[str]:
+    """The lenses with a stored lens result of every token, logit first (a view toggles between them)."""
+    return [kind for kind in LENS_KINDS
+            if latest_result(run, LENS_JOB, where=lambda p, k=kind: every_token(p) and _lens_kind(p) == k) is not None]
 
 
 def every_token(params: dict) -> bool:
@@ -205,13 +223,15 @@ def _display_ranks(ranks: np.ndarray) -> list:
     return np.where(ranks < 0, None, shown).tolist()
 
 
-def lens(run, prompt: int) -> dict:
-    """One prompt's logit-lens results: top-k tokens and probabilities, next-token ranks and
-    watched-token ranks at every depth (whichever of these the lens job stored)."""
-    ds = _lens_dataset(run)
+def lens(run, prompt: int, lens: str = "logit") -> dict:
+    """One prompt's lens results read out through `lens` ('logit' or 'tuned'): top-k tokens and
+    probabilities, next-token ranks and watched-token ranks at every depth (whichever of these the
+    lens job stored)."""
+    ds = _lens_dataset(run, lens)
     sl, info = _prompt_rows(run, prompt)
     depth = ds["depth"].values if "depth" in ds.coords else np.arange(ds.sizes.get("depth", 0))
-    out = {**info, "depths": [int(d) for d in depth], "vocab_size": int(run.readout["vocab_str"].shape[0])}
+    out = {**info, "lens": lens, "depths": [int(d) for d in depth],
+           "vocab_size": int(run.readout["vocab_str"].shape[0])}
     rows = ds.isel(token=sl)
     if LENS_TOPK_IDS in ds and LENS_TOPK_PROBS in ds:
         ids = rows[LENS_TOPK_IDS].values  # token, depth, k
@@ -421,7 +441,8 @@ def bias(run, pair: str) -> dict:
     out = {"pairs": pairs, "pair": pair, "female": str(ds["female"].values[i]), "male": str(ds["male"].values[i]),
            "depths": depths, "occupations": occupations, "means": _rounded(means, 5),
            "counts": [int((occ == o).sum()) for o in occupations], "n_templates": int(len(set(ds["template"].values))),
-           "statistic": statistic, "statistic_values": values, "correlation": None}
+           "statistic": statistic, "statistic_values": values, "correlation": None,
+           "lens": _lens_kind(ds.attrs.get("params", {}))}  # the newest probe: say which lens it read through
     if corr is not None and pair in [str(p) for p in corr["pair"].values]:
         c = corr.sel(pair=pair).reindex(depth=depths)
         out["correlation"] = {k: _rounded(c[k].values, 6) for k in ("pearson_r", "spearman_rho")}
@@ -668,7 +689,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
     "prompt_filter": (prompt_filter, {"column": str, "value": str}),
     "attention": (attention, {"prompt": int, "layer": int}),
-    "lens": (lens, {"prompt": int}),
+    "lens": (lens, {"prompt": int, "lens": str}),
     "saliency": (saliency, {"prompt": int, "method": str}),
     "qk": (qk, {"prompt": int, "layer": int, "head": int}),
     "heads": (heads, {}),

@@ -92,7 +92,8 @@ VIEWS: dict[str, View] = {v.name: v for v in (
     View("model", "Model view", "attention",
          "layers × heads grid of attention thumbnails; click one for the detail", _needs_attention),
     View("layer_predictions", "Layer predictions", "lens",
-         "top-k tokens of the logit lens at every depth for one position", _needs_lens(data.LENS_TOPK_IDS), True),
+         "top-k tokens of the lens at every depth for one position (logit or tuned: a toggle when both are stored)",
+         _needs_lens(data.LENS_TOPK_IDS), True),
     View("rankings", "Rankings", "lens",
          "rank of the token that came next, at every depth: a column per token that came next",
          _needs_lens(data.LENS_TARGET_RANK), True),
@@ -155,6 +156,8 @@ def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[
         return [{"pair": pair} for pair in data.bias_pairs(run)]
     if view.endpoint == "probe":
         return [{"label": label} for label in data.probe_labels(run)]
+    if view.endpoint == "lens":  # every stored lens (logit, tuned): the report's toggle switches between them
+        return [{"prompt": p, "lens": kind} for p in prompts for kind in data.lens_kinds(run)]
     if view.endpoint == "saliency":
         return [{"prompt": p, "method": m} for p in prompts for m in data.attribution_methods(run)]
     return [{"prompt": p} for p in prompts]
@@ -173,5 +176,6 @@ def meta(run) -> dict:
             "n_prompts": run.n_prompts, "n_tokens": run.n_tokens, "layers": data.captured_layers(run),
             "methods": data.attribution_methods(run), "views": views, "min_weight": data.MIN_WEIGHT,
             "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run),
+            "lens_kinds": data.lens_kinds(run),
             "metadata_columns": data.metadata_columns(run)}
 

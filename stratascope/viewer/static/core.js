@@ -122,6 +122,21 @@
     sel.value = String(value);
     return S.el('label', {class: 'ss-control'}, [label + ' ', sel]);
   };
+  /* The lens the lens views read out through: the state's if the run stores it, else the first stored
+     (logit before tuned). The toggle shows when both are stored; a tuned-only run names its lens. */
+  S.lensKind = st => {
+    const kinds = S.meta.lens_kinds && S.meta.lens_kinds.length ? S.meta.lens_kinds : ['logit'];
+    return kinds.includes(st.lens) ? st.lens : kinds[0];
+  };
+  S.lensParams = st => ({prompt: st.prompt, lens: S.lensKind(st)});
+  S.lensToggle = function (st) {
+    const kinds = S.meta.lens_kinds || [], current = S.lensKind(st);
+    if (kinds.length < 2) return current === 'logit' ? null : S.el('span', {class: 'ss-control', text: current + ' lens'});
+    return S.el('span', {class: 'ss-control ss-lens', role: 'group', 'aria-label': 'lens'}, ['Lens '].concat(kinds.map(k =>
+      S.el('button', {class: 'ss-lens-toggle', 'data-lens': k, 'aria-pressed': k === current,
+                      title: k === 'tuned' ? 'each depth read through its tuned-lens translator' : 'final norm and unembedding',
+                      text: k, onclick: () => S.set({lens: k})}))));
+  };
   S.positionOptions = d => d.labels.map((l, i) => [i, i + ': ' + S.short(l, 30)]);
   S.clampPosition = (d, p) => {
     const v = p === undefined || p === null || p === '' ? d.n - 1 : +p;

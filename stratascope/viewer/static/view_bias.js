@@ -63,7 +63,7 @@
         window.Plotly.newPlot(heat, [{type: 'heatmap', z: z, x: d.depths, y: y, customdata: hover, zmid: 0, zmin: -zmax, zmax: zmax,
           colorscale: [[0, MALE], [0.5, '#ffffff'], [1, FEMALE]], xgap: 1, ygap: 1,
           colorbar: {title: {text: S.ptext(ratio), side: 'right'}}, hovertemplate: '%{customdata}<extra></extra>'}], {
-          title: {text: S.ptext(`mean ${ratio} per occupation and depth` + (colour === 'centred' ? ', minus each depth\'s mean' : ''))},
+          title: {text: S.ptext(`mean ${ratio} per occupation and depth` + (colour === 'centred' ? ', minus each depth\'s mean' : '') + (d.lens === 'tuned' ? ' (tuned lens)' : ''))},
           xaxis: {title: {text: 'depth (click to pick)'}, dtick: 1}, yaxis: {tickvals: y, ticktext: ticks, autorange: 'reversed', automargin: true},
           shapes: [{type: 'rect', xref: 'x', yref: 'paper', x0: depth - 0.5, x1: depth + 0.5, y0: 0, y1: 1, line: {color: '#222', width: 2}}],
           width: S.fitWidth(heat, D, 18, 30, 420), height: Math.max(260, 16 * n + 140), margin: {t: 50}}, S.plotlyConfig(name('heatmap')()));

@@ -42,15 +42,15 @@
   S.views.rankings = {
     render: function (body, ctx) {
       const st = ctx.state;
-      return ctx.get('lens', {prompt: st.prompt}).then(d => {
+      return ctx.get('lens', S.lensParams(st)).then(d => {
         if (ctx.stale()) return;
         if (d.n < 2) {
           body.append(S.el('p', {class: 'ss-hint', text: `Prompt ${st.prompt} has one token: no token came next.`}));
           return;
         }
         const div = S.el('div', {class: 'ss-plot ss-heat'});
-        const name = () => S.fileName('rankings', 'p' + st.prompt);
-        body.append(S.el('div', {class: 'ss-row'}, [S.plotlyButtons(div, name)]),
+        const name = () => S.fileName('rankings', d.lens, 'p' + st.prompt);
+        body.append(S.el('div', {class: 'ss-row'}, [S.lensToggle(st), S.plotlyButtons(div, name)]),
                     S.el('p', {class: 'ss-hint ss-rank-caption', text: 'Each column: the token that came next (labelled below; above: ' +
                       'the token it came after); each cell: its rank in the lens at that depth (1 = top). Long prompts scroll sideways.'}),
                     S.el('div', {class: 'ss-scroll'}, [div]));
@@ -59,7 +59,7 @@
         const next = x.map(i => `${i + 1}: ${d.labels[i + 1]}`), after = x.map(i => `${i}: ${d.labels[i]}`);
         const hover = d.depths.map(() => x.map(i => S.ptext(`«${d.labels[i + 1]}» (position ${i + 1}) after «${d.labels[i]}»`)));
         S.rankHeatmap(div, d.target_rank.map(row => row.slice(0, d.n - 1)), x, next, d.depths, hover,
-                      S.ptext(`prompt ${st.prompt}: rank of the token that came next`), 'the token that came next', name(),
+                      S.ptext(`prompt ${st.prompt}: rank of the token that came next (${d.lens} lens)`), 'the token that came next', name(),
                       d.vocab_size, after);
       });
     }
