@@ -181,9 +181,9 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
     created (the corpus is long enough that the capture is still running then; space gone before
     the start is refused up front instead). One sentence, exit 1; after the filler is removed
     `--resume` completes the store."""
+    import errno
     import json
     import os
-    import shutil
     import time
 
     import zarr
@@ -210,9 +210,12 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
             except Exception:  # not created yet
                 pass
             time.sleep(0.2)
-        free = shutil.disk_usage(mount).free
-        with open(mount / "filler", "wb") as f:  # leave a few KB: the next shards cannot fit
-            f.write(b"\0" * max(0, free - 8192))
+        with open(mount / "filler", "wb", buffering=0) as f:  # fill the disk: the next shards cannot fit
+            try:
+                while True:
+                    f.write(b"\0" * 2**20)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 1, err[-2000:]
         assert "no space left on the disk while writing" in err and "--resume" in err and "Traceback" not in err
