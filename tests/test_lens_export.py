@@ -107,6 +107,7 @@ def test_memory_stays_bounded(tiny_model_dirs, tmp_path):
     small_rss, big_rss = _peak_rss_mib(base.path), _peak_rss_mib(big.path)
     out_mib = big.lens(topk=10, watch=[" was", " said"], progress=False).nbytes / 2**20
     assert hidden_mib + out_mib > 250  # materializing would show
-    # a small constant (two concurrent chunk tasks make the peak vary by ~+-20 MiB run to run)
-    assert big_rss - small_rss < 64, (small_rss, big_rss, hidden_mib, out_mib)
+    # a small constant, far below the > 250 MiB that materializing would add (two concurrent chunk
+    # tasks make the peak vary by ~+-20 MiB run to run; 73-78 MiB was seen on a heavily loaded machine)
+    assert big_rss - small_rss < 100, (small_rss, big_rss, hidden_mib, out_mib)
     print(json.dumps({"small_rss_mib": small_rss, "big_rss_mib": big_rss, "big_hidden_mib": hidden_mib}))
