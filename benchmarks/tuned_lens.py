@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import stratascope as ss
 from stratascope.analyze import tuned_lens as tl
 from stratascope.analyze.lens import readout_for
-from stratascope.workflows.demo import demo_corpus
 from stratascope.testing import tile_store
+from stratascope.workflows.demo import demo_corpus
 
 STEPS_RSS = 4
 
