@@ -11,3 +11,17 @@ def corpus(n: int) -> list[str]:
     rng = np.random.default_rng(0)
     words = TEXT.split()
     return [" ".join(words[: int(k)]) for k in rng.integers(8, len(words), size=n)]
+
+
+def demo_hidden_run(tokens: int, out):
+    """SmolLM2 hidden states of the demo prompts, repeated to about `tokens` tokens, at out/run.zarr."""
+    import json
+    from pathlib import Path
+
+    import stratascope as ss
+    from stratascope.workflows.demo import demo_corpus
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    prompts = [json.loads(line)["text"] for line in open(demo_corpus())]
+    return ss.capture(model="smollm2", prompts=prompts * max(1, tokens // 44), out=str(Path(out) / "run.zarr"),
+                      capture=("hidden",), device="cpu", overwrite=True, progress=False)

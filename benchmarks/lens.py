@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks_corpus import demo_hidden_run
+
 import stratascope as ss
 from stratascope.analyze.lens import lens_tokens, readout_for
 from stratascope.analyze.lens_kernel import lens_rows
 from stratascope.testing import tile_store
-from stratascope.workflows.demo import demo_corpus
 
 WATCH = [" he", " she"]
 
@@ -63,11 +64,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/lens-bench")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = [json.loads(line)["text"] for line in open(demo_corpus())]
-    reps = max(1, args.tokens // 44)
-    run = ss.capture(model="smollm2", prompts=prompts * reps, out=str(out / "run.zarr"), capture=("hidden",),
-                     device="cpu", overwrite=True, progress=False)
+    run = demo_hidden_run(args.tokens, out)
     m = run.attrs["model"]
     D, d, V, n = len(run.ds["depth"]), m["d_model"], m["vocab_size"], run.n_tokens
     flops = 2 * d * V * n * D

@@ -27,11 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks_corpus import demo_hidden_run
+
 import stratascope as ss
 from stratascope.analyze import tuned_lens as tl
 from stratascope.analyze.lens import readout_for
 from stratascope.testing import tile_store
-from stratascope.workflows.demo import demo_corpus
 
 STEPS_RSS = 4
 
@@ -61,11 +62,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/tuned-lens-bench")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = [json.loads(line)["text"] for line in open(demo_corpus())]
-    reps = max(1, args.tokens // 44)
-    run = ss.capture(model="smollm2", prompts=prompts * reps, out=str(out / "run.zarr"), capture=("hidden",),
-                     device="cpu", overwrite=True, progress=False)
+    run = demo_hidden_run(args.tokens, out)
     D, n = len(run.ds["depth"]), run.n_tokens
     readout_for(run)  # load the readout once, as a long job would
     results = {"tokens": n, "depths": D, "batch_rows": args.batch, "threads": torch.get_num_threads()}
