@@ -3,8 +3,8 @@
 Never imports torch or transformers.
 """
 
-from .notebook import ViewAccessor, ViewObject
+from .notebook import ViewAccessor
 from .registry import VIEWS
 from .report import build_report, write_report
 
-__all__ = ["VIEWS", "ViewAccessor", "ViewObject", "build_report", "write_report"]
+__all__ = ["VIEWS", "ViewAccessor", "build_report", "write_report"]

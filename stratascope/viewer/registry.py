@@ -23,6 +23,7 @@ class View:
     plotly: bool = False                       # the renderer draws with plotly.js
     report_layers: int | None = None           # a report without --layers holds at most this many layers of it
     prompt: bool = True                        # it shows one prompt (False: corpus-wide, no prompt picker)
+    uses: tuple[str, ...] = ()                 # other views whose renderer this one calls (their helpers)
 
     def unavailable(self, run) -> str | None:
         return self.needs(run)
@@ -98,7 +99,8 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          "rank of the token that came next, at every depth: a column per token that came next",
          _needs_lens(data.LENS_TARGET_RANK), True),
     View("rankings_watch", "Rankings (watch)", "lens",
-         "ranks of watched tokens at every depth for one position", _needs_lens(data.LENS_WATCH_RANK), True),
+         "ranks of watched tokens at every depth for one position", _needs_lens(data.LENS_WATCH_RANK), True,
+         uses=("rankings",)),  # S.rankHeatmap
     View("saliency", "Saliency", "saliency",
          "the text shaded by each token's attribution to a chosen prediction", _needs_attribution),
     View("neuron", "Neuron view", "qk",
@@ -132,6 +134,16 @@ VIEWS: dict[str, View] = {v.name: v for v in (
          "held-out KL to the model's output, cross-entropy or entropy at every depth: logit lens vs tuned lens",
          _needs_result(data.TUNED_JOB, "`stratascope tuned-lens train`"), True, prompt=False),
 )}
+
+
+def renderers(views: list[View]) -> list[str]:
+    """The renderer files of these views and of the views they use, each once, in a working order."""
+    names: list[str] = []
+    for view in views:
+        for name in (*view.uses, view.name):
+            if name not in names:
+                names.append(name)
+    return [f"view_{name}.js" for name in names]
 
 
 def spread(values: list[int], n: int) -> list[int]:

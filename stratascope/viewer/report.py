@@ -67,7 +67,7 @@ def prompt_list(run, prompts: list[int]) -> list[dict]:
 
 def scripts(views: list, inline: bool) -> str:
     """The <script> elements: plotly (if a view needs it), core.js, one renderer per view."""
-    names = ["core.js"] + [f"view_{v.name}.js" for v in views]
+    names = ["core.js"] + registry.renderers(views)
     if inline:
         code = ([render.plotly_js()] if any(v.plotly for v in views) else []) + [render.static_text(n) for n in names]
         return "".join(render.inline_script(c) for c in code)

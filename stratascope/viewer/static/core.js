@@ -162,9 +162,11 @@
     return {boxes: boxes, height: 2 * o.pad + (row + 1) * o.rowh};
   };
   /* A horizontal colour legend: gradient from `stops` with a caption; returns the <g>. */
+  // Gradient ids are document-wide: a prefix per namespace keeps two notebook widgets' legends apart.
+  const GRADIENT = 'ss-grad-' + Math.random().toString(36).slice(2, 8) + '-';
   let gradients = 0;
   S.legend = function (svg, x, y, stops, caption) {
-    const id = 'ss-grad-' + (++gradients), grad = S.svg('linearGradient', {id: id});
+    const id = GRADIENT + (++gradients), grad = S.svg('linearGradient', {id: id});
     stops.forEach(([o, c]) => grad.appendChild(S.svg('stop', {offset: o, 'stop-color': c})));
     const text = S.svg('text', {x: x + 210, y: y + 9, class: 'ss-legend-text', 'font-size': 11, text: caption});
     const g = S.svg('g', {class: 'ss-legend'}, [S.svg('defs', {}, [grad]),
@@ -323,6 +325,8 @@
     sel.id = 'ss-prompt';
     render();
   };
-  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', () => S.boot());
-  else setTimeout(() => S.boot());
+  // A page (report, app) boots from its #ss-meta; a notebook widget (widget.js) drives the views itself.
+  const boot = () => { if (document.getElementById('ss-meta')) S.boot(); };
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
+  else setTimeout(boot);
 })();

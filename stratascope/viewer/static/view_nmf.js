@@ -49,7 +49,7 @@
           S.legend(svg, 8, H - 28, [[0, '#fff'], [1, colour(factor)]], `weight on factor ${factor}: 0 … ${max.toPrecision(3)}`);
         }
         const shown = factor === 'all' ? [] : d.top[factor];
-        const listed = p => S.mode === 'app' || (S.meta.prompt_list || []).some(x => x.index === p);
+        const listed = p => S.mode !== 'report' || (S.meta.prompt_list || []).some(x => x.index === p);
         const table = S.el('table', {class: 'ss-top'}, [S.el('tr', {}, ['#', 'token', 'prompt', 'position', 'weight'].map(t => S.el('th', {text: t})))]);
         shown.forEach((t, r) => table.appendChild(S.el('tr', {class: 'ss-top-row'}, [
           S.el('td', {text: String(r + 1)}), S.el('td', {class: 'ss-chip', text: t.label, title: JSON.stringify(t.token)}),
