@@ -335,16 +335,17 @@ def test_cli_report_and_bad_input(viewer_store, tmp_path):
 def test_viewer_never_imports_torch(viewer_store, tmp_path):
     code = (f"import sys; import stratascope as ss; from stratascope.viewer import app, report; "
             f"run = ss.open_run({viewer_store.path!r}); report.write_report(run, {str(tmp_path / 'r.html')!r}); "
-            f"app.ViewerApp(run).respond('/api/attention?prompt=0&layer=0'); run.view.head(prompt=0)._repr_html_(); "
+            f"app.ViewerApp(run).respond('/api/attention?prompt=0&layer=0'); "
+            f"run.view.head(prompt=0)._repr_mimebundle_(); "
             f"print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 
 
-def test_notebook_view_is_the_report_page_in_an_iframe(viewer_store):
+def test_notebook_view_falls_back_to_the_report_page_in_an_iframe(viewer_store):
     run = ss.open_run(viewer_store.path)
     view = run.view.head(prompt=1, layer=2)
-    html = view._repr_html_()
+    html = view._repr_mimebundle_()[0]["text/html"]  # for front ends without widgets (tests/test_widgets.py)
     assert html.startswith("<iframe srcdoc=") and "<img src=x" not in html
     page = view.html()
     assert '"attention?layer=2\\u0026prompt=1"' in page and '"view":"head"' in page

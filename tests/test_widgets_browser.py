@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import nbformat
-import numpy as np
 import pytest
 
 from stratascope.viewer import data
@@ -31,6 +30,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, FIRST, SECOND = 4, 0, 2  # the long prompt: many lines per head, different at each layer
+# The other views of the test store, each a widget of its own on the same page (plotly ones among them).
+OTHERS = {"tokens": "prompt=1", "model": "prompt=0", "layer_predictions": "prompt=0", "rankings": "prompt=0",
+          "rankings_watch": "prompt=0", "saliency": "prompt=0, method='grad_x_input'", "neuron": "layer=0, head=1",
+          "heads_map": "", "nmf": "prompt=0"}
 
 
 def free_port() -> int:
@@ -61,7 +64,7 @@ def jupyterlab(tmp_path):
            f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
            "--ServerApp.allow_root=True"]  # CI runs as root
-    log = open(tmp_path / "jupyterlab.log", "w")  # noqa: SIM115 - closed after the server stops
+    log = open(tmp_path / "jupyterlab.log", "w")  # closed after the server stops
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -101,7 +104,8 @@ def notebook(path: Path, store: str) -> None:
         "    pathlib.Path(name + '.json').write_text(json.dumps(out))",
         f"w = run.view.head(prompt={PROMPT}, layer={FIRST})\nw",
         "check(w, 'head')",
-    ]
+    ] + [f"others['{name}'] = run.view.{name}({args})\nothers['{name}']" for name, args in OTHERS.items()]
+    cells[0] += "\nothers = {}"
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
@@ -154,9 +158,9 @@ def test_head_widget_in_jupyterlab(viewer_store, jupyterlab):
         drawn = page.get_attribute(box, "data-drawn")
 
         page.select_option(".ss-widget select.ss-layer", str(SECOND))  # the browser asks the kernel for layer 2
+        want = lines_at(viewer_store, SECOND)
         page.wait_for_function(f"() => document.querySelector('{box}').getAttribute('data-ready') === '1' && "
-                               f"document.querySelectorAll('{box} .ss-line').length === {lines_at(viewer_store, SECOND)}",
-                               timeout=30000)
+                               f"document.querySelectorAll('{box} .ss-line').length === {want}", timeout=30000)
         for h in range(viewer_store.att(PROMPT, SECOND).shape[1]):  # every head's lines, from the raw array
             assert page.locator(f"{box} .ss-line[data-h='{h}']").count() == int(
                 (viewer_store.att(PROMPT, SECOND)[:, h, :] >= data.MIN_WEIGHT).sum())
@@ -165,6 +169,15 @@ def test_head_widget_in_jupyterlab(viewer_store, jupyterlab):
         ARTIFACTS.mkdir(exist_ok=True)
         page.locator(".ss-widget").first.screenshot(path=str(ARTIFACTS / "widget_head_jupyterlab.png"))
         page.screenshot(path=str(ARTIFACTS / "widget_jupyterlab_page.png"))
+
+        for name in OTHERS:  # every other view drew in its own widget
+            other = f".ss-widget .ss-view[data-view={name}]"
+            page.wait_for_selector(f"{other}[data-ready]", timeout=60000)
+            assert page.get_attribute(other, "data-ready") == "1", (name, page.inner_text(other))
+        assert page.locator(".ss-widget .ss-view[data-view=layer_predictions] .js-plotly-plot").count() == 2
+        assert page.locator(".ss-widget .ss-view[data-view=model] .ss-thumb").count() == 3 * 4  # layers × heads
+        page.locator(".ss-widget:has(.ss-view[data-view=layer_predictions])").screenshot(
+            path=str(ARTIFACTS / "widget_layer_predictions_jupyterlab.png"))
 
         # The kernel knows the new state and writes the drawing on show (run the check cell again).
         (root / "head.json").unlink(missing_ok=True)
@@ -177,6 +190,16 @@ def test_head_widget_in_jupyterlab(viewer_store, jupyterlab):
         assert out["state"]["layer"] == SECOND and out["state"]["prompt"] == PROMPT, out
         svg = (root / "head.svg").read_text()
         assert svg.startswith("<svg") and svg.count('class="ss-line"') == lines_at(viewer_store, SECOND)
+        page.evaluate("() => { const nb = window.jupyterapp.shell.currentWidget.content; "
+                      "nb.model.sharedModel.insertCell(nb.model.cells.length, {cell_type: 'code', source: "
+                      "\"check(others['layer_predictions'], 'lp')\"}); nb.activeCellIndex = nb.model.cells.length - 1; "
+                      "return window.jupyterapp.commands.execute('notebook:run-cell'); }")
+        deadline = time.monotonic() + 30
+        while not (root / "lp.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        out = json.loads((root / "lp.json").read_text())
+        assert "error" not in out, out  # a plotly chart saved through Plotly.toImage, as its Save SVG button does
+        assert Path(out["svg"]).name == "lp.svg" and (root / "lp.svg").read_text().startswith("<svg")
         browser.close()
 
     assert outside == [] and hosts == {"127.0.0.1"}, outside

@@ -8,6 +8,7 @@ rows only; the rest reads as the fill value), to check that the app opens large 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 
 import numpy as np
@@ -115,3 +116,28 @@ def write_large_store(path: str, n_tokens: int = 1_000_000, prompt_len: int = 64
     block = (np.arange(prompt_len)[None, :] <= pos[:, None]) / (pos[:, None] + 1.0)
     att[:rows] = np.broadcast_to(block[:, None, None, :], (rows, n_layers, n_heads, prompt_len)).astype(np.float32)
     consolidate(path)
+
+
+@contextlib.contextmanager
+def comm_bytes():
+    """What the kernel side of Jupyter widgets sends to the front end while the block runs: the yielded
+    list gets one (message type, JSON bytes + binary buffer bytes) per comm message (the comm_open that
+    carries a widget's whole state, state updates, custom messages). Works outside a kernel: every
+    comm created meanwhile is a recording DummyComm."""
+    import json
+
+    import comm
+
+    sent: list[tuple[str, int]] = []
+
+    class Recording(comm.DummyComm):
+        def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+            size = len(json.dumps(data or {}, separators=(",", ":")).encode())
+            sent.append((msg_type, size + sum(len(memoryview(b).cast("B")) for b in buffers or [])))
+
+    original = comm.create_comm
+    comm.create_comm = lambda *args, **kwargs: Recording(*args, **kwargs)
+    try:
+        yield sent
+    finally:
+        comm.create_comm = original
