@@ -20,6 +20,7 @@ import stratascope as ss
 from stratascope.errors import ConfigError
 from stratascope.viewer import data
 from stratascope.viewer.registry import VIEWS
+from stratascope.viewer.report import build_report
 from stratascope.viewer.synthetic import comm_bytes, write_large_store
 from viewer_fixtures import PROBE_LABELS, probe_store, viewer_store
 
@@ -167,3 +168,34 @@ def test_save_html_svg_and_clear_errors(viewer_store, tmp_path):
     assert "text/html" not in run.view.head(prompt=0, fallback=False)._repr_mimebundle_()[0]
     with pytest.raises(ConfigError, match=r"run.view.dla\(\): cannot show .*run `stratascope dla`"):
         run.view.dla(prompt=0)
+    # A renderer that calls another view's helpers brings that file along (widget module and report alike).
+    assert "S.rankHeatmap = " in run.view.rankings_watch(prompt=0)._esm
+    assert "S.rankHeatmap = " in build_report(run, views=["rankings_watch"], progress=False)
+
+
+@pytest.mark.real
+def test_real_smollm2_widget_answers_the_model_attention(tmp_path):
+    """SmolLM2 end to end: capture attention, the head-view widget's reply for the layer a user picks
+    against a direct transformers forward (eager attention) of the same prompt."""
+    import torch
+
+    from stratascope.models import load_model
+
+    text = "Heathrow airport is located in the city of"
+    run = ss.capture(model="smollm2", prompts=["The capital of France is", text], out=str(tmp_path / "s.zarr"),
+                     capture=("attention",), layers=[0, 29], device="cpu", progress=False)
+    w = run.view.head(prompt=1, layer=0)
+    assert w.meta["layers"] == [0, 29] and w.meta["model"]["n_heads"] == 9
+    reply = request(w, "attention", prompt=1, layer=29)["data"]
+    loaded = load_model("smollm2", device="cpu")
+    loaded.model.set_attn_implementation("eager")  # sdpa returns no weights
+    ids = loaded.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        ref = loaded.model(**ids, output_attentions=True).attentions[29][0].numpy()  # head, query, key
+    assert reply["n"] == ids["input_ids"].shape[1] and reply["n_heads"] == 9
+    for h, head in enumerate(reply["heads"]):
+        got = dict(zip(zip(head["q"], head["k"]), head["w"]))
+        clear = {(int(q), int(k)) for q, k in zip(*np.nonzero(ref[h] >= data.MIN_WEIGHT + 1e-3))}
+        below = {(int(q), int(k)) for q, k in zip(*np.nonzero(ref[h] < data.MIN_WEIGHT - 1e-3))}
+        assert clear <= set(got) and not (below & set(got)), h
+        np.testing.assert_allclose([got[qk] for qk in clear], [ref[h][qk] for qk in clear], atol=2e-3)
