@@ -152,7 +152,10 @@ def test_save_html_svg_and_clear_errors(viewer_store, tmp_path):
     run = ss.open_run(viewer_store.path)
     w = run.view.head(prompt=1, layer=2)
     page = w.save(tmp_path / "head.html").read_text()
-    assert '"attention?layer=2\\u0026prompt=1"' in page and '"attention?layer=0\\u0026prompt=1"' in page  # every layer
+    assert '"attention?layer=2\\u0026prompt=1"' in page and '"attention?layer=0\\u0026prompt=1"' not in page
+    w._handle_msg({"content": {"data": {"method": "update", "state": {"state": {**w.state, "layer": 0}},
+                                        "buffer_paths": []}}, "buffers": []})  # the user picks layer 0
+    assert '"attention?layer=0\\u0026prompt=1"' in w.html() and '"layer":0' in w.html()
     with pytest.raises(ConfigError, match=r"head.svg.*drawn by the browser.*not been drawn in a notebook front end"):
         w.save(tmp_path / "head.svg")  # no front end has drawn it (the browser test saves one)
     with pytest.raises(ConfigError, match=r"\.png.*ending in \.html.*or \.svg"):

@@ -6,7 +6,7 @@ Its state holds the run's meta and the view's settings, not data: on every inter
 browser asks the kernel for one slice (a custom message naming a data.ENDPOINTS endpoint and its
 parameters, parsed by the app's own parser) and the widget answers with that data function's JSON.
 A front end without widget support shows the text/html fallback instead: the static report page
-of the slice on show (w.save("x.html") writes the same kind of page, every chosen layer).
+of the slice on show, the page w.save("x.html") writes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .app import PROMPT_LIST_MAX, BadRequest, parse_params
 from .registry import VIEWS
 from .report import build_report, choose_layers, prompt_list
 
-# Endpoints whose slices are one layer's: the fallback page holds just the layer on show.
+# Endpoints whose slices are one layer's: the static page holds just the layer on show.
 LAYER_ENDPOINTS = ("attention", "qk", "dla_neurons")
 WIDGET_CSS = """
 .ss-widget { padding: 6px 10px 10px; border: 1px solid #ddd; border-radius: 4px; }
@@ -34,6 +34,11 @@ WIDGET_CSS = """
 
 
 @functools.cache
+def _plotly() -> str:
+    """plotly.js read once per kernel (4.8 MB): each plotly view's module is a copy with its renderer."""
+    return render.plotly_js()
+
+
 def bundle(name: str) -> str:
     """The widget's ES module for view `name`: plotly.js (if the view draws with it), then core.js and the
     view's renderers inside makeStratascope() (a fresh namespace per call), then widget.js."""
@@ -41,7 +46,7 @@ def bundle(name: str) -> str:
     files = ["core.js", *registry.renderers([view])]
     inner = "\n".join(render.static_text(f) for f in files)
     # plotly.js sets window.Plotly itself; a page that already has it (another widget) skips the second copy.
-    plotly = f"if (!globalThis.Plotly) {{\n{render.plotly_js()}\n}}\n" if view.plotly else ""
+    plotly = f"if (!globalThis.Plotly) {{\n{_plotly()}\n}}\n" if view.plotly else ""
     return (plotly + "function makeStratascope() {\n  const window = {Plotly: globalThis.Plotly};\n" + inner
             + "\n  return window.Stratascope;\n}\n" + render.static_text("widget.js"))
 
@@ -108,28 +113,25 @@ class ViewWidget(anywidget.AnyWidget):
             return {"type": "error", "id": request_id, "error": str(e)}
 
     # ---- static copies ----------------------------------------------------------------------------
-    def html(self, layers=None) -> str:
-        """The static report page of this view at its current state (a standalone document)."""
-        state = dict(self.state)
-        return build_report(self.run, prompts=[int(state.get("prompt", 0))], layers=layers or self.layers,
-                            views=[self.name], start=state, progress=False)
-
-    def _fallback_layers(self) -> list[int]:
-        layer = self.state.get("layer")
-        if VIEWS[self.name].endpoint in LAYER_ENDPOINTS and self.name != "model" and layer in self.layers:
-            return [int(layer)]
-        return self.layers
+    def html(self) -> str:
+        """The static report page of what the widget shows (a standalone document): its prompt, and for the
+        views of one layer that layer (the model view: every chosen layer)."""
+        state, layers = dict(self.state), self.layers
+        if VIEWS[self.name].endpoint in LAYER_ENDPOINTS and self.name != "model" and state.get("layer") in layers:
+            layers = [int(state["layer"])]
+        return build_report(self.run, prompts=[int(state.get("prompt", 0))], layers=layers, views=[self.name],
+                            start=state, progress=False)
 
     def _repr_mimebundle_(self, **kwargs):
         """The widget, and for front ends that cannot run widgets the static page of what it shows
         (fallback=False leaves that out, e.g. to keep plotly.js out of a notebook file twice)."""
         bundle_data, metadata = super()._repr_mimebundle_(**kwargs)
         if self.fallback:
-            bundle_data["text/html"] = render.iframe(self.html(self._fallback_layers()), self.height)
+            bundle_data["text/html"] = render.iframe(self.html(), self.height)
         return bundle_data, metadata
 
     def save(self, path: str | Path) -> Path:
-        """`x.html`: the static page (every chosen layer, opens offline); `x.svg`: the drawing on show."""
+        """`x.html`: the static page of what it shows (opens offline); `x.svg`: the drawing on show."""
         path = Path(path)
         title = VIEWS[self.name].title.lower()
         if path.suffix.lower() == ".html":
