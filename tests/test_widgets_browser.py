@@ -111,6 +111,14 @@ def notebook(path: Path, store: str) -> None:
     nbformat.write(nb, path)
 
 
+def run_new_cell(page, source: str) -> None:
+    """Append a code cell to the open notebook and run it, as a user typing it would."""
+    page.evaluate("""source => { const nb = window.jupyterapp.shell.currentWidget.content;
+        nb.model.sharedModel.insertCell(nb.model.cells.length, {cell_type: 'code', source: source});
+        nb.activeCellIndex = nb.model.cells.length - 1;
+        return window.jupyterapp.commands.execute('notebook:run-cell'); }""", source)
+
+
 def lines_at(store, layer: int) -> int:
     """Lines the head view draws at a layer with every head shown: weights >= MIN_WEIGHT, from the raw array."""
     return int((store.att(PROMPT, layer) >= data.MIN_WEIGHT).sum())
@@ -190,16 +198,20 @@ def test_head_widget_in_jupyterlab(viewer_store, jupyterlab):
         assert out["state"]["layer"] == SECOND and out["state"]["prompt"] == PROMPT, out
         svg = (root / "head.svg").read_text()
         assert svg.startswith("<svg") and svg.count('class="ss-line"') == lines_at(viewer_store, SECOND)
-        page.evaluate("() => { const nb = window.jupyterapp.shell.currentWidget.content; "
-                      "nb.model.sharedModel.insertCell(nb.model.cells.length, {cell_type: 'code', source: "
-                      "\"check(others['layer_predictions'], 'lp')\"}); nb.activeCellIndex = nb.model.cells.length - 1; "
-                      "return window.jupyterapp.commands.execute('notebook:run-cell'); }")
+        run_new_cell(page, "check(others['layer_predictions'], 'lp')")
         deadline = time.monotonic() + 30
         while not (root / "lp.json").exists() and time.monotonic() < deadline:
             time.sleep(0.3)
         out = json.loads((root / "lp.json").read_text())
         assert "error" not in out, out  # a plotly chart saved through Plotly.toImage, as its Save SVG button does
         assert Path(out["svg"]).name == "lp.svg" and (root / "lp.svg").read_text().startswith("<svg")
+
+        # Setting the state from Python redraws the widget: layer 1's lines, fetched from the kernel.
+        run_new_cell(page, "w.state = {**w.state, 'layer': 1}")
+        want = lines_at(viewer_store, 1)
+        page.wait_for_function(f"() => document.querySelector('{box}').getAttribute('data-ready') === '1' && "
+                               f"document.querySelectorAll('{box} .ss-line').length === {want}", timeout=30000)
+        assert page.input_value(".ss-widget select.ss-layer") == "1"
         browser.close()
 
     assert outside == [] and hosts == {"127.0.0.1"}, outside
