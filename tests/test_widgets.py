@@ -17,7 +17,7 @@ import pytest
 import zarr
 
 import stratascope as ss
-from stratascope.errors import ConfigError
+from stratascope.errors import ConfigError, OutOfRangeError
 from stratascope.viewer import data
 from stratascope.viewer.registry import VIEWS
 from stratascope.viewer.report import build_report
@@ -171,6 +171,10 @@ def test_save_html_svg_and_clear_errors(viewer_store, tmp_path):
     assert "text/html" not in run.view.head(prompt=0, fallback=False)._repr_mimebundle_()[0]
     with pytest.raises(ConfigError, match=r"run.view.dla\(\): cannot show .*run `stratascope dla`"):
         run.view.dla(prompt=0)
+    with pytest.raises(OutOfRangeError, match=r"run.view.head\(layer=7\): .* layers 0-2; pick one of them"):
+        run.view.head(prompt=0, layer=7)
+    with pytest.raises(OutOfRangeError, match="prompt 9"):
+        run.view.head(prompt=9)
     # A renderer that calls another view's helpers brings that file along (widget module and report alike).
     assert "S.rankHeatmap = " in run.view.rankings_watch(prompt=0)._esm
     assert "S.rankHeatmap = " in build_report(run, views=["rankings_watch"], progress=False)

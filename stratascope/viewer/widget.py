@@ -19,7 +19,8 @@ from urllib.parse import urlencode
 import anywidget
 import traitlets
 
-from ..errors import ConfigError, StratascopeError
+from ..errors import ConfigError, OutOfRangeError, StratascopeError
+from ..ranges import format_ranges
 from . import data, registry, render
 from .app import PROMPT_LIST_MAX, BadRequest, parse_params
 from .registry import VIEWS
@@ -81,6 +82,10 @@ class ViewWidget(anywidget.AnyWidget):
             raise ConfigError(f"run.view.{name}(): cannot show the {view.title.lower()}: {reason}")
         self.run, self.name, self.height, self.fallback = run, name, height, fallback
         self.layers = choose_layers(run, layers)
+        layer = state.get("layer")
+        if layer is not None and layer not in self.layers:
+            raise OutOfRangeError(f"run.view.{name}(layer={layer!r}): that layer is not among this view's layers "
+                                  f"{format_ranges(self.layers) or '(none captured)'}; pick one of them")
         meta = registry.meta(run)
         meta.update(mode="widget", layers=self.layers, views=[v for v in meta["views"] if v["name"] == name])
         if run.n_prompts <= PROMPT_LIST_MAX:  # as the app: a list to pick from, else a number box
