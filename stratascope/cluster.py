@@ -30,9 +30,10 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
     import logging
 
     # workers ignore Ctrl-C (worker_setup.py); on an interrupt this process stops them, quietly
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
-                           preload=["stratascope.worker_setup"])
+    with _worker_gpus(workers if gpu else 0):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
+                               preload=["stratascope.worker_setup"])
     try:
         with Client(cluster) as client:
             yield client
@@ -40,6 +41,31 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
         _quiet_close(cluster)
         raise
     cluster.close()
+
+
+@contextlib.contextmanager
+def _worker_gpus(n_workers: int):
+    """While the workers start, tell each its own slice of this machine's GPUs (worker_setup.py)."""
+    import json
+    import os
+
+    from .worker_setup import WORKER_GPUS, gpu_slices
+
+    if not n_workers:
+        yield
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
+    else:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    os.environ[WORKER_GPUS] = json.dumps(gpu_slices(gpus, n_workers))
+    try:
+        yield
+    finally:
+        del os.environ[WORKER_GPUS]
 
 
 def _quiet_close(cluster) -> None:

@@ -8,6 +8,7 @@ families: capture and analysis ask an Adapter (causal? token types? rotary? whic
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -168,8 +169,13 @@ def _norm_form(norm: nn.Module, eps: float, weight: torch.Tensor, bias: torch.Te
         return "rmsnorm", 0.0
     d = weight.numel()
     x = torch.linspace(-1.0, 3.0, 2 * d).reshape(2, d) * torch.tensor([1.0, -0.5])[:, None]
+    probe = copy.deepcopy(norm)  # a float32 copy on the CPU: a bfloat16 norm's own rounding would hide its form
+    if hasattr(probe, "_hf_hook"):  # placed by --device-map: the copy runs where it is, without accelerate's hook
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(probe)
     with torch.no_grad():
-        y = norm(x.to(norm.weight.device, norm.weight.dtype)).float().cpu()
+        y = probe.to("cpu", torch.float32)(x).float()
     centred = x - x.mean(-1, keepdim=True)
     shapes = {
         ("layernorm", 0.0): centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps),
