@@ -65,7 +65,6 @@ def run_on_cluster(capturer_cls, out: str, model: str, weights: str, cfg, plan, 
     from distributed import as_completed
 
     from ..cluster import dask_client
-
     from ..devices import resolve_device
 
     gpu = resolve_device(cfg.device).type == "cuda"

@@ -28,9 +28,9 @@ from .corpus import Corpus, from_prompts, read_corpus
 from .generate import generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs
+from .labels import token_labels, write_token_labels
 from .numerics import numerics, torch_threads
 from .numerics import resolve as resolve_numerics
-from .labels import token_labels, write_token_labels
 from .readout import components_attrs, unembed_hash, vocab_strings, write_projections, write_readout
 from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
