@@ -130,6 +130,7 @@ def test_resume_refuses_shards_computed_differently(tiny_model_dirs, tmp_path, m
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for changed, said in ((dict(threads=1), "--threads was 2, now 1"),
                           (dict(threads=2, model_dtype="bfloat16"), "--model-dtype was 'float32', now 'bfloat16'"),
+                          (dict(threads=2, device="auto", device_map="auto"), "--device-map was None, now 'auto'"),
                           (dict(workers=1), "--threads was 2, now 1")):  # a LocalCluster worker runs 1 thread
         with pytest.raises(ResumeMismatchError, match=re.escape(said)):
             ss.capture(model=path, prompts=CORPUS, out=str(out), resume=True, **{**base, **changed})

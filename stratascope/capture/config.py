@@ -48,16 +48,19 @@ def parse_device_map(value) -> str | dict | None:
 
 
 def parse_max_memory(value) -> dict | None:
-    """'0=20GiB,cpu=64GiB' -> {0: '20GiB', 'cpu': '64GiB'} (accelerate's max_memory)."""
-    if value is None or isinstance(value, dict):
-        return value or None
+    """'0=20GiB,cpu=64GiB' -> {'0': '20GiB', 'cpu': '64GiB'}: string keys, as the store's JSON attrs
+    keep them (models/load.py gives accelerate GPU indices as ints)."""
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if value is None:
+        return None
     out = {}
     for part in (p.strip() for p in str(value).split(",") if p.strip()):
         device, sep, amount = part.partition("=")
         device = device.strip()
         if not sep or not amount.strip() or not (device.isdigit() or device in ("cpu", "mps", "disk")):
             raise ConfigError(f"--max-memory {part!r} is not DEVICE=AMOUNT; write e.g. 0=20GiB,1=20GiB,cpu=64GiB")
-        out[int(device) if device.isdigit() else device] = amount.strip()
+        out[device] = amount.strip()
     return out or None
 
 

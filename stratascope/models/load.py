@@ -97,8 +97,8 @@ class Placement:
         kw = {"dtype": DTYPES[self.dtype]}
         if self.device_map is not None:
             kw["device_map"] = self.device_map
-            if self.max_memory:
-                kw["max_memory"] = self.max_memory
+            if self.max_memory:  # accelerate names GPUs by int index
+                kw["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in self.max_memory.items()}
         return kw
 
 
