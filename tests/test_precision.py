@@ -195,3 +195,13 @@ def test_a_gguf_path_that_is_missing_or_unreadable_is_one_sentence(tmp_path):
     bad.write_bytes(b"not a gguf file at all" * 100)
     with pytest.raises(ModelNotFoundError, match="is a GGUF file transformers cannot read here"):
         load_model(str(bad))
+
+
+def test_a_scheduler_capture_runs_every_shard_at_its_workers_fewest_threads():
+    from distributed import LocalCluster
+
+    from stratascope.capture.numerics import default_threads
+
+    with LocalCluster(n_workers=2, threads_per_worker=3, processes=False, dashboard_address=None) as cluster:
+        assert default_threads(None, cluster.scheduler_address) == 3
+    assert default_threads(2, None) == 1 and default_threads(None, None) == torch.get_num_threads()
