@@ -91,12 +91,28 @@ def test_device_map_stores_what_the_plain_load_stores(tiny_model_dirs, tmp_path)
     assert run.attrs["model"]["device_map"]["model.layers.2"] == "cpu"  # the map as given, module by module
 
 
-def test_offload_to_disk_and_impossible_combinations_are_refused(tiny_model_dirs, tmp_path):
+@pytest.mark.parametrize("where", ["max_memory", "explicit"])
+def test_weights_offloaded_to_disk_store_what_the_plain_load_stores(tiny_model_dirs, tmp_path, where):
+    """accelerate keeps offloaded weights on disk and brings each module in for its forward; the
+    readout, the weights hash and every array come out as from a plain load."""
     path = str(tiny_model_dirs["llama"])
-    with pytest.raises(ConfigError, match=r"does not fit .* offloaded to disk.*--max-memory"):
-        ss.capture(model=path, prompts=PROMPTS, out=str(tmp_path / "d.zarr"), device_map="auto",
-                   max_memory="cpu=20KB", progress=False)
-    assert not (tmp_path / "d.zarr").exists()
+    opts = dict(capture="hidden,attention,mlp,components", **OPTS)
+    plain = ss.capture(model=path, prompts=CORPUS, out=str(tmp_path / "plain.zarr"), device="cpu", **opts)
+    if where == "max_memory":  # room for about one block in RAM: the rest goes to disk
+        placement = dict(device_map="auto", max_memory="cpu=60KB")
+    else:
+        placed = json.loads(_explicit_map(3)) | {"model.layers.1": "disk", "lm_head": "disk", "model.norm": "disk"}
+        placement = dict(device_map=json.dumps(placed))
+    run = ss.capture(model=path, prompts=CORPUS, out=str(tmp_path / "disk.zarr"), **placement, **opts)
+    assert "disk" in run.attrs["model"]["device_map"].values()
+    assert run.attrs["model"]["weights_sha256"] == plain.attrs["model"]["weights_sha256"]
+    for name in ("hidden", "attention", "mlp", "attn_out", "mlp_out", "token_id"):
+        assert np.array_equal(run.ds[name].values, plain.ds[name].values), name
+    for name in ("unembed", "norm_weight", "attn_out_weight", "mlp_out_weight"):
+        assert np.array_equal(run.readout[name].values, plain.readout[name].values), name
+
+
+def test_impossible_combinations_are_refused():
     for options, said in ((dict(device="cuda:1", device_map="auto"), "--device-map places the model's blocks "
                                                                      "itself, so --device cuda:1 cannot apply"),
                           (dict(device="cpu", device_map="auto"), "--device cpu cannot apply"),

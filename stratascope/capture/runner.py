@@ -17,7 +17,7 @@ import zarr
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
 from ..formatting import human_bytes
 from ..locks import hold
-from ..models import find_adapter, load_model
+from ..models import find_adapter, input_device, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
 from ..ranges import parse_ranges
@@ -349,7 +349,7 @@ def _placement(model, cfg: CaptureConfig, workers) -> dict | str | None:
         return cfg.device_map
     # accelerate names no map when everything landed on one device: then the map as given, or that device
     placed = (getattr(model, "hf_device_map", None) or (cfg.device_map if isinstance(cfg.device_map, dict) else None)
-              or {"": model.get_input_embeddings().weight.device})
+              or {"": input_device(model)})
     return {k: str(v) for k, v in placed.items()}
 
 
@@ -426,7 +426,7 @@ class ShardCapturer:
         self.model, self.adapter, self.cfg, self.plan, self.ids, self.vocab = \
             loaded.model, adapter, cfg, plan, ids, vocab
         # the inputs go where the embedding lives (with --device-map accelerate moves them on from there)
-        self.device = loaded.model.get_input_embeddings().weight.device
+        self.device = input_device(loaded.model)
         self.base = getattr(self.model, self.model.base_model_prefix, self.model)  # no LM head: no logits needed
 
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:

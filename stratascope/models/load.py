@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -207,21 +207,9 @@ def load_model(name: str, device: str = "cpu", attn: str = "sdpa", dtype: str = 
         model, tokenizer = _load_hub(name, attn, placement)
         source = f"hub:{name}"
     model.eval()
-    if device_map is None:
+    if device_map is None:  # else accelerate placed every module (offloaded ones: models/offload.py)
         model.to(dev)
-    else:
-        _check_placed(model, name)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=source)
-
-
-def _check_placed(model, name: str) -> None:
-    """Weights accelerate offloaded to disk are not in memory: the readout and the weights hash
-    need them there, so such a placement is refused (nothing was written yet)."""
-    placed = getattr(model, "hf_device_map", None) or {}
-    if "disk" in placed.values() or any(p.device.type == "meta" for p in model.parameters()):
-        raise ConfigError(f"--model {name} does not fit the devices and memory --device-map/--max-memory allow "
-                          "(some weights would be offloaded to disk, which capture does not support); allow more "
-                          "memory with --max-memory (e.g. cpu=64GiB) or use a machine with more memory")
 
 
 def _load_hub(name: str, attn: str, placement: Placement = Placement()):
