@@ -20,12 +20,6 @@ _MODELS = LRU(1)  # per worker process: the loaded model, kept across shards and
 _LOADING = threading.Lock()  # one load at a time, so a worker never holds two models
 
 
-def _device(requested: str) -> str:
-    """A LocalCluster worker sees only its own GPUs (CUDA_VISIBLE_DEVICES, worker_setup.py), so
-    'cuda' and 'auto' mean its first one; a worker started elsewhere uses what it is given."""
-    return requested
-
-
 def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list[int]],
               vocab: np.ndarray):
     """A capturer_cls (runner.ShardCapturer) around this worker's copy of the model, loaded once per weights."""
@@ -36,7 +30,8 @@ def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: 
 
     def load():
         _MODELS.clear()  # a new model replaces the last: free it before loading
-        loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation, dtype=cfg.model_dtype,
+        # a LocalCluster worker sees only its own GPUs (CUDA_VISIBLE_DEVICES, worker_setup.py): 'cuda' is its first
+        loaded = load_model(model, device=cfg.device, attn=cfg.attn_implementation, dtype=cfg.model_dtype,
                             device_map=cfg.device_map, max_memory=cfg.max_memory)
         return loaded, find_adapter(loaded.model)
 

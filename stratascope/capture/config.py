@@ -92,10 +92,10 @@ class CaptureConfig:
                                       "--capture attribution/grad; on a CUDA GPU bfloat16 where it is supported "
                                       "(half the memory, the GPU's fast matmuls, float32's range so nothing "
                                       "overflows), else float32", choices=MODEL_DTYPES)
-    device_map: str | dict | None = option(None, "spread a model too big for one GPU over the GPUs, then the CPU "
-                                                 "(accelerate): auto, balanced, balanced_low_0, sequential, or a "
-                                                 "JSON object module -> device; with --workers each worker spreads "
-                                                 "over its own GPUs")
+    device_map: str | dict | None = option(None, "spread a model too big for one GPU over the GPUs, then the CPU, "
+                                                 "then disk (accelerate): auto, balanced, balanced_low_0, "
+                                                 "sequential, or a JSON object module -> device (0, cpu, disk); "
+                                                 "with --workers each worker spreads over its own GPUs")
     max_memory: str | dict | None = option(None, "with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     threads: int | None = option(None, "torch threads of each process that runs the model (default: torch's own "
                                        "count in-process, 1 per --workers worker, a --scheduler worker's thread "

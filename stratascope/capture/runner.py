@@ -341,11 +341,11 @@ def _differences(stored: dict, now: dict) -> str:
     return "; ".join(parts) or "the store layout differs"
 
 
-def _placement(model, cfg: CaptureConfig, workers) -> dict | str | None:
+def _placement(model, cfg: CaptureConfig, cluster: bool) -> dict | str | None:
     """Where accelerate put each module (in-process), the strategy each worker applies, or None (one device)."""
     if cfg.device_map is None:
         return None
-    if workers:
+    if cluster:
         return cfg.device_map
     # accelerate names no map when everything landed on one device: then the map as given, or that device
     placed = (getattr(model, "hf_device_map", None) or (cfg.device_map if isinstance(cfg.device_map, dict) else None)
@@ -354,7 +354,7 @@ def _placement(model, cfg: CaptureConfig, workers) -> dict | str | None:
 
 
 def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, vocab,
-            labels: dict | None = None, workers=None) -> zarr.Group:
+            labels: dict | None = None, cluster: bool = False) -> zarr.Group:
     import transformers
     import xarray
 
@@ -372,7 +372,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
                   "attn_implementation": loaded.model.config._attn_implementation,
-                  "dtype": cfg.model_dtype, "device_map": _placement(loaded.model, cfg, workers)},
+                  "dtype": cfg.model_dtype, "device_map": _placement(loaded.model, cfg, cluster)},
         capture={**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
