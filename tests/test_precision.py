@@ -91,6 +91,16 @@ def test_device_map_stores_what_the_plain_load_stores(tiny_model_dirs, tmp_path)
     assert run.attrs["model"]["device_map"]["model.layers.2"] == "cpu"  # the map as given, module by module
 
 
+def test_a_worker_places_its_own_copy_with_the_device_map(tiny_model_dirs, tmp_path):
+    path = str(tiny_model_dirs["llama"])
+    plain = ss.capture(model=path, prompts=CORPUS, out=str(tmp_path / "plain.zarr"), device="cpu", threads=1, **OPTS)
+    run = ss.capture(model=path, prompts=CORPUS, out=str(tmp_path / "w.zarr"), workers=1, device_map="auto",
+                     max_memory="cpu=60KB", **OPTS)  # offloaded to disk in the worker
+    assert run.attrs["model"]["device_map"] == "auto"  # each worker applies the strategy itself
+    for name in ("hidden", "attention", "mlp", "token_id"):
+        assert np.array_equal(run.ds[name].values, plain.ds[name].values), name
+
+
 @pytest.mark.parametrize("where", ["max_memory", "explicit"])
 def test_weights_offloaded_to_disk_store_what_the_plain_load_stores(tiny_model_dirs, tmp_path, where):
     """accelerate keeps offloaded weights on disk and brings each module in for its forward; the
