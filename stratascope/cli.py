@@ -128,7 +128,9 @@ def _print_info(info: dict) -> None:
         click.echo(f"INCOMPLETE {s['complete']} of {s['total']} shards complete; finish with the same capture "
                    "command plus --resume")
     click.echo(f"model      {info['model']} ({info['class']}, family {info['family']}): {info['layers']} layers, "
-               f"{info['heads']} heads, d_model {info['d_model']}, vocab {info['vocab']}")
+               f"{info['heads']} heads, d_model {info['d_model']}, vocab {info['vocab']}; computed in "
+               f"{info.get('model_dtype', 'float32')}"
+               + (f" with {info['threads']} torch threads" if info.get("threads") else ""))
     changed = []  # nothing the capture changed goes unsaid
     if info.get("truncated_prompts"):
         changed.append(f"{info['truncated_prompts']} prompts cut to --max-length {info['max_length']} tokens")

@@ -30,9 +30,10 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
     import logging
 
     # workers ignore Ctrl-C (worker_setup.py); on an interrupt this process stops them, quietly
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
-                           preload=["stratascope.worker_setup"])
+    with _spawn_env(workers if gpu else 0):  # the workers are started when this returns
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
+                               preload=["stratascope.worker_setup"])
     try:
         with Client(cluster) as client:
             yield client
@@ -40,6 +41,35 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
         _quiet_close(cluster)
         raise
     cluster.close()
+
+
+@contextlib.contextmanager
+def _spawn_env(gpu_workers: int):
+    """The environment the workers start in, given back afterwards: with GPUs, each worker's slice
+    of them (worker_setup.py). distributed's nanny also sets OMP_NUM_THREADS=1 (and MKL's, ...) in
+    this process to pass them on; left there, every later subprocess of this process would run
+    torch with 1 thread."""
+    import json
+    import os
+
+    from .worker_setup import WORKER_GPUS, gpu_slices
+
+    before = dict(os.environ)
+    if gpu_workers:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = [g.strip() for g in visible.split(",") if g.strip()]
+        else:
+            import torch
+
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        os.environ[WORKER_GPUS] = json.dumps(gpu_slices(gpus, gpu_workers))
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
 
 
 def _quiet_close(cluster) -> None:

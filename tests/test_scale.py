@@ -54,9 +54,13 @@ def test_shards_align_to_chunks_and_pad_with_masked_rows(reference):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_workers_give_identical_store(reference, tiny_model_dirs, tmp_path, workers):
+    before = dict(os.environ)
     run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=CORPUS, out=str(tmp_path / "w.zarr"),
                      workers=workers, **OPTS)
     assert_same(reference, run)
+    # distributed's nanny sets OMP_NUM_THREADS=1 here for its workers; left set, later subprocesses
+    # would run torch with another thread count than this process
+    assert dict(os.environ) == before
 
 
 def test_kill_then_resume_is_bit_identical(reference, tiny_model_dirs, tmp_path):

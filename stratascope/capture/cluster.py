@@ -2,7 +2,8 @@
 
 Each worker loads the model once and keeps it; each task captures one shard and writes
 its rows straight into the store, then records the shard complete. GPU workers declare a
-`GPU` resource and every task asks for one, so a GPU runs one shard at a time.
+`GPU` resource and every task asks for one, so a worker runs one shard at a time on the GPUs
+it owns (a LocalCluster gives each worker its own slice of the GPUs; cluster.py).
 """
 
 from __future__ import annotations
@@ -19,34 +20,19 @@ _MODELS = LRU(1)  # per worker process: the loaded model, kept across shards and
 _LOADING = threading.Lock()  # one load at a time, so a worker never holds two models
 
 
-def _device(requested: str) -> str:
-    """On a GPU worker, spread workers over the machine's GPUs by worker name."""
-    import torch
-    from distributed import get_worker
-
-    from ..devices import resolve_device
-
-    if requested in ("cuda", "auto") and resolve_device(requested).type == "cuda":
-        worker = get_worker()
-        index = worker.name if isinstance(worker.name, int) else 0
-        return f"cuda:{index % torch.cuda.device_count()}"
-    return requested
-
-
 def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list[int]],
               vocab: np.ndarray):
     """A capturer_cls (runner.ShardCapturer) around this worker's copy of the model, loaded once per weights."""
     from ..models import find_adapter, load_model
 
-    key = (model, weights, cfg.device, cfg.attn_implementation)
+    key = (model, weights, cfg.device, cfg.attn_implementation, cfg.model_dtype, str(cfg.device_map),
+           str(cfg.max_memory))
 
     def load():
-        import torch
-        from distributed import get_worker
-
         _MODELS.clear()  # a new model replaces the last: free it before loading
-        torch.set_num_threads(max(1, get_worker().state.nthreads))
-        loaded = load_model(model, device=_device(cfg.device), attn=cfg.attn_implementation)
+        # a LocalCluster worker sees only its own GPUs (CUDA_VISIBLE_DEVICES, worker_setup.py): 'cuda' is its first
+        loaded = load_model(model, device=cfg.device, attn=cfg.attn_implementation, dtype=cfg.model_dtype,
+                            device_map=cfg.device_map, max_memory=cfg.max_memory)
         return loaded, find_adapter(loaded.model)
 
     with _LOADING:
@@ -57,8 +43,12 @@ def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: 
 def capture_shard_task(capturer_cls, out: str, model: str, weights: str, cfg, plan, shard,
                        ids_by_prompt: dict[int, list[int]], vocab: np.ndarray) -> int:
     """Runs on a worker: capture one shard, write it, record it complete. Returns its token count."""
+    import torch
+
     from .shards import write_shard
 
+    # the capture's thread count (capture/numerics.py), not the worker's: every shard is computed alike
+    torch.set_num_threads(cfg.threads)
     stage = _capturer(capturer_cls, model, weights, cfg, plan, ids_by_prompt, vocab)(shard)
     write_shard(zarr.open_group(out, mode="r+"), shard, stage)
     return plan.shard_tokens(shard)
@@ -70,8 +60,9 @@ def run_on_cluster(capturer_cls, out: str, model: str, weights: str, cfg, plan, 
     from distributed import as_completed
 
     from ..cluster import dask_client
+    from ..devices import resolve_device
 
-    gpu = cfg.device.startswith("cuda")
+    gpu = resolve_device(cfg.device).type == "cuda"
     with dask_client(workers, scheduler, gpu) as client:
         # plan and vocabulary are sent once, not with every task; a shard carries only its own prompts' ids
         shared_plan, shared_vocab = client.scatter([plan, vocab], broadcast=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
@@ -9,6 +10,8 @@ from ..options import option
 from ..schemas import CAPTURE_NAMES
 
 DTYPES = ("float16", "float32")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def parse_capture(names) -> tuple[str, ...]:
@@ -22,6 +25,43 @@ def parse_capture(names) -> tuple[str, ...]:
     if not names:
         raise ConfigError("--capture is empty; choose from " + ", ".join(CAPTURE_NAMES))
     return names
+
+
+def parse_device_map(value) -> str | dict | None:
+    """A strategy name, or a {module: device} map (a dict, or its JSON text from the command line)."""
+    if value is None or isinstance(value, dict):
+        return value or None
+    text = str(value).strip()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--device-map {text[:40]!r} is not a JSON object ({e.msg}); write it as "
+                              '\'{"model.embed_tokens": 0, "model.layers.0": 0, ...}\'') from e
+        if not isinstance(mapping, dict) or not mapping:
+            raise ConfigError("--device-map JSON must be a non-empty object of module name -> device")
+        return mapping
+    if text not in DEVICE_MAPS:
+        raise ConfigError(f"--device-map {text!r} is not a placement; use {', '.join(DEVICE_MAPS)} "
+                          "or a JSON object of module -> device")
+    return text
+
+
+def parse_max_memory(value) -> dict | None:
+    """'0=20GiB,cpu=64GiB' -> {'0': '20GiB', 'cpu': '64GiB'}: string keys, as the store's JSON attrs
+    keep them (models/load.py gives accelerate GPU indices as ints)."""
+    if isinstance(value, dict):
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    if value is None:
+        return None
+    out = {}
+    for part in (p.strip() for p in str(value).split(",") if p.strip()):
+        device, sep, amount = part.partition("=")
+        device = device.strip()
+        if not sep or not amount.strip() or not (device.isdigit() or device in ("cpu", "mps", "disk")):
+            raise ConfigError(f"--max-memory {part!r} is not DEVICE=AMOUNT; write e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+        out[device] = amount.strip()
+    return out or None
 
 
 CAPTURE_DOC = """Capture a corpus into a Zarr store at `out` (a path or fsspec URL).
@@ -47,6 +87,20 @@ class CaptureConfig:
     dtype: str = option("float32", "storage dtype of the activations", choices=DTYPES)
     batch_size: int = option(16, "prompts per forward pass", type=int)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    model_dtype: str = option("auto", "dtype of the weights and the compute (--dtype is the storage dtype): auto = "
+                                      "float32 on the CPU (bfloat16 matmuls are slow on most CPUs) and with "
+                                      "--capture attribution/grad; on a CUDA GPU bfloat16 where it is supported "
+                                      "(half the memory, the GPU's fast matmuls, float32's range so nothing "
+                                      "overflows), else float32", choices=MODEL_DTYPES)
+    device_map: str | dict | None = option(None, "spread a model too big for one GPU over the GPUs, then the CPU, "
+                                                 "then disk (accelerate): auto, balanced, balanced_low_0, "
+                                                 "sequential, or a JSON object module -> device (0, cpu, disk); "
+                                                 "with --workers each worker spreads over its own GPUs")
+    max_memory: str | dict | None = option(None, "with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    threads: int | None = option(None, "torch threads of each process that runs the model (default: torch's own "
+                                       "count in-process, 1 per --workers worker, a --scheduler worker's thread "
+                                       "count); stored values are bit-identical across runs only at the same "
+                                       "count", type=int, min=1)
     text_column: str = option("text", "the corpus column holding the prompt")
     max_length: int = option(512, "tokens kept per prompt", type=int)
     shard_tokens: int | None = option(None, "tokens per shard (the unit of work and of resume); "
@@ -80,6 +134,17 @@ class CaptureConfig:
             raise ConfigError(f"--shard-tokens {self.shard_tokens!r} must be a whole number of at least 1")
         if not isinstance(self.max_length, int) or self.max_length < 1:
             raise ConfigError(f"--max-length {self.max_length!r} must be a whole number of at least 1")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"--model-dtype {self.model_dtype!r} is not supported; use "
+                              + ", ".join(MODEL_DTYPES))
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"--threads {self.threads!r} must be a whole number of at least 1")
+        self.device_map, self.max_memory = parse_device_map(self.device_map), parse_max_memory(self.max_memory)
+        if self.max_memory and not self.device_map:
+            raise ConfigError("--max-memory only applies with --device-map; add --device-map auto")
+        if self.device_map and self.device not in ("auto", "cuda"):
+            raise ConfigError(f"--device-map places the model's blocks itself, so --device {self.device} cannot "
+                              "apply; leave --device auto, or drop --device-map to run on one device")
         if not isinstance(self.attribution, str):
             self.attribution = ",".join(self.attribution)
         self.generation, self.gradients  # noqa: B018 - validate them now, before any model call
@@ -102,6 +167,9 @@ class CaptureConfig:
     def attn_implementation(self) -> str:
         """Eager attention when its weights, queries or keys are captured (the hooks read them there)."""
         return "eager" if {"attention", "qk"} & set(self.capture) else "sdpa"
+
+    def half_gradients(self) -> bool:
+        return self.model_dtype in ("bfloat16", "float16") and self.gradients is not None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -13,6 +13,13 @@ def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def _stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.stack; blocks placed on several devices (--device-map) are stacked on the host."""
+    if len({t.device for t in tensors}) > 1:
+        tensors = [t.cpu() for t in tensors]
+    return torch.stack(tensors, dim=dim)
+
+
 class Recorder:
     """Context manager: while active, each forward fills `self.out` with tensors by (name, index).
 
@@ -107,22 +114,22 @@ class Recorder:
         """
         result = {}
         if "hidden" in self.capture:
-            result["hidden"] = torch.stack([self.out[("hidden", d)] for d in self.depths], dim=2)
+            result["hidden"] = _stack([self.out[("hidden", d)] for d in self.depths], dim=2)
         if "attention" in self.capture:
-            stacked = torch.stack([self.out[("attention", l)] for l in self.layers], dim=1)
+            stacked = _stack([self.out[("attention", l)] for l in self.layers], dim=1)
             result["attention"] = stacked.permute(0, 3, 1, 2, 4)
         if "mlp" in self.capture:
-            result["mlp"] = torch.stack([self.out[("mlp", l)] for l in self.layers], dim=2)
+            result["mlp"] = _stack([self.out[("mlp", l)] for l in self.layers], dim=2)
         if "qk" in self.capture:
             if ("queries", self.layers[0]) not in self.out:
                 raise RuntimeError("the attention modules did not call the recording attention function; "
                                    "--capture qk needs attention through transformers' AttentionInterface")
             # per layer (batch, head, seq, d_head) -> (batch, seq, layer, head, d_head)
             for name in ("queries", "keys"):
-                result[name] = torch.stack([self.out[(name, l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
+                result[name] = _stack([self.out[(name, l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
         for name in ("attn_out", "mlp_out", "z"):  # (batch, seq, layer, d_model); z (batch, seq, layer, head, d_head)
             if ("components" if name != "z" else "z") in self.capture:
-                stacked = torch.stack([self.out[(name, l)] for l in self.layers], dim=2)
+                stacked = _stack([self.out[(name, l)] for l in self.layers], dim=2)
                 h = self.adapter.n_heads
                 result[name] = stacked.unflatten(-1, (h, stacked.shape[-1] // h)) if name == "z" else stacked
         return result

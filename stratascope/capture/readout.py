@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..models import Adapter, find_components, norm_spec, projection_weights
+from ..models import Adapter, find_components, norm_spec, onloaded, projection_weights
 from ..schemas import READOUT, READOUT_PROJECTIONS
 from .writer import create_array
 
@@ -28,7 +28,8 @@ def tokenizer_json(tokenizer) -> bytes:
 def unembed_hash(adapter: Adapter, model: torch.nn.Module) -> str:
     """A fingerprint of the weights: the unembedding (or input embedding for encoders)."""
     module = adapter.unembed if adapter.unembed is not None else model.get_input_embeddings()
-    w = module.weight.detach().float().cpu().contiguous().numpy()
+    with onloaded(module):
+        w = module.weight.detach().float().cpu().contiguous().numpy()
     return hashlib.sha256(w.tobytes()).hexdigest()
 
 
@@ -47,12 +48,14 @@ def write_readout(root: zarr.Group, adapter: Adapter, tokenizer, vocab: list[str
         arr[:] = blob
     attrs = {"lens": adapter.unembed is not None, "norm_type": "none"}
     if adapter.unembed is not None:
-        w = adapter.unembed.weight.detach().float().cpu().numpy()  # (vocab, d_model)
+        with onloaded(adapter.unembed):  # weights offloaded by --device-map are read in for this
+            w = adapter.unembed.weight.detach().float().cpu().numpy()  # (vocab, d_model)
+            bias = getattr(adapter.unembed, "bias", None)
+            bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
         rows = max(1, (8 * 2**20) // (w.shape[1] * 4))
         _create(group, "unembed", w.shape, rows)[:] = w
-        bias = getattr(adapter.unembed, "bias", None)
         if isinstance(bias, torch.Tensor):
-            _create(group, "unembed_bias", (V,), V)[:] = bias.detach().float().cpu().numpy()
+            _create(group, "unembed_bias", (V,), V)[:] = bias.numpy()
         spec = norm_spec(adapter.final_norm)
         d = adapter.d_model
         _create(group, "norm_weight", (d,), d)[:] = spec["weight"].numpy()

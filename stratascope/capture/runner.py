@@ -17,7 +17,7 @@ import zarr
 from ..errors import ConfigError, DiskSpaceError, OverflowError16, ResumeMismatchError
 from ..formatting import human_bytes
 from ..locks import hold
-from ..models import find_adapter, load_model
+from ..models import find_adapter, input_device, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
 from ..ranges import parse_ranges
@@ -29,6 +29,8 @@ from .generate import generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs
 from .labels import token_labels, write_token_labels
+from .numerics import numerics, torch_threads
+from .numerics import resolve as resolve_numerics
 from .readout import components_attrs, unembed_hash, vocab_strings, write_projections, write_readout
 from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
@@ -228,8 +230,12 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
         from ..cluster import check_scheduler
 
         check_scheduler(scheduler)
+    cfg = resolve_numerics(cfg, workers, scheduler)  # model dtype and threads concrete, the same on every worker
     # on a cluster the workers run the model; here it only gives tokenizer, sizes and readout
-    loaded = load_model(model, device="cpu" if workers or scheduler else cfg.device, attn=cfg.attn_implementation)
+    cluster = bool(workers or scheduler)
+    loaded = load_model(model, device="cpu" if cluster else cfg.device, attn=cfg.attn_implementation,
+                        dtype=cfg.model_dtype, device_map=None if cluster else cfg.device_map,
+                        max_memory=cfg.max_memory)
     adapter = find_adapter(loaded.model)
     n_new = cfg.generate
     if n_new or cfg.gradients:
@@ -266,7 +272,7 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                                  "or free disk")
         if overwrite or resume:  # resume: a store whose creation was interrupted starts over
             remove_store(out)
-        root = _create(out, loaded, adapter, cfg, data, plan, vocab, labels)
+        root = _create(out, loaded, adapter, cfg, data, plan, vocab, labels, cluster)
     done = completed(root)  # read once: one flag (one chunk) per shard
     todo = [s for s in plan.shards if not done[s.index]]
     started = time.perf_counter()
@@ -280,7 +286,9 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                                np.array(vocab, dtype=object), todo, workers=workers, scheduler=scheduler,
                                on_shard=bar.update)
         else:
-            _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo, progress)
+            with torch_threads(cfg.threads):
+                _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo,
+                     progress)
     except OverflowError16 as e:  # no resume can get past it: say so in the store too (info shows it)
         root.attrs["failure"] = str(e)
         raise
@@ -294,9 +302,10 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
 
 
 def _identity(loaded, adapter, cfg: CaptureConfig, data: Corpus) -> dict:
-    """What must match for a resume to continue a store: corpus, weights, options."""
+    """What must match for a resume to continue a store: corpus, weights, options, and what decides
+    the values' last bits (device kind, model dtype, threads, device map: options; torch version)."""
     return {"corpus_sha256": data.fingerprint(), "weights_sha256": unembed_hash(adapter, loaded.model),
-            "capture": {k: v for k, v in cfg.to_dict().items() if k != "device"}}
+            "capture": {k: v for k, v in cfg.to_dict().items() if k != "device"}, "numerics": numerics(cfg)}
 
 
 def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group | None:
@@ -325,11 +334,27 @@ def _differences(stored: dict, now: dict) -> str:
     for key in sorted(set(was) | set(new)):
         if was.get(key) != new.get(key):
             parts.append(f"--{key.replace('_', '-')} was {was.get(key)!r}, now {new.get(key)!r}")
+    was, new = stored.get("numerics", {}), now.get("numerics", {})
+    for key, said in (("device", "the model ran on {}, now on {}"), ("torch", "torch was {}, now {}")):
+        if key in was and was.get(key) != new.get(key):
+            parts.append(said.format(was.get(key), new.get(key)))
     return "; ".join(parts) or "the store layout differs"
 
 
+def _placement(model, cfg: CaptureConfig, cluster: bool) -> dict | str | None:
+    """Where accelerate put each module (in-process), the strategy each worker applies, or None (one device)."""
+    if cfg.device_map is None:
+        return None
+    if cluster:
+        return cfg.device_map
+    # accelerate names no map when everything landed on one device: then the map as given, or that device
+    placed = (getattr(model, "hf_device_map", None) or (cfg.device_map if isinstance(cfg.device_map, dict) else None)
+              or {"": input_device(model)})
+    return {k: str(v) for k, v in placed.items()}
+
+
 def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, vocab,
-            labels: dict | None = None) -> zarr.Group:
+            labels: dict | None = None, cluster: bool = False) -> zarr.Group:
     import transformers
     import xarray
 
@@ -346,7 +371,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         model={"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
-                  "attn_implementation": loaded.model.config._attn_implementation},
+                  "attn_implementation": loaded.model.config._attn_implementation,
+                  "dtype": cfg.model_dtype, "device_map": _placement(loaded.model, cfg, cluster)},
         capture={**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
@@ -399,7 +425,8 @@ class ShardCapturer:
     def __init__(self, loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, vocab: np.ndarray):
         self.model, self.adapter, self.cfg, self.plan, self.ids, self.vocab = \
             loaded.model, adapter, cfg, plan, ids, vocab
-        self.device = next(loaded.model.parameters()).device
+        # the inputs go where the embedding lives (with --device-map accelerate moves them on from there)
+        self.device = input_device(loaded.model)
         self.base = getattr(self.model, self.model.base_model_prefix, self.model)  # no LM head: no logits needed
 
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:

@@ -8,12 +8,14 @@ families: capture and analysis ask an Adapter (causal? token types? rotary? whic
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .offload import onloaded
 
 # Candidate attribute paths inside one block, first match wins.
 _ATTENTION = ("self_attn", "attn", "attention")
@@ -149,12 +151,13 @@ def norm_spec(norm: nn.Module) -> dict:
     Returns a dict with type ('layernorm' or 'rmsnorm'), eps, weight, bias (or None) and
     weight_offset (1.0 for norms that scale by 1 + weight, as Gemma's do).
     """
-    weight = norm.weight.detach().float().cpu()
-    bias = getattr(norm, "bias", None)
-    bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
-    eps = next((float(v) for v in (getattr(norm, a, None) for a in ("eps", "variance_epsilon"))
-                if isinstance(v, (int, float))), 1e-5)
-    kind, offset = _norm_form(norm, eps, weight, bias)
+    with onloaded(norm):
+        weight = norm.weight.detach().float().cpu()
+        bias = getattr(norm, "bias", None)
+        bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
+        eps = next((float(v) for v in (getattr(norm, a, None) for a in ("eps", "variance_epsilon"))
+                    if isinstance(v, (int, float))), 1e-5)
+        kind, offset = _norm_form(norm, eps, weight, bias)
     return {"type": kind, "eps": eps, "weight": weight, "bias": bias, "weight_offset": offset}
 
 
@@ -168,8 +171,13 @@ def _norm_form(norm: nn.Module, eps: float, weight: torch.Tensor, bias: torch.Te
         return "rmsnorm", 0.0
     d = weight.numel()
     x = torch.linspace(-1.0, 3.0, 2 * d).reshape(2, d) * torch.tensor([1.0, -0.5])[:, None]
+    probe = copy.deepcopy(norm)  # a float32 copy on the CPU: a bfloat16 norm's own rounding would hide its form
+    if hasattr(probe, "_hf_hook"):  # placed by --device-map: the copy runs where it is, without accelerate's hook
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(probe)
     with torch.no_grad():
-        y = norm(x.to(norm.weight.device, norm.weight.dtype)).float().cpu()
+        y = probe.to("cpu", torch.float32)(x).float()
     centred = x - x.mean(-1, keepdim=True)
     shapes = {
         ("layernorm", 0.0): centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps),
@@ -249,7 +257,8 @@ def projection_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
     """(weight as (in, out), bias or None) of a Linear or GPT-2 Conv1D, float32 on the CPU."""
     from transformers.pytorch_utils import Conv1D
 
-    w = module.weight.detach().float().cpu()
-    w = w if isinstance(module, Conv1D) else w.T  # nn.Linear stores (out, in)
-    bias = getattr(module, "bias", None)
-    return w.contiguous(), (bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None)
+    with onloaded(module):
+        w = module.weight.detach().float().cpu()
+        w = w if isinstance(module, Conv1D) else w.T  # nn.Linear stores (out, in)
+        bias = getattr(module, "bias", None)
+        return w.contiguous(), (bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None)

@@ -11,7 +11,7 @@ from .spec import REQUIRED_ATTRS, SCHEMA_VERSION, TOKEN_COORDS
 
 # Keys each section carries (docs/store-format.md, "Root attrs", describes every one).
 MODEL_KEYS = ("name", "source", "class", "family", "causal", "n_layers", "n_heads", "d_model", "d_mlp", "d_head",
-              "vocab_size", "weights_sha256", "attn_implementation")
+              "vocab_size", "weights_sha256", "attn_implementation", "dtype", "device_map")
 CORPUS_KEYS = ("source", "sha256", "n_prompts", "n_tokens", "max_len", "metadata_columns", "token_labels")
 
 
