@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingArrayError, OutOfRangeError
 from .store import Store, store_bytes
 
 
@@ -259,3 +259,29 @@ class Run(Store):
         return similarity(self, other, method=method, array=array, positions=positions, depths=depths,
                           max_rows=max_rows, **options)
 
+    def torch_dataset(self, name: str = "hidden", depth: int | None = None, layer: int | None = None,
+                      positions: str = "all", shuffle: bool = True, seed: int = 0, row_ids: bool = False,
+                      buffer_rows: int | None = None, batch_size: int | None = None):
+        """A torch IterableDataset over the rows of array `name` (at one `depth` or `layer`, or all of them):
+        chunks in a seeded shuffled order through a bounded shuffle buffer of `buffer_rows` rows, split
+        across DataLoader workers without duplicates or gaps; `set_epoch(n)` reshuffles.
+        positions as for the lens (all, last, first, N,M, label:<name>). See stratascope.training."""
+        from .training import DEFAULT_BUFFER_ROWS, StoreDataset
+
+        return StoreDataset(self, name, depth=depth, layer=layer, positions=positions, shuffle=shuffle, seed=seed,
+                            row_ids=row_ids, buffer_rows=buffer_rows or DEFAULT_BUFFER_ROWS, batch_size=batch_size)
+
+    def hook_name(self, name: str, index: int) -> str:
+        """The TransformerLens hook equivalent to array `name` at depth or layer `index` (a coordinate
+        value), from the array's attrs: hook_name('hidden', 12) -> 'blocks.11.hook_resid_post'."""
+        from .schemas import transformer_lens_hook
+
+        var = self.require(name)
+        if "transformer_lens_hook" not in var.attrs:
+            raise MissingArrayError(f"{name} of {self.path} records no TransformerLens hook (its capture predates "
+                                    "them, or the array has none); capture again to record them")
+        dim = "depth" if var.attrs["transformer_lens_layer"] == "depth - 1" else "layer"
+        have = [int(v) for v in var[dim].values]
+        if int(index) not in have:
+            raise OutOfRangeError(f"{dim} {index} was not captured in {self.path}; its {dim}s: {have}")
+        return transformer_lens_hook(var.attrs, int(index))
