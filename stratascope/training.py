@@ -190,10 +190,12 @@ def _rebatch(blocks, size: int):
     for values, rows in blocks:
         pending.append((values, rows))
         n += len(rows)
-        while n >= size:
-            values = np.concatenate([v for v, _ in pending])
-            rows = np.concatenate([r for _, r in pending])
-            yield values[:size], rows[:size]
-            pending, n = [(values[size:], rows[size:])], n - size
+        if n < size:
+            continue
+        values, rows = np.concatenate([v for v, _ in pending]), np.concatenate([r for _, r in pending])
+        cut = n - n % size
+        for start in range(0, cut, size):
+            yield values[start:start + size], rows[start:start + size]
+        pending, n = [(values[cut:], rows[cut:])], n - cut
     if n:
         yield np.concatenate([v for v, _ in pending]), np.concatenate([r for _, r in pending])

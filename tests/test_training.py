@@ -119,6 +119,23 @@ def test_bad_input_is_one_sentence(run):
         run.torch_dataset("hidden", depth=1, positions="middle")
 
 
+def test_a_damaged_chunk_is_named(run, tmp_path):
+    import shutil
+
+    from stratascope.errors import DamagedStoreError
+
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(run.path, copy)
+    chunk = copy / "hidden" / "c" / "3" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    ds = ss.open_run(str(copy)).torch_dataset("hidden", depth=1)
+    with pytest.raises(DamagedStoreError, match="chunk 3/0/0 of array 'hidden' is damaged"):
+        for _ in torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1):
+            pass
+
+
 def test_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
     """A 400 MB store read through a 4,096-row buffer: the peak RSS grows by far less than the store."""
     code = textwrap.dedent(f"""
