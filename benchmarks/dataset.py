@@ -1,6 +1,6 @@
 """run.torch_dataset: rows/s through a DataLoader against a plain sequential zarr read of the same array.
 
-    PYTHONPATH=. python benchmarks/dataset.py [--prompts 64] [--reps 8] [--depth 12] [--out /tmp/dataset-bench]
+    PYTHONPATH=. python benchmarks/dataset.py [--prompts 64] [--reps 32] [--depth 12] [--out /tmp/dataset-bench]
 
 1. Captures SmolLM2 hidden states (float16) of --prompts benchmark prompts and tiles the store
    --reps times (stratascope.testing.tile_store), so it is larger than the shuffle buffer.
@@ -33,6 +33,7 @@ import stratascope as ss
 from stratascope.testing import tile_store
 
 
+FIRST_BATCH: dict = {}  # seconds to the first batch (worker start-up, buffer fill), of the last repeat
 BUFFER = 8192  # rows; smaller than the store, so the buffer fills and rows are drawn from it
 
 
@@ -54,8 +55,10 @@ def through_loader(run, depth: int, workers: int, batched: bool) -> int:
     else:
         ds = run.torch_dataset("hidden", depth=depth, seed=0, buffer_rows=BUFFER)
         loader = torch.utils.data.DataLoader(ds, batch_size=1024, num_workers=workers)
-    rows, total = 0, 0.0
+    rows, total, start = 0, 0.0, time.perf_counter()
     for batch in loader:
+        if not rows:
+            FIRST_BATCH[(workers, batched)] = time.perf_counter() - start
         rows += len(batch)
         total += float(batch[:, 0].float().sum())
     return rows
@@ -64,7 +67,7 @@ def through_loader(run, depth: int, workers: int, batched: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=32)
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="/tmp/dataset-bench")
@@ -99,6 +102,7 @@ def main() -> None:
         "buffer_rows": BUFFER, "batch": 1024, "torch_threads": torch.get_num_threads(),
         "rows_per_s": {k: round(v) for k, v in rate.items()},
         "ratio_to_plain": {k: round(v / rate["plain_sequential_zarr"], 3) for k, v in rate.items()},
+        "first_batch_s": {f"{'batches' if b else 'rows'}_workers{w}": round(t, 3) for (w, b), t in FIRST_BATCH.items()},
     }
     shutil.rmtree(path, ignore_errors=True)
     print(json.dumps(result, indent=2))
