@@ -32,7 +32,6 @@ from benchmarks_corpus import corpus
 import stratascope as ss
 from stratascope.testing import tile_store
 
-
 FIRST_BATCH: dict = {}  # seconds to the first batch (worker start-up, buffer fill), of the last repeat
 BUFFER = 8192  # rows; smaller than the store, so the buffer fills and rows are drawn from it
 
