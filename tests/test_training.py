@@ -209,40 +209,55 @@ def test_capture_writes_the_hook_attrs(tiny_model_dirs, tmp_path):
 @pytest.mark.real
 def test_a_linear_probe_trains_through_a_dataloader_on_smollm2(tmp_path):
     """SmolLM2 hidden states at depth 6 through a 2-worker DataLoader train a linear probe of "the token
-    starts with a space"; its held-out accuracy matches scikit-learn's on the same rows read with zarr."""
+    starts with a space" (odd prompts held out); its accuracy matches scikit-learn's on the same rows
+    read with zarr."""
     import json
     from pathlib import Path
 
     from sklearn.linear_model import LogisticRegression
 
     lines = (Path(ss.__path__[0]) / "data" / "tuned_lens_prompts.jsonl").read_text().splitlines()
-    prompts = [json.loads(line)["text"] for line in lines[::3][:48]]
+    prompts = [json.loads(line)["text"] for line in lines[::2]]  # 80 short prompts, ~1,600 tokens
     run = ss.capture(model="smollm2", prompts=prompts, out=str(tmp_path / "s.zarr"), capture=("hidden",),
                      device="cpu", progress=False, shard_tokens=256)
     assert run.hook_name("hidden", 6) == "blocks.5.hook_resid_post"
-    assert _raw(run)["hidden"].attrs["transformer_lens_hook"] == "blocks.{layer}.hook_resid_post"
     root = _raw(run)
+    assert root["hidden"].attrs["transformer_lens_hook"] == "blocks.{layer}.hook_resid_post"
     space = np.array([str(t).startswith(" ") for t in root["token_str"][:]])
-    test_rows = np.isin(root["prompt_index"][:], np.arange(1, 48, 2))  # odd prompts held out
+    held_out = np.isin(root["prompt_index"][:], np.arange(1, len(prompts), 2))
     ds = run.torch_dataset("hidden", depth=6, row_ids=True, buffer_rows=1024, seed=0)
+
+    def training_batches(batch_size):
+        for x, rows in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=2):
+            keep = ~held_out[rows.numpy()]
+            yield x[torch.from_numpy(keep)], torch.from_numpy(space[rows.numpy()][keep]).float()
+
+    n, s1, s2 = 0, 0.0, 0.0  # standardize with the training rows' mean and std (one pass)
+    for x, _ in training_batches(256):
+        x = x.double()
+        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + (x * x).sum(0)
+    mean, std = (s1 / n).float(), (s2 / n - (s1 / n) ** 2).clamp_min(1e-6).sqrt().float()
     torch.manual_seed(0)
     probe = torch.nn.Linear(576, 1)
     opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
-    for epoch in range(4):
+    for epoch in range(10):
         ds.set_epoch(epoch)
-        for x, rows in torch.utils.data.DataLoader(ds, batch_size=256, num_workers=2):
-            keep = torch.from_numpy(~test_rows[rows.numpy()])
-            x, y = x[keep], torch.from_numpy(space[rows.numpy()][keep.numpy()]).float()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x / 10).squeeze(1), y)
+        for x, y in training_batches(64):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(probe((x - mean) / std).squeeze(1), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
     hidden = root["hidden"][:][:, list(root["depth"][:]).index(6)]
-    rows = np.concatenate([np.arange(o, o + n) for o, n in zip(root["token_offset"][:], root["n_tokens"][:])])
-    train, test = rows[~test_rows[rows]], rows[test_rows[rows]]
+    rows = np.concatenate([np.arange(o, o + k) for o, k in zip(root["token_offset"][:], root["n_tokens"][:])])
+    train, test = rows[~held_out[rows]], rows[held_out[rows]]
+    assert n == len(train)
+
+    def features(r):
+        return (hidden[r] - mean.numpy()) / std.numpy()
+
     with torch.no_grad():
-        ours = ((probe(torch.from_numpy(hidden[test]) / 10).squeeze(1) > 0).numpy() == space[test]).mean()
-    sk = LogisticRegression(max_iter=2000).fit(hidden[train] / 10, space[train]).score(hidden[test] / 10, space[test])
+        ours = ((probe(torch.from_numpy(features(test))).squeeze(1) > 0).numpy() == space[test]).mean()
+    sk = LogisticRegression(max_iter=5000).fit(features(train), space[train]).score(features(test), space[test])
     majority = max(space[test].mean(), 1 - space[test].mean())
-    assert ours > majority + 0.1 and ours > 0.9, (ours, majority)
-    assert abs(ours - sk) < 0.05, (ours, sk)
+    assert ours > majority + 0.15, (ours, majority)
+    assert abs(ours - sk) < 0.04, (ours, sk)
