@@ -11,6 +11,8 @@ import xarray as xr
 from .errors import ConfigError, MissingArrayError, OutOfRangeError
 from .store import Store, store_bytes
 
+TL_ATTRS = ("transformer_lens_hook", "transformer_lens_layer", "transformer_lens_depth_0")
+
 
 class Run(Store):
     """A stored capture, reopened without the model: the user-facing front over the store handle.
@@ -200,7 +202,8 @@ class Run(Store):
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
-        arrays = {name: {"dims": dict(zip(v.dims, v.shape)), "dtype": str(v.dtype)}
+        arrays = {name: {"dims": dict(zip(v.dims, v.shape)), "dtype": str(v.dtype),
+                         **{k: v.attrs[k] for k in TL_ATTRS if k in v.attrs}}
                   for name, v in self.ds.data_vars.items() if "token" in v.dims and v.ndim > 1}
         return {"path": self.path, "model": m["name"], "family": m["family"], "class": m["class"],
                 "layers": m["n_layers"], "heads": m["n_heads"], "d_model": m["d_model"], "vocab": m["vocab_size"],

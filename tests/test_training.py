@@ -200,6 +200,12 @@ def test_capture_writes_the_hook_attrs(tiny_model_dirs, tmp_path):
     assert attrs["mlp"]["transformer_lens_layer"] == "layer"
     assert "transformer_lens_hook" not in attrs["token_id"]
     assert gpt2.hook_name("attention", 2) == "blocks.2.attn.hook_pattern"
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    shown = CliRunner().invoke(cli, ["info", gpt2.path]).output
+    assert "~ blocks.{layer}.mlp.hook_post" in shown and "depth 0: blocks.0.hook_resid_pre" in shown
     bert = ss.capture(model=str(tiny_model_dirs["bert"]), prompts=PROMPTS[:2], out=str(tmp_path / "b.zarr"),
                       device="cpu", capture="hidden", progress=False)
     assert bert.hook_name("hidden", 3) == "blocks.2.hook_normalized_resid_post"  # post-norm: the block's output
