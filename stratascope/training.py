@@ -3,16 +3,19 @@
 `StoreDataset` reads whole token chunks of one array (at one depth or layer) straight from Zarr,
 through the CheckedStore, so a damaged chunk is an error naming it. With shuffle, the chunk
 order is a permutation drawn from (seed, epoch) and rows pass through a shuffle buffer of
-`buffer_rows` rows: memory is the buffer plus one chunk, whatever the store's size. DataLoader
-workers take every num_workers-th chunk of that order, so each selected row comes exactly once
-per epoch. `set_epoch(n)` draws the next permutation (a DataLoader without persistent workers
-copies the dataset to its workers at each epoch, so the new epoch reaches them).
+`buffer_rows` rows: memory is the buffer plus two chunks (one read ahead in a thread), whatever
+the store's size. DataLoader workers take every num_workers-th chunk of that order, so each
+selected row comes exactly once per epoch. `set_epoch(n)` draws the next permutation (a
+DataLoader without persistent workers copies the dataset to its workers at each epoch, so the
+new epoch reaches them).
 
 Rows are those `positions` selects, with the lens's parser (analyze.targets.select_rows);
 "all" is applied chunk by chunk from the prompt table, so no list of every row is ever built.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -125,12 +128,23 @@ class StoreDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         return order if info is None else order[info.id::info.num_workers]
 
+    def _chunks_read(self):
+        """(values, row ids) of this worker's chunks in order, the next one read ahead in a thread so
+        that decompression overlaps whatever consumes the rows."""
+        chunks = [int(c) for c in self._my_chunks()]
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ahead = pool.submit(self._read, chunks[0])
+            for c in chunks[1:]:
+                current, ahead = ahead.result(), pool.submit(self._read, c)
+                yield current
+            yield ahead.result()
+
     def _blocks(self):
         """(values, row ids) blocks: chunk by chunk, or shuffled through the bounded buffer."""
-        chunks = self._my_chunks()
         if not self.shuffle:
-            for c in chunks:
-                yield self._read(int(c))
+            yield from self._chunks_read()
             return
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, 0 if info is None else info.id + 1])
@@ -138,8 +152,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
         buf = np.empty((size,) + self.row_shape, self.dtype)
         ids = np.empty(size, np.int64)
         fill = 0
-        for c in chunks:
-            values, rows = self._read(int(c))
+        for values, rows in self._chunks_read():
             pos = 0
             while pos < len(rows):
                 if fill < size:  # fill the buffer first

@@ -166,6 +166,7 @@ def test_memory_is_bounded_by_the_buffer_not_the_store(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout
+    print(result.stdout)
 
 
 # ---------------------------------------------------------------- TransformerLens hook names
