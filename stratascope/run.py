@@ -274,9 +274,11 @@ class Run(Store):
         return StoreDataset(self, name, depth=depth, layer=layer, positions=positions, shuffle=shuffle, seed=seed,
                             row_ids=row_ids, buffer_rows=buffer_rows or DEFAULT_BUFFER_ROWS, batch_size=batch_size)
 
-    def hook_name(self, name: str, index: int) -> str:
-        """The TransformerLens hook equivalent to array `name` at depth or layer `index` (a coordinate
-        value), from the array's attrs: hook_name('hidden', 12) -> 'blocks.11.hook_resid_post'."""
+    def hook_name(self, name: str, index: int | None = None, *, depth: int | None = None,
+                  layer: int | None = None) -> str:
+        """The TransformerLens hook equivalent to array `name` at a depth or layer (its coordinate value:
+        `index`, or depth= / layer=), from the array's attrs: hook_name('hidden', 12) ->
+        'blocks.11.hook_resid_post', hook_name('mlp', layer=3) -> 'blocks.3.mlp.hook_post'."""
         from .schemas import transformer_lens_hook
 
         var = self.require(name)
@@ -284,6 +286,11 @@ class Run(Store):
             raise MissingArrayError(f"{name} of {self.path} records no TransformerLens hook (its capture predates "
                                     "them, or the array has none); capture again to record them")
         dim = "depth" if var.attrs["transformer_lens_layer"] == "depth - 1" else "layer"
+        given = {"index": index, "depth": depth, "layer": layer}
+        wrong = layer if dim == "depth" else depth
+        if sum(v is not None for v in given.values()) != 1 or wrong is not None:
+            raise ConfigError(f"{name} is indexed by {dim}: give one {dim}, e.g. run.hook_name({name!r}, {dim}=1)")
+        index = next(v for v in given.values() if v is not None)
         have = [int(v) for v in var[dim].values]
         if int(index) not in have:
             raise OutOfRangeError(f"{dim} {index} was not captured in {self.path}; its {dim}s: {have}")

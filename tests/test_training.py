@@ -185,6 +185,12 @@ def test_hook_names_of_hidden_depths(run):
     assert run.hook_name("keys", 0) == "blocks.0.attn.hook_rot_k"
     with pytest.raises(OutOfRangeError):
         run.hook_name("hidden", n_layers + 1)
+    assert run.hook_name("hidden", depth=2) == "blocks.1.hook_resid_post"
+    assert run.hook_name("mlp", layer=0) == "blocks.0.mlp.hook_post"
+    with pytest.raises(ConfigError, match="indexed by depth"):
+        run.hook_name("hidden", layer=2)
+    with pytest.raises(ConfigError, match="indexed by layer"):
+        run.hook_name("mlp", 1, layer=1)
 
 
 def test_capture_writes_the_hook_attrs(tiny_model_dirs, tmp_path):
