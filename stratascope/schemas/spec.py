@@ -145,7 +145,7 @@ GRADIENTS = tuple(
 #   transformer_lens_layer  how {layer} follows from the array's index: "layer" (the layer
 #                           coordinate) or "depth - 1" (depth d is the output of block d-1)
 #   transformer_lens_depth_0  for depth arrays: the hook of depth 0 (the embedding output)
-# The names hold for the unprocessed model (HookedTransformer.from_pretrained_no_processing):
+# Compare values with the unprocessed model (HookedTransformer.from_pretrained_no_processing):
 # TransformerLens's default weight processing (fold_ln, center_writing_weights) changes the values.
 TRANSFORMER_LENS_HOOKS = {
     "hidden": "blocks.{layer}.hook_resid_post",
