@@ -1,6 +1,6 @@
 """run.torch_dataset: rows/s through a DataLoader against a plain sequential zarr read of the same array.
 
-    PYTHONPATH=. python benchmarks/dataset.py [--prompts 64] [--reps 32] [--depth 12] [--out /tmp/dataset-bench]
+    PYTHONPATH=. python benchmarks/dataset.py [--prompts 64] [--reps 16] [--repeats 8] [--depth 12] [--out /tmp/dataset-bench]
 
 1. Captures SmolLM2 hidden states (float16) of --prompts benchmark prompts and tiles the store
    --reps times (stratascope.testing.tile_store), so it is larger than the shuffle buffer.
@@ -66,9 +66,9 @@ def through_loader(run, depth: int, workers: int, batched: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=16)
     parser.add_argument("--depth", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--out", default="/tmp/dataset-bench")
     args = parser.parse_args()
     out = Path(args.out)
