@@ -1,6 +1,7 @@
 """run.torch_dataset: rows/s through a DataLoader against a plain sequential zarr read of the same array.
 
-    PYTHONPATH=. python benchmarks/dataset.py [--prompts 64] [--reps 16] [--repeats 8] [--depth 12] [--out /tmp/dataset-bench]
+    PYTHONPATH=. python benchmarks/dataset.py [--prompts 64] [--reps 16] [--repeats 8] [--depth 12]
+        [--out /tmp/dataset-bench]
 
 1. Captures SmolLM2 hidden states (float16) of --prompts benchmark prompts and tiles the store
    --reps times (stratascope.testing.tile_store), so it is larger than the shuffle buffer.
