@@ -150,7 +150,12 @@ def _print_info(info: dict) -> None:
     width = max((len(n) for n in info["arrays"]), default=0) + 2
     for name, a in info["arrays"].items():
         dims = ", ".join(f"{d} {n}" for d, n in a["dims"].items())
-        click.echo(f"  {name:<{width}}{a['dtype']:<9}{dims}")
+        hook = a.get("transformer_lens_hook")
+        if hook:  # the TransformerLens equivalent (docs/store-format.md)
+            rule = a["transformer_lens_layer"]
+            hook = f"   ~ {hook}" + ("" if rule == "layer" else
+                                    f" (layer = {rule}; depth 0: {a['transformer_lens_depth_0']})")
+        click.echo(f"  {name:<{width}}{a['dtype']:<9}{dims}{hook or ''}")
     if info["results"]:
         click.echo("results    (analysis/<job>/<name>; stratascope forget RUN JOB/NAME removes one)")
     for r in info["results"]:

@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingArrayError, OutOfRangeError
 from .store import Store, store_bytes
+
+TL_ATTRS = ("transformer_lens_hook", "transformer_lens_layer", "transformer_lens_depth_0")
 
 
 class Run(Store):
@@ -200,7 +202,8 @@ class Run(Store):
     def info(self) -> dict:
         """What `stratascope info` prints."""
         m, c, cap = self.attrs["model"], self.attrs["corpus"], self.attrs["capture"]
-        arrays = {name: {"dims": dict(zip(v.dims, v.shape)), "dtype": str(v.dtype)}
+        arrays = {name: {"dims": dict(zip(v.dims, v.shape)), "dtype": str(v.dtype),
+                         **{k: v.attrs[k] for k in TL_ATTRS if k in v.attrs}}
                   for name, v in self.ds.data_vars.items() if "token" in v.dims and v.ndim > 1}
         return {"path": self.path, "model": m["name"], "family": m["family"], "class": m["class"],
                 "layers": m["n_layers"], "heads": m["n_heads"], "d_model": m["d_model"], "vocab": m["vocab_size"],
@@ -261,3 +264,36 @@ class Run(Store):
         return similarity(self, other, method=method, array=array, positions=positions, depths=depths,
                           max_rows=max_rows, **options)
 
+    def torch_dataset(self, name: str = "hidden", depth: int | None = None, layer: int | None = None,
+                      positions: str = "all", shuffle: bool = True, seed: int = 0, row_ids: bool = False,
+                      buffer_rows: int | None = None, batch_size: int | None = None):
+        """A torch IterableDataset over the rows of array `name` (at one `depth` or `layer`, or all of them):
+        chunks in a seeded shuffled order through a bounded shuffle buffer of `buffer_rows` rows, split
+        across DataLoader workers without duplicates or gaps; `set_epoch(n)` reshuffles.
+        positions as for the lens (all, last, first, N,M, label:<name>). See stratascope.training."""
+        from .training import DEFAULT_BUFFER_ROWS, StoreDataset
+
+        return StoreDataset(self, name, depth=depth, layer=layer, positions=positions, shuffle=shuffle, seed=seed,
+                            row_ids=row_ids, buffer_rows=buffer_rows or DEFAULT_BUFFER_ROWS, batch_size=batch_size)
+
+    def hook_name(self, name: str, index: int | None = None, *, depth: int | None = None,
+                  layer: int | None = None) -> str:
+        """The TransformerLens hook equivalent to array `name` at a depth or layer (its coordinate value:
+        `index`, or depth= / layer=), from the array's attrs: hook_name('hidden', 12) ->
+        'blocks.11.hook_resid_post', hook_name('mlp', layer=3) -> 'blocks.3.mlp.hook_post'."""
+        from .schemas import transformer_lens_hook
+
+        var = self.require(name)
+        if "transformer_lens_hook" not in var.attrs:
+            raise MissingArrayError(f"{name} of {self.path} records no TransformerLens hook (its capture predates "
+                                    "them, or the array has none); capture again to record them")
+        dim = "depth" if var.attrs["transformer_lens_layer"] == "depth - 1" else "layer"
+        given = {"index": index, "depth": depth, "layer": layer}
+        wrong = layer if dim == "depth" else depth
+        if sum(v is not None for v in given.values()) != 1 or wrong is not None:
+            raise ConfigError(f"{name} is indexed by {dim}: give one {dim}, e.g. run.hook_name({name!r}, {dim}=1)")
+        index = next(v for v in given.values() if v is not None)
+        have = [int(v) for v in var[dim].values]
+        if int(index) not in have:
+            raise OutOfRangeError(f"{dim} {index} was not captured in {self.path}; its {dim}s: {have}")
+        return transformer_lens_hook(var.attrs, int(index))

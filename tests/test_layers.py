@@ -20,12 +20,13 @@ LAYERS = [
     {"capture"},
     {"store", "checked_store", "verify"},
     {"analyze"},
+    {"training"},
     {"viewer"},
     {"workflows"},
     {"run", "api", "__init__", "__main__", "cli", "testing"},
 ]
 FORBIDDEN = {"analyze": {"transformers"}, "viewer": {"torch", "transformers"}, "store": {"torch", "transformers"},
-             "schemas": {"torch", "transformers"}}
+             "training": {"transformers"}, "schemas": {"torch", "transformers"}}
 
 
 def _modules() -> dict[str, Path]:

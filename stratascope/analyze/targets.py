@@ -97,7 +97,7 @@ def _labelled_rows(labels: xr.DataArray) -> np.ndarray:
     found, step = [], 1 << 16
     for start in range(0, labels.sizes["token"], step):
         values = labels.isel(token=slice(start, start + step)).values
-        keep = ~np.isnan(values) if values.dtype.kind == "f" else (values.astype(str) != "")
+        keep = ~np.isnan(values) if values.dtype.kind == "f" else (values != "")  # str, StringDType or object
         found.append(start + np.flatnonzero(keep))
     return np.concatenate(found) if found else np.zeros(0, np.int64)
 

@@ -21,7 +21,15 @@ from ..models import find_adapter, input_device, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
 from ..ranges import parse_ranges
-from ..schemas import META_PREFIX, PROJECTION_CAPTURES, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
+from ..schemas import (
+    META_PREFIX,
+    PROJECTION_CAPTURES,
+    TOKEN_TABLE,
+    VARIABLES,
+    RootAttrs,
+    consolidate,
+    transformer_lens_attrs,
+)
 from ..version import __version__
 from .config import CAPTURE_DOC, CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
@@ -404,7 +412,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     for name, coords in index:
         create_array(root, name, (len(coords),), len(coords), "int32", (name,))[:] = np.array(coords, dtype=np.int32)
     for name, shape in plan.shapes.items():
-        create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows)
+        create_array(root, name, shape, plan.chunk_rows, plan.dtypes[name], shard_rows=plan.zarr_shard_rows,
+                     extra_attrs=transformer_lens_attrs(name, adapter.rotary, adapter.post_norm))
     create_records(root, len(plan.shards))
     write_readout(root, adapter, loaded.tokenizer, vocab)
     if set(PROJECTION_CAPTURES) & set(cfg.capture):

@@ -74,13 +74,14 @@ def token_chunk_rows(row_bytes: list[int], n_rows: int) -> int:
 
 def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_rows: int, dtype: str,
                  dims: tuple[str, ...] | None = None, shard_rows: int | None = None,
-                 spec: VariableSpec | None = None) -> zarr.Array:
+                 spec: VariableSpec | None = None, extra_attrs: dict | None = None) -> zarr.Array:
     """Create one array, its dims and long_name/description attrs from its spec (`spec`, else the
-    root array of that name); with shard_rows, Zarr's sharding codec packs that many rows of
-    chunks into one stored object (so a big run is not millions of small files)."""
+    root array of that name), plus `extra_attrs` (e.g. its TransformerLens hook); with shard_rows,
+    Zarr's sharding codec packs that many rows of chunks into one stored object (so a big run is not
+    millions of small files)."""
     spec = spec or root_spec(name)
     dims = dims or spec.dims
-    attrs = {"attributes": spec.attrs(name)} if spec is not None else {}
+    attrs = {"attributes": {**spec.attrs(name), **(extra_attrs or {})}} if spec is not None else {}
     chunks = (min(chunk_rows, shape[0]),) + tuple(shape[1:])
     shards = {"shards": (shard_rows,) + tuple(shape[1:])} if shard_rows else {}
     if dtype == "str":

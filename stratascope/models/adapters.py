@@ -55,6 +55,7 @@ class Adapter:
     causal: bool  # each position sees only earlier ones; an LM head reads the last depth out
     has_token_types: bool  # takes token_type_ids (BERT's sentence A/B segments)
     rotary: bool  # q and k are rotated by position before the scores (the recorded q/k are after it)
+    post_norm: bool  # each block normalizes its output (BERT); pre-norm decoders add to an unnormalized stream
     kv_heads: int  # key/value heads (fewer than n_heads under grouped-query attention)
     blocks: list[nn.Module]
     attentions: list[nn.Module]
@@ -130,6 +131,7 @@ def find_adapter(model: nn.Module) -> Adapter:
         causal=causal,
         has_token_types=_get(base, "embeddings.token_type_embeddings") is not None,
         rotary=any(name.endswith("rotary_emb") for name, _ in model.named_modules()),
+        post_norm=family == "bert",
         kv_heads=int(getattr(config, "num_key_value_heads", None) or n_heads),
         blocks=list(blocks),
         attentions=[_get(b, attn_path) for b in blocks],

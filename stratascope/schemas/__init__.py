@@ -49,6 +49,8 @@ from .spec import (
     VARIABLES,
     VariableSpec,
     root_spec,
+    transformer_lens_attrs,
+    transformer_lens_hook,
 )
 from .validate import check_group, dtype_matches, parse_schema_version, validate_root
 
@@ -59,6 +61,6 @@ __all__ = [
     "PROBE", "PROJECTION_CAPTURES", "PROMPT_TABLE", "READOUT", "READOUT_ATTRS", "READOUT_PROJECTIONS", "RECORDS",
     "REQUIRED_ATTRS", "ROOT_PATTERNS", "RootAttrs", "SCHEMA_VERSION", "SIMILARITY", "SIMILARITY_MLP", "TOKEN_COORDS",
     "TOKEN_TABLE", "TUNED_LENS", "VARIABLES", "VariableSpec", "analysis_spec", "check_group", "consolidate",
-    "describe", "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords", "upgrade_store",
-    "validate_root"
+    "describe", "dtype_matches", "group_path", "parse_schema_version", "root_spec", "token_coords",
+    "transformer_lens_attrs", "transformer_lens_hook", "upgrade_store", "validate_root"
 ]

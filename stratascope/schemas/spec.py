@@ -139,6 +139,53 @@ GRADIENTS = tuple(
        "gradient of the sequence's summed next-token log-likelihood w.r.t. hidden"),
 )
 
+# The equivalent TransformerLens hook of each activation array, so SAE and probe tools can map
+# a stored array onto theirs. Written into each array's attrs by the capture (transformer_lens_attrs):
+#   transformer_lens_hook   the hook name, with {layer} for the block number
+#   transformer_lens_layer  how {layer} follows from the array's index: "layer" (the layer
+#                           coordinate) or "depth - 1" (depth d is the output of block d-1)
+#   transformer_lens_depth_0  for depth arrays: the hook of depth 0 (the embedding output)
+# Compare values with the unprocessed model (HookedTransformer.from_pretrained_no_processing):
+# TransformerLens's default weight processing (fold_ln, center_writing_weights) changes the values.
+TRANSFORMER_LENS_HOOKS = {
+    "hidden": "blocks.{layer}.hook_resid_post",
+    "grad_hidden": "blocks.{layer}.hook_resid_post",  # the gradient at that hook
+    "attention": "blocks.{layer}.attn.hook_pattern",
+    "mlp": "blocks.{layer}.mlp.hook_post",
+    "queries": "blocks.{layer}.attn.hook_q",
+    "keys": "blocks.{layer}.attn.hook_k",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "z": "blocks.{layer}.attn.hook_z",
+}
+TRANSFORMER_LENS_DEPTH_0 = "blocks.0.hook_resid_pre"
+# Where the model changes the name: rotary models record q/k after the rotation (TransformerLens's
+# hook_rot_q/k); post-norm encoders (BERT, HookedEncoder) hand the normalized output to the next block.
+TRANSFORMER_LENS_ROTARY = {"queries": "blocks.{layer}.attn.hook_rot_q", "keys": "blocks.{layer}.attn.hook_rot_k"}
+TRANSFORMER_LENS_POST_NORM = {"hidden": "blocks.{layer}.hook_normalized_resid_post",
+                              "grad_hidden": "blocks.{layer}.hook_normalized_resid_post"}
+
+
+def transformer_lens_attrs(name: str, rotary: bool = False, post_norm: bool = False) -> dict[str, str]:
+    """The transformer_lens_* attrs of the root array `name` ({} for arrays without a hook)."""
+    hook = (TRANSFORMER_LENS_ROTARY if rotary else {}).get(name) or \
+        (TRANSFORMER_LENS_POST_NORM if post_norm else {}).get(name) or TRANSFORMER_LENS_HOOKS.get(name)
+    if hook is None:
+        return {}
+    if "depth" in VARIABLES[name].dims:
+        return {"transformer_lens_hook": hook, "transformer_lens_layer": "depth - 1",
+                "transformer_lens_depth_0": TRANSFORMER_LENS_DEPTH_0}
+    return {"transformer_lens_hook": hook, "transformer_lens_layer": "layer"}
+
+
+def transformer_lens_hook(attrs: dict, index: int) -> str:
+    """The hook name of one depth or layer (its coordinate value) from an array's transformer_lens_* attrs."""
+    if attrs["transformer_lens_layer"] == "depth - 1":
+        return attrs["transformer_lens_depth_0"] if index == 0 else attrs["transformer_lens_hook"].format(
+            layer=index - 1)
+    return attrs["transformer_lens_hook"].format(layer=index)
+
+
 # Prompt metadata columns from the corpus are stored as meta_<column> with dims (prompt,).
 META_PREFIX = "meta_"
 
