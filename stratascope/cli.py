@@ -9,9 +9,9 @@ import sys
 
 import click
 
-from .analyze.targets import POSITIONS_HELP
 from .capture.config import CaptureConfig
 from .errors import StratascopeError
+from .positions import POSITIONS_HELP
 from .version import __version__
 
 
