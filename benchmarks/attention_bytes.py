@@ -1,14 +1,16 @@
 """Attention bytes on disk against the size of the unpadded attention.
 
-Corpus: the demo prompts (short; --repeat copies of them) plus one prompt of exactly --long tokens. The key axis of
-`attention` spans the longest sequence, so every short prompt's rows carry padding; this
-script measures what that padding costs once stored.
+Corpus: the demo prompts (short; --repeat copies of them) plus one prompt of exactly --long
+tokens. The key axis of `attention` spans the longest sequence, so every short prompt's rows
+carry padding; this script measures what that padding costs once stored.
 
 unpadded = sum over prompts of len² × layers × heads × dtype bytes (the attention a prompt
-has, causal zeros included); dense = rows × layers × heads × longest × dtype bytes (the
-array's logical size). Bytes on disk: the sizes of the files under run.zarr/attention.
+has, causal zeros included); causal = the same over the keys a query sees (len·(len+1)/2);
+dense = rows × layers × heads × longest × dtype bytes (the array's logical size). Bytes on
+disk: the sizes of the files under run.zarr/attention ("short" counts only the chunks holding
+short prompts' rows alone, against those prompts' unpadded size).
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/attention_bytes.py [--layers 0-3] [--long 2048]
+Run: PYTHONPATH=. .venv/bin/python benchmarks/attention_bytes.py [--layers 0-3] [--long 2048] [--repeat 100]
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ def disk_usage(path: Path) -> int:
     return int(subprocess.run(["du", "-sB1", str(path)], capture_output=True, text=True).stdout.split()[0])
 
 
+def short_chunk_bytes(out: Path, chunk_rows: int, short_rows: int) -> tuple[int, int]:
+    """(bytes, rows) of the attention chunks that hold only short prompts' rows."""
+    n = short_rows // chunk_rows
+    files = [out / "attention" / "c" / str(i) / "0" / "0" / "0" for i in range(n)]
+    return sum(f.stat().st_size for f in files if f.exists()), n * chunk_rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="0-3")
@@ -50,23 +59,33 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp()) / "run.zarr"
     started = time.perf_counter()
     run = ss.capture(model="smollm2", prompts=prompts, out=str(out), capture=("attention",), layers=args.layers,
-                      dtype=args.dtype, max_length=args.long, device="cpu", overwrite=True, progress=False)
+                     dtype=args.dtype, max_length=args.long, device="cpu", overwrite=True, progress=False)
     seconds = time.perf_counter() - started
     lengths = run.ds["n_tokens"].values.astype(np.int64)
     att = run.ds["attention"]
     _, n_layers, n_heads, width = att.shape
-    item = np.dtype(args.dtype).itemsize
-    unpadded = int((lengths ** 2).sum()) * n_layers * n_heads * item
-    dense = int(att.shape[0]) * n_layers * n_heads * width * item
+    per_key = n_layers * n_heads * np.dtype(args.dtype).itemsize
+    unpadded = int((lengths ** 2).sum()) * per_key
+    causal = int((lengths * (lengths + 1) // 2).sum()) * per_key
+    dense = int(att.shape[0]) * per_key * int(width)
     stored = file_bytes(out / "attention")
-    allocated = disk_usage(out / "attention")
+    chunks = list(run.array("attention").chunks)
+    short_bytes, short_rows = short_chunk_bytes(out, chunks[0], int(lengths[:-1].sum()))
+    ends = np.cumsum(lengths[:-1])  # the short prompts whose rows all lie in those chunks
+    whole = lengths[:-1][ends <= short_rows]
+    short_unpadded = int((whole ** 2).sum()) * per_key
+    codec = run.array("attention").metadata.to_dict()["codecs"]
     print(json.dumps({
-        "config": {"model": "smollm2", "layers": args.layers, "heads": n_heads, "dtype": args.dtype,
-                   "prompts": len(lengths), "repeat": args.repeat, "short_tokens": int(lengths[:-1].sum()), "long_tokens": int(lengths[-1]),
-                   "key_width": int(width), "chunks": list(run.array("attention").chunks),
-                   "shards": list(run.array("attention").shards or []), "cpu_count": os.cpu_count()},
-        "unpadded_bytes": unpadded, "dense_bytes": dense, "stored_bytes": stored, "du_bytes": allocated,
-        "stored_over_unpadded": round(stored / unpadded, 3), "dense_over_unpadded": round(dense / unpadded, 2),
+        "config": {"model": "smollm2", "layers": args.layers, "heads": int(n_heads), "dtype": args.dtype,
+                   "prompts": len(lengths), "repeat": args.repeat, "short_tokens": int(lengths[:-1].sum()),
+                   "long_tokens": int(lengths[-1]), "key_width": int(width), "chunks": chunks,
+                   "codec": [c.get("configuration", {}).get("cname", c["name"]) for c in codec],
+                   "cpu_count": os.cpu_count()},
+        "unpadded_bytes": unpadded, "causal_bytes": causal, "dense_bytes": dense, "stored_bytes": stored,
+        "du_bytes": disk_usage(out / "attention"), "stored_over_unpadded": round(stored / unpadded, 3),
+        "stored_over_causal": round(stored / causal, 3), "dense_over_unpadded": round(dense / unpadded, 2),
+        "short_chunks": {"rows": short_rows, "stored_bytes": short_bytes, "unpadded_bytes": short_unpadded,
+                         "stored_over_unpadded": round(short_bytes / max(1, short_unpadded), 2)},
         "files": sum(1 for f in (out / "attention").rglob("*") if f.is_file()), "capture_s": round(seconds, 1),
     }, indent=1))
 
