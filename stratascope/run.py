@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .analyze.stored_rows import every_position, rows_option
 from .errors import ConfigError
 from .store import Store, store_bytes
 
@@ -212,7 +213,8 @@ class Run(Store):
                 "verified": self.attrs.get("verified"), "failure": self.attrs.get("failure"),
                 "truncated_prompts": cap.get("truncated_prompts", 0), "max_length": cap.get("max_length"),
                 "skipped_lines": c.get("skipped_lines", {}), "special_token_texts": c.get("special_token_texts", 0),
-                "special_tokens": cap.get("special_tokens", "parse")}
+                "special_tokens": cap.get("special_tokens", "parse"),
+                "rows": {"stored": self.n_tokens, "option": rows_option(self)} if not every_position(self) else None}
 
     def _shards(self) -> dict:
         """How many of the capture's shards are recorded complete."""

@@ -187,3 +187,33 @@ def test_analyses_on_selected_rows(tiny_model_dirs, tmp_path):
         last.attention(0, 0, 0)
     with pytest.raises(ConfigError, match="needs every position"):
         last.similarity()
+
+
+@pytest.mark.real
+def test_smollm2_last_and_mean_rows(tmp_path):
+    """SmolLM2 on the demo prompts: --positions last is the full capture's last rows bit for bit and a
+    direct forward's last hidden state; --pool mean the mean of the full rows."""
+    from stratascope.models import load_model
+    from stratascope.workflows.demo import demo_corpus
+
+    opts = dict(model="smollm2", corpus=demo_corpus(), capture="hidden,mlp", device="cpu", progress=False)
+    full = ss.capture(out=str(tmp_path / "full.zarr"), **opts)
+    last = ss.capture(out=str(tmp_path / "last.zarr"), positions="last", **opts)
+    pooled = ss.capture(out=str(tmp_path / "pool.zarr"), pool="mean", **opts)
+    off, n = full.ds["token_offset"].values, full.ds["n_tokens"].values
+    rows = off + n - 1
+    for name in ("hidden", "mlp"):
+        assert np.array_equal(full.ds[name].values[rows], last.ds[name].values), name
+        values = full.ds[name].values
+        mean = np.stack([values[o:o + k].astype(np.float64).mean(0) for o, k in zip(off, n)])
+        np.testing.assert_allclose(pooled.ds[name].values, mean, rtol=1e-5, atol=1e-5)
+    loaded = load_model("smollm2", device="cpu")
+    text = full.prompts["text"][0]
+    ids = loaded.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        hs = loaded.model(**ids, output_hidden_states=True).hidden_states
+    for depth in (0, 12, 29):
+        np.testing.assert_allclose(last.ds["hidden"].values[0, depth], hs[depth][0, -1].numpy(), atol=1e-4,
+                                   rtol=1e-4)
+    assert last.ds["position"].values[0] == ids["input_ids"].shape[1] - 1
+    assert last.attrs["corpus"]["n_tokens"] == full.n_tokens and last.n_tokens == full.n_prompts
