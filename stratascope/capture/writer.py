@@ -15,11 +15,9 @@ from ..schemas import VariableSpec, root_spec
 
 CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
 # lz4 with byte shuffle: fast enough that compression keeps pace with the model on two cores.
+# Attention too: its key axis, padded to the longest sequence, stays near the unpadded size with lz4
+# (benchmarks/attention_bytes.py; zstd-1 stores 16% less there but encodes ~3x slower).
 FLOAT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-# Arrays with a key axis (attention, attributions) padded to the corpus's longest sequence: Zstandard
-# level 1 in Blosc, as fast here as lz4, packs the padding and the causal zeros to almost nothing
-# (lz4 stops near 255:1); benchmarks/attention_bytes.py measures it.
-KEY_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 # Every chunk ends with a crc32c of its compressed bytes, so damage is found before decompression;
 # every chunk is written, also one of zeros, so a missing chunk is damage, never a region of zeros.
 CHECKSUM = Crc32cCodec()
@@ -95,8 +93,7 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_row
         per_item = row_bytes // shape[1]
         chunks = (1, max(1, CHUNK_BYTES // per_item)) + tuple(shape[2:])
     fill = False if dtype == "bool" else 0
-    floats = KEY_CODEC if "key" in dims else FLOAT_CODEC
-    codecs = [floats if np.dtype(dtype).kind == "f" else ZstdCodec(), CHECKSUM]
+    codecs = [FLOAT_CODEC if np.dtype(dtype).kind == "f" else ZstdCodec(), CHECKSUM]
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
                               compressors=codecs, fill_value=fill, config=DENSE, **shards, **attrs)
 
