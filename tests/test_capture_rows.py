@@ -217,3 +217,16 @@ def test_smollm2_last_and_mean_rows(tmp_path):
                                    rtol=1e-4)
     assert last.ds["position"].values[0] == ids["input_ids"].shape[1] - 1
     assert last.attrs["corpus"]["n_tokens"] == full.n_tokens and last.n_tokens == full.n_prompts
+
+
+def test_dla_on_selected_rows(tiny_model_dirs, tmp_path):
+    """Direct logit attribution of each prompt's last token: a --positions last store gives what a full one gives."""
+    model = str(tiny_model_dirs["llama"])
+    opts = dict(model=model, prompts=PROMPTS, capture="hidden,components", progress=False)
+    full = ss.capture(out=str(tmp_path / "f.zarr"), **opts)
+    last = ss.capture(out=str(tmp_path / "l.zarr"), positions="last", **opts)
+    a = full.dla(target="top", progress=False).ds
+    b = last.dla(target="top", progress=False).ds
+    assert np.array_equal(a["target_id"].values, b["target_id"].values)
+    np.testing.assert_allclose(a["by_component"].values, b["by_component"].values, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(a["position"].values, b["position"].values)
