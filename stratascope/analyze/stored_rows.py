@@ -61,9 +61,10 @@ def rows_at(run, spec: Positions, prompts: np.ndarray | None = None) -> np.ndarr
     missing = keys[at] != want
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
+        more = f" (nor {int(missing.sum()) - 1} more)" if missing.sum() > 1 else ""
         raise OutOfRangeError(f"--positions {spec.text}: {run.path} stores only the rows of {rows_option(run)}, "
-                              f"not position {int(want_pos[i])} of prompt {int(want_p[i])} (nor "
-                              f"{int(missing.sum()) - 1} more); choose positions the capture kept")
+                              f"not position {int(want_pos[i])} of prompt {int(want_p[i])}{more}; choose positions "
+                              "the capture kept")
     return real[at]
 
 
