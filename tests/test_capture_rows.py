@@ -187,6 +187,11 @@ def test_analyses_on_selected_rows(tiny_model_dirs, tmp_path):
         last.attention(0, 0, 0)
     with pytest.raises(ConfigError, match="needs every position"):
         last.similarity()
+    from stratascope.viewer.registry import meta
+
+    views = {v["name"]: v for v in meta(last)["views"]}
+    assert not views["head"]["available"] and "--positions last" in views["head"]["reason"]
+    assert views["heads_map"]["available"]  # corpus-wide: it reads the stored rows
 
 
 @pytest.mark.real
@@ -230,3 +235,17 @@ def test_dla_on_selected_rows(tiny_model_dirs, tmp_path):
     assert np.array_equal(a["target_id"].values, b["target_id"].values)
     np.testing.assert_allclose(a["by_component"].values, b["by_component"].values, rtol=1e-6, atol=1e-6)
     assert np.array_equal(a["position"].values, b["position"].values)
+
+
+def test_positions_with_generated_tokens(tiny_model_dirs, tmp_path):
+    """With --generate, last is each prompt's last prompt token and -1 its last generated one."""
+    opts = dict(model=str(tiny_model_dirs["gpt2"]), prompts=PROMPTS, capture="hidden", generate=3, progress=False)
+    full = ss.capture(out=str(tmp_path / "f.zarr"), **opts)
+    last = ss.capture(out=str(tmp_path / "l.zarr"), positions="last", **opts)
+    end = ss.capture(out=str(tmp_path / "e.zarr"), positions="-1", **opts)
+    off, n = full.ds["token_offset"].values, full.ds["n_tokens"].values
+    for sel, rows in ((last, off + n - 4), (end, off + n - 1)):
+        for name in ("hidden", "token_id", "position", "is_generated"):
+            assert np.array_equal(full.ds[name].values[rows], sel.ds[name].values), name
+    assert not last.ds["is_generated"].values.any() and end.ds["is_generated"].values.all()
+    assert np.array_equal(last.ds["next_token_id"].values, full.ds["token_id"].values[off + n - 3])
