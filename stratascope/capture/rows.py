@@ -61,11 +61,12 @@ def select_rows(tensors: dict[str, torch.Tensor], batch, keep: list[np.ndarray],
     with pool 'mean' one float32 mean row per prompt. On the tensors' device, before any copy."""
     if not tensors:
         return {}
-    device = next(iter(tensors.values())).device
-    b_idx = torch.as_tensor(np.concatenate([np.full(len(keep[p]), b) for b, p in enumerate(batch)]), device=device)
-    p_idx = torch.as_tensor(np.concatenate([keep[p] for p in batch]), device=device)
+    b_host = torch.as_tensor(np.concatenate([np.full(len(keep[p]), b) for b, p in enumerate(batch)]))
+    p_host = torch.as_tensor(np.concatenate([keep[p] for p in batch]))
     out = {}
-    for name, t in tensors.items():
+    for name, t in tensors.items():  # each on its own device (a model split over devices)
+        device = t.device
+        b_idx, p_idx = b_host.to(device), p_host.to(device)
         rows = t[b_idx, p_idx]
         if pool == "mean":  # float32 sums, whatever the model computed in
             sums = torch.zeros((len(batch),) + rows.shape[1:], dtype=torch.float32, device=device)
