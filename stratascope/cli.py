@@ -9,9 +9,9 @@ import sys
 
 import click
 
-from .analyze.targets import POSITIONS_HELP
 from .capture.config import CaptureConfig
 from .errors import StratascopeError
+from .positions import POSITIONS_HELP
 from .version import __version__
 
 
@@ -143,6 +143,8 @@ def _print_info(info: dict) -> None:
                + (f"; metadata {', '.join(info['metadata_columns'])}" if info["metadata_columns"] else ""))
     if changed:
         click.echo("changed    " + "; ".join(changed))
+    if info.get("rows"):
+        click.echo(f"rows       {info['rows']['stored']} stored ({info['rows']['option']})")
     layers = info["captured_layers"]
     click.echo(f"captured   {', '.join(info['captured'])} as {info['dtype']}, layers "
                f"{layers[0]}-{layers[-1]}"

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .analyze.stored_rows import every_position, rows_option
 from .errors import ConfigError, MissingArrayError, OutOfRangeError
 from .store import Store, store_bytes
 
@@ -217,7 +218,8 @@ class Run(Store):
                 "skipped_lines": c.get("skipped_lines", {}), "special_token_texts": c.get("special_token_texts", 0),
                 "special_tokens": cap.get("special_tokens", "parse"),
                 # stores from before --model-dtype ran float32; threads then went unrecorded
-                "model_dtype": m.get("dtype", "float32"), "threads": cap.get("threads")}
+                "model_dtype": m.get("dtype", "float32"), "threads": cap.get("threads"),
+                "rows": {"stored": self.n_tokens, "option": rows_option(self)} if not every_position(self) else None}
 
     def _shards(self) -> dict:
         """How many of the capture's shards are recorded complete."""

@@ -98,3 +98,28 @@ def test_same_settings_bit_identical(captured, tmp_path):
                        batch_size=4, device="cpu", progress=False)
     for name in ("hidden", "attention", "mlp", "token_id", "position", "prompt_index"):
         assert np.array_equal(run.ds[name].values, again.ds[name].values), name
+
+
+LONG = " ".join(PROMPTS * 20)  # cut to --max-length tokens: the key axis spans it, every short row is padded
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_attention_with_one_long_prompt_matches_direct_forward(family, tiny_model_dirs, tmp_path):
+    """Short prompts plus one prompt of 120 tokens: every prompt's stored attention is transformers'
+    output_attentions, zeros beyond its own keys (the key axis spans the long prompt)."""
+    path = tiny_model_dirs[family]
+    run = ss.capture(model=str(path), prompts=PROMPTS + [LONG], out=str(tmp_path / "long.zarr"), max_length=120,
+                     capture="attention", batch_size=4, device="cpu", progress=False)
+    model, tok = load_reference(path)
+    assert run.ds.sizes["key"] == 120
+    for p, text in enumerate(PROMPTS + [LONG]):
+        ids = {k: v[:, :120] for k, v in tok(text, return_tensors="pt").items()}  # cut as --max-length cuts
+        with torch.no_grad():
+            out = model(**ids, output_attentions=True)
+        n = ids["input_ids"].shape[1]
+        att = run.ds["attention"].isel(token=run.token_slice(p)).values
+        assert att.shape[0] == n
+        for layer, ref in enumerate(out.attentions):
+            np.testing.assert_allclose(att[:, layer, :, :n], ref[0].numpy().transpose(1, 0, 2), atol=1e-6)
+        assert not att[:, :, :, n:].any()
+

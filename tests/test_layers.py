@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stratascope"
 
 # lowest first; a module may import its own layer and the ones below
 LAYERS = [
-    {"errors", "ranges", "options", "formatting", "version", "progress", "locks", "worker_setup", "devices",
-     "caching", "cluster"},
+    {"errors", "ranges", "positions", "options", "formatting", "version", "progress", "locks", "worker_setup",
+     "devices", "caching", "cluster"},
     {"schemas"},
     {"models"},
     {"capture"},

@@ -37,6 +37,7 @@ import xarray as xr
 from ..errors import ConfigError
 from ..schemas import HEADS
 from .results import job_progress, load_result, save_result
+from .stored_rows import seq_lengths
 
 JOB = HEADS.job
 MIN_POSITION = 2
@@ -132,7 +133,7 @@ def summarize_heads(run, top: int = 5, recompute: bool = False, progress: bool =
     rows = tuple(run.ds[n].data.rechunk(tchunks) for n in ("position", "prompt_index")) + (
         da.arange(att.shape[0], chunks=tchunks, dtype=np.int64),)
     causal = bool(run.attrs["model"]["causal"])
-    n_tokens = run.ds["n_tokens"].values.astype(np.int64)  # one int per prompt
+    n_tokens = seq_lengths(run)  # one int per prompt: its keys (a capture may store only some rows)
     common = {"causal": causal, "n_tokens": n_tokens}
     with job_progress(progress):
         sums = _blockwise(_block_sums, att, rows, len(STATS), 1, **common).sum(axis=0).compute()

@@ -35,6 +35,8 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
     _position_row,
     _tokenizer,
     captured_depths,
+    next_ids_at,
+    next_ids_lazy,
     parse_depths,
     require_hidden,
     targets_of,
@@ -97,16 +99,9 @@ def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "f
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise OutOfRangeError(f"token rows must lie in 0-{n - 1}")
-    table = run.ds[["token_id", "prompt_index"]]
-    here = table.isel(token=rows)
-    ahead = table.isel(token=np.minimum(rows + 1, n - 1))
-    last = rows + 1 >= n
-    tid, pidx = here["token_id"].values, here["prompt_index"].values
-    nid = np.where(last, -1, ahead["token_id"].values)
-    npr = np.where(last, -2, ahead["prompt_index"].values)
     h = _translate(torch.from_numpy(np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)),
                    translator)
-    out = lens_rows(h, readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
+    out = lens_rows(h, readout, next_ids_at(run, rows), ids, topk, norm, final)
     return _select_depths(out, len(depths))
 
 
@@ -193,12 +188,8 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     translator = lens_translator(run, f"tuned:{params['lens']['run']}" if "lens" in params else "logit",
                                  [captured_depths(run)[i] for i in idx], params["norm"])
     hid = hidden.data[:, idx, :]
-    tid, pidx = run.ds["token_id"].data, run.ds["prompt_index"].data
-    tail = da.from_array(np.array([-1], dtype=np.int32))
-    nid = da.concatenate([tid[1:], tail]).rechunk(tid.chunks)
-    npr = da.concatenate([pidx[1:], tail - 1]).rechunk(pidx.chunks)
-    target = da.map_blocks(targets_of, tid, pidx, nid, npr, dtype=np.int32).rechunk((hid.chunks[0],))
-    pidx = pidx.rechunk((hid.chunks[0],))
+    target = next_ids_lazy(run).rechunk((hid.chunks[0],))
+    pidx = run.ds["prompt_index"].data.rechunk((hid.chunks[0],))
     task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths), translator)
     D, W = len(depths), len(ids)
     token = dask.base.tokenize(run.path, run.attrs["created"], json.dumps(params, sort_keys=True), device)

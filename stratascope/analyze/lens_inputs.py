@@ -108,6 +108,45 @@ def _plan_depths(run, depths: list[int]) -> tuple[list[int], int | None]:
     return idx + [have.index(L)], len(idx)
 
 
+def next_ids_at(run, rows: np.ndarray) -> np.ndarray:
+    """The id of the token that came next after each of `rows` in its sequence, -1 where none: the
+    stored next_token_id, or (stores before it, which hold every row) the next row's token."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if "next_token_id" in run.ds:
+        return run.ds["next_token_id"].isel(token=rows).values.astype(np.int32)
+    n = run.n_tokens
+    table = run.ds[["token_id", "prompt_index"]]
+    here, ahead = table.isel(token=rows), table.isel(token=np.minimum(rows + 1, n - 1))
+    last = rows + 1 >= n
+    return targets_of(here["token_id"].values, here["prompt_index"].values,
+                      np.where(last, -1, ahead["token_id"].values), np.where(last, -2, ahead["prompt_index"].values))
+
+
+def next_ids_range(run, start: int, stop: int) -> np.ndarray:
+    """next_ids_at for the rows start..stop-1, read straight from zarr."""
+    if "next_token_id" in run.ds:
+        return np.asarray(run.array("next_token_id")[start:stop]).astype(np.int32)
+    end = min(stop + 1, run.n_tokens)
+    tid = np.asarray(run.array("token_id")[start:end])
+    pidx = np.asarray(run.array("prompt_index")[start:end])
+    nid = np.concatenate([tid[1:], [-1] * (stop + 1 - end)])
+    npr = np.concatenate([pidx[1:], [-2] * (stop + 1 - end)])
+    return targets_of(tid[:stop - start], pidx[:stop - start], nid[:stop - start], npr[:stop - start])
+
+
+def next_ids_lazy(run):
+    """next_ids_at of every row as a dask array chunked like token_id."""
+    import dask.array as da
+
+    if "next_token_id" in run.ds:
+        return run.ds["next_token_id"].data.astype(np.int32)
+    tid, pidx = run.ds["token_id"].data, run.ds["prompt_index"].data
+    tail = da.from_array(np.array([-1], dtype=np.int32))
+    nid = da.concatenate([tid[1:], tail]).rechunk(tid.chunks)
+    npr = da.concatenate([pidx[1:], tail - 1]).rechunk(pidx.chunks)
+    return da.map_blocks(targets_of, tid, pidx, nid, npr, dtype=np.int32)
+
+
 def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarray,
                next_prompt: np.ndarray) -> np.ndarray:
     """The id of the token that came next in the same sequence, or -1 (last token, masked row)."""
@@ -117,6 +156,11 @@ def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarr
 
 
 def _position_row(run, prompt: int, position: int) -> int:
+    from ..positions import Positions
+    from .stored_rows import every_position, rows_at
+
+    if not every_position(run):  # a store of selected rows: the row of that position, if it was kept
+        return int(rows_at(run, Positions(str(position), "list", (position,)), [run.prompt_index(prompt)])[0])
     rows = run.token_slice(prompt)
     n = rows.stop - rows.start
     if not -n <= position < n:

@@ -26,9 +26,10 @@ import xarray as xr
 from ..devices import resolve_device
 from ..errors import ConfigError, OutOfRangeError
 from ..schemas import LABEL_PREFIX, META_PREFIX, PROBE
-from .probe_rows import ArrayRows, PromptRows, TokenRows
+from .probe_rows import ArrayRows, PromptRows, TokenRows, prompt_token_ranges
 from .probe_train import Targets, accuracy_f1, evaluate, fit, r2, raw_weights
 from .results import load_result, save_result
+from .stored_rows import check_prompt_rows, every_position
 
 MAX_CLASSES_FOR_INT = 20  # integer labels with more distinct values are regressed
 
@@ -227,6 +228,8 @@ def linear_probe(run, label: str, at: str = "last", folds: int = 5, depths=None,
                               f"available: {', '.join(prompt_labels) or 'none'}")
     depth_idx = _parse_depths(depths, ds["depth"].values)
     level = "token" if label in token_labels else "prompt"
+    if level == "prompt" and not every_position(run):  # a store of selected rows holds what --at reads, or not
+        check_prompt_rows(run, at, *prompt_token_ranges(ds, np.arange(run.n_prompts)))
     params = {"label": label, "level": level, "at": at if level == "prompt" else "token", "folds": folds,
               "depths": ds["depth"].values[depth_idx].tolist(), "control": control, "seed": seed, "task": task,
               "group_by": group_by, "control_by": control_by, "epochs": epochs, "batch_size": batch_size,

@@ -18,7 +18,16 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, MissingArrayError
-from .lens_inputs import _check, _plan_depths, _position_row, captured_depths, require_hidden, targets_of, watch_ids
+from .lens_inputs import (
+    _check,
+    _plan_depths,
+    _position_row,
+    captured_depths,
+    next_ids_range,
+    require_hidden,
+    watch_ids,
+)
+from .stored_rows import require_every_position
 
 ROW_BLOCK = 64  # rows x depths whose full-vocabulary logits are held at once (64 x 49152 float32 = 12 MiB)
 _LOCK = threading.Lock()
@@ -157,13 +166,7 @@ def _rows_lens(run, start: int, stop: int, depth_values: list[int], norm: str, w
         h = _translated(run, h, [captured_depths(run)[i] for i in idx], norm, lens)
     targets = None
     if with_targets:
-        n = run.n_tokens
-        end = min(stop + 1, n)
-        tid = np.asarray(run.array("token_id")[start:end])
-        pidx = np.asarray(run.array("prompt_index")[start:end])
-        nid = np.concatenate([tid[1:], [-1] * (stop + 1 - end)])
-        npr = np.concatenate([pidx[1:], [-2] * (stop + 1 - end)])
-        targets = targets_of(tid[:stop - start], pidx[:stop - start], nid[:stop - start], npr[:stop - start])
+        targets = next_ids_range(run, start, stop)
     got = lens_of_rows(readout_arrays(run), h, norm, final, targets, watch, topk)
     D = len(depth_values)  # depth L may have been appended as the KL reference: not returned
     return RowLens(got.topk_ids[:, :D], got.topk_probs[:, :D], got.target_rank[:, :D], got.watch_rank[:, :D])
@@ -200,6 +203,7 @@ def rankings(run, prompt: int = 0, norm: str = "final", lens="logit") -> pd.Data
     """Depth x position: the rank of the token that actually came next (Ecco's rankings). The last
     position has no next token, so it is not a column; columns are labelled with the tokens."""
     _check(norm, "float32", 1)
+    require_every_position(run, "rankings (depth x position of one prompt)")
     rows = run.token_slice(prompt)
     depths = captured_depths(run)
     got = _rows_lens(run, rows.start, rows.stop, depths, norm, topk=0, lens=lens)

@@ -51,6 +51,7 @@ from ..ranges import format_ranges, parse_ranges
 from .lens import _release_freed_memory
 from .results import load_result, save_result, source_fingerprint
 from .similarity_rows import PromptPairs, TokenPairs, check_tokenized_alike
+from .stored_rows import require_every_position
 
 JOB = "similarity"
 METHODS = ("cka", "svcca", "pwcca")
@@ -301,6 +302,7 @@ def similarity(run, other=None, method: str = "cka", array: str = "hidden", posi
     runs = [run] if other is None else [run, other]
     for r in runs:
         r.require(array, array)
+        require_every_position(r, "similarity (rows matched by prompt and position)")
     picked = [_select(run, array, depths, "depths"),
               *([_select(other, array, depths if other_depths is None else other_depths,
                          "depths" if other_depths is None else "other-depths")] if other is not None else [])]

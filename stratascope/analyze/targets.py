@@ -23,8 +23,8 @@ import torch
 import xarray as xr
 
 from ..errors import ConfigError, MissingMetadataError, OutOfRangeError
+from ..positions import Positions, parse_positions
 from ..progress import tqdm
-from ..ranges import parse_ranges
 from ..schemas import LABEL_PREFIX, META_PREFIX
 from .lens import (
     JOB,
@@ -33,16 +33,15 @@ from .lens import (
     _translate,
     lens_params,
     lens_translator,
+    next_ids_at,
     parse_depths,
     readout_for,
     require_hidden,
-    targets_of,
 )
 from .lens_kernel import lens_rows, prepare_rows
 from .results import load_result, save_result
+from .stored_rows import every_position, rows_at
 
-POSITIONS_HELP = ("all | last (each prompt's last prompt token) | first | N,M (positions; negative from the end) "
-                  "| label:<name> (tokens with that token label)")
 ROWS_PER_STEP = 256  # rows read from the store and scored at a time
 
 
@@ -51,6 +50,8 @@ ROWS_PER_STEP = 256  # rows read from the store and scored at a time
 
 def last_prompt_rows(run, prompts: np.ndarray | None = None) -> np.ndarray:
     """Each prompt's (all, or those listed) last row that belongs to the prompt (not generated)."""
+    if not every_position(run):  # a store of selected rows: the row at that position, if it was kept
+        return rows_at(run, Positions("last", "last"), prompts)
     prompts = np.arange(run.n_prompts) if prompts is None else np.asarray(prompts)
     offsets = run.ds["token_offset"].values[prompts].astype(np.int64)
     ends = offsets + run.ds["n_tokens"].values[prompts].astype(np.int64) - 1
@@ -62,34 +63,23 @@ def last_prompt_rows(run, prompts: np.ndarray | None = None) -> np.ndarray:
 
 
 def select_rows(run, positions: str = "all") -> np.ndarray:
-    """The token rows `positions` names (see POSITIONS_HELP), ascending; masked rows never."""
-    positions = str(positions).strip()
+    """The token rows `positions` names (see positions.POSITIONS_HELP), ascending; masked rows never. 'all' is
+    every stored row; on a store of selected rows (capture --positions) the others must have been kept."""
+    spec = parse_positions(positions)
     offsets = run.ds["token_offset"].values.astype(np.int64)
-    lengths = run.ds["n_tokens"].values.astype(np.int64)
-    if positions == "all":
+    lengths = run.ds["n_tokens"].values.astype(np.int64)  # rows stored per prompt
+    if spec.kind == "all":
         rows = np.concatenate([np.arange(o, o + n) for o, n in zip(offsets, lengths)]) if len(offsets) else []
-    elif positions == "last":
+    elif spec.kind == "last":
         rows = last_prompt_rows(run)
-    elif positions == "first":
-        rows = offsets
-    elif positions.startswith("label:"):
-        name = positions[len("label:"):]
-        if LABEL_PREFIX + name not in run.ds:
+    elif spec.kind == "label":
+        if LABEL_PREFIX + spec.label not in run.ds:
             have = [n[len(LABEL_PREFIX):] for n in run.ds.variables if n.startswith(LABEL_PREFIX)]
-            raise MissingMetadataError(f"--positions {positions}: this run has no token label {name!r} (its token "
-                                       f"labels: {', '.join(have) or 'none'})")
-        rows = _labelled_rows(run.ds[LABEL_PREFIX + name])
+            raise MissingMetadataError(f"--positions {spec.text}: this run has no token label {spec.label!r} (its "
+                                       f"token labels: {', '.join(have) or 'none'})")
+        rows = _labelled_rows(run.ds[LABEL_PREFIX + spec.label])
     else:
-        try:  # negative positions count from the end of each prompt, so no bound here
-            wanted = parse_ranges(positions, None, "positions", keep_order=True) or []
-        except ConfigError:
-            raise ConfigError(f"--positions {positions!r} is not one of: {POSITIONS_HELP}") from None
-        if not wanted:
-            raise ConfigError(f"--positions {positions!r} names no position; {POSITIONS_HELP}")
-        rows = [o + (p if p >= 0 else n + p) for o, n in zip(offsets, lengths) for p in wanted if -n <= p < n]
-        if not rows:
-            raise OutOfRangeError(f"--positions {positions}: no prompt has such a position "
-                                  f"(prompts have {lengths.min()}-{lengths.max()} tokens)")
+        rows = rows_at(run, spec)
     return np.unique(np.asarray(rows, dtype=np.int64))
 
 
@@ -204,13 +194,7 @@ def run_study(run, positions: str = "all", target=None, target_column=None, cont
 
 def _next_ids(run, rows: np.ndarray) -> np.ndarray:
     """The token that came next after each row in its sequence, -1 where there is none."""
-    n = run.n_tokens
-    ahead = np.minimum(rows + 1, n - 1)
-    tid = run.ds["token_id"].isel(token=rows).values
-    pidx = run.ds["prompt_index"].isel(token=rows).values
-    nid = np.where(rows + 1 >= n, -1, run.ds["token_id"].isel(token=ahead).values)
-    npr = np.where(rows + 1 >= n, -2, run.ds["prompt_index"].isel(token=ahead).values)
-    return targets_of(tid, pidx, nid, npr).astype(np.int64)
+    return next_ids_at(run, rows).astype(np.int64)
 
 
 @torch.inference_mode()
@@ -342,6 +326,8 @@ def rank_of(run, targets, position: int = -1, depths=None, norm: str = "final", 
 
 def select_rows_at(run, position: int) -> np.ndarray:
     """Each prompt's row at `position` (negative from the end); an error names a prompt too short."""
+    if not every_position(run):
+        return rows_at(run, parse_positions(str(position)))
     offsets = run.ds["token_offset"].values.astype(np.int64)
     lengths = run.ds["n_tokens"].values.astype(np.int64)
     short = np.flatnonzero(~((-lengths <= position) & (position < lengths)))

@@ -27,7 +27,7 @@ from ..errors import ConfigError, MissingArrayError
 from ..progress import tqdm
 from ..ranges import format_ranges
 from ..store import Store
-from .lens_inputs import captured_depths, parse_depths, require_hidden, targets_of
+from .lens_inputs import captured_depths, next_ids_lazy, parse_depths, require_hidden
 from .probe_rows import chunk_bounds
 from .readout import readout_for
 from .results import load_result, require_result, save_result
@@ -96,7 +96,7 @@ class _Rows:
     def __init__(self, run, prompts: np.ndarray, depth_idx: list[int]):
         self.hidden = run.ds["hidden"].data
         self.pidx = run.ds["prompt_index"].data
-        self.tid = run.ds["token_id"].data
+        self.next = next_ids_lazy(run)  # the id of the token that came next, -1 where none
         self.keep = np.zeros(run.n_prompts, dtype=bool)
         self.keep[prompts] = True
         self.depth_idx = depth_idx
@@ -117,11 +117,7 @@ class _Rows:
         h = np.asarray(self.hidden[a:b].compute())[sel][:, self.depth_idx].astype(np.float32, copy=False)
         if not with_targets:
             return h, None
-        stop = min(b + 1, len(self.tid))
-        tid, p = np.asarray(self.tid[a:stop].compute()), np.asarray(self.pidx[a:stop].compute())
-        if stop == b:  # the store's last row has no next token
-            tid, p = np.append(tid, -1), np.append(p, -2)
-        return h, targets_of(tid[:-1], p[:-1], tid[1:], p[1:])[sel]
+        return h, np.asarray(self.next[a:b].compute())[sel]
 
 
 def _batches(rows: _Rows, batch: int, rng: np.random.Generator):

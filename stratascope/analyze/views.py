@@ -11,6 +11,7 @@ import pandas as pd
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import VARIABLES
+from .stored_rows import require_every_position
 
 
 def token_labels(tokens) -> list[str]:
@@ -38,6 +39,7 @@ def check_head(run, head: int) -> int:
 
 def _head_rows(run, name: str, prompt: int, layer: int, head: int) -> tuple[np.ndarray, list[str]]:
     array = run.require(name, "qk" if name in ("queries", "keys") else name)
+    require_every_position(run, f"the {name} of one head on one prompt (query x key)")
     rows = run.token_slice(prompt)
     li, h = layer_index(run, layer), check_head(run, head)
     values = array.isel(token=rows, layer=li, head=h).values
@@ -101,6 +103,7 @@ def qk(run, prompt: int, layer: int, head: int) -> QK:
 
 def generated_text(run, prompt: int) -> str:
     """The text the model generated after `prompt` ('' if the run generated nothing)."""
+    require_every_position(run, "the generated text")
     rows = run.ds.isel(token=run.token_slice(prompt))
     generated = rows["is_generated"].values
     if run.tokenizer is None:

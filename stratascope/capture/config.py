@@ -7,11 +7,14 @@ from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
 from ..options import option
+from ..positions import POSITIONS_HELP, parse_positions
 from ..schemas import CAPTURE_NAMES
 
 DTYPES = ("float16", "float32")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+POOLS = ("mean",)
+POOLABLE = ("hidden", "mlp")  # one row per prompt has a meaning only for these (attention has a key axis)
 
 
 def parse_capture(names) -> tuple[str, ...]:
@@ -123,6 +126,10 @@ class CaptureConfig:
                                          "tokens", choices=("text", "parse"))
     attribute: str | None = option(None, "attribution targets: predictions of generated tokens (default with "
                                          "--generate) or of all", choices=("generated", "all"))
+    # which token rows are stored (capture/rows.py); the forward always sees every token
+    positions: str = option("all", "token rows to store: " + POSITIONS_HELP)
+    pool: str | None = option(None, "mean: store one row per prompt, the mean of the rows --positions selects "
+                                    "(--capture hidden,mlp only)", choices=POOLS)
 
     def __post_init__(self):
         self.capture = parse_capture(self.capture)
@@ -148,6 +155,26 @@ class CaptureConfig:
         if not isinstance(self.attribution, str):
             self.attribution = ",".join(self.attribution)
         self.generation, self.gradients  # noqa: B018 - validate them now, before any model call
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        self.positions = parse_positions(self.positions).text
+        if self.pool is not None and self.pool not in POOLS:
+            raise ConfigError(f"--pool {self.pool!r} is not supported; use --pool mean (or leave it out)")
+        if self.pool:
+            other = [n for n in self.capture if n not in POOLABLE]
+            if other:
+                raise ConfigError(f"--pool {self.pool} stores one row per prompt, which --capture {other[0]} (a "
+                                  "per-token capture) has no pooled form of; use --capture hidden,mlp with --pool, "
+                                  f"or capture {other[0]} without --pool")
+        if self.selects_rows and self.gradients is not None:
+            raise ConfigError("--capture attribution/grad need every token row; drop --positions/--pool or capture "
+                              "the gradients in a separate run")
+
+    @property
+    def selects_rows(self) -> bool:
+        """Whether only some token rows are stored (--positions other than all, or --pool)."""
+        return self.positions != "all" or self.pool is not None
 
     @property
     def generation(self):

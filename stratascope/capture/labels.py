@@ -128,9 +128,16 @@ def write_token_labels(root, labels: dict[str, np.ndarray], plan, n_generated: i
     from ..schemas import LABEL_PREFIX
     from .writer import create_array
 
-    rows = np.concatenate([np.arange(o, o + n - n_generated) for o, n in zip(plan.offsets, plan.lengths)])
+    seq = plan.seq_lengths - n_generated  # the labelled (prompt) tokens of each sequence
+    if plan.keep is None:
+        rows = np.concatenate([np.arange(o, o + n) for o, n in zip(plan.offsets, seq)])
+        take = slice(None)
+    else:  # the kept positions that are prompt tokens: their rows, and their place in `values`
+        starts = np.concatenate([[0], np.cumsum(seq)[:-1]])
+        rows = np.concatenate([o + np.flatnonzero(k < n) for o, k, n in zip(plan.offsets, plan.keep, seq)])
+        take = np.concatenate([s + k[k < n] for s, k, n in zip(starts, plan.keep, seq)]).astype(np.int64)
     for name, values in labels.items():
         kind = "float64" if values.dtype.kind == "f" else "str"
         full = np.full(plan.n_rows, np.nan) if kind == "float64" else np.full(plan.n_rows, "", dtype=object)
-        full[rows] = values
+        full[rows] = values[take]
         create_array(root, LABEL_PREFIX + name, full.shape, plan.chunk_rows, kind, ("token",))[:] = full

@@ -40,6 +40,7 @@ from .labels import token_labels, write_token_labels
 from .numerics import numerics, torch_threads
 from .numerics import resolve as resolve_numerics
 from .readout import components_attrs, unembed_hash, vocab_strings, write_projections, write_readout
+from .rows import kept_positions, row_counts, row_table, select_rows
 from .segments import flat_token_types, tokenize_segments
 from .shards import Shard, completed, create_records, plan_shards
 from .writer import ShardWriter, create_array, prepare_output, remove_store, token_chunk_rows
@@ -54,8 +55,8 @@ class Plan:
     """Everything known before the first model call: sizes, chunks, bytes."""
 
     n_prompts: int
-    n_tokens: int  # real tokens
-    n_rows: int  # size of the token dimension: real tokens + masked padding at shard ends
+    n_tokens: int  # rows stored for real tokens (every token, unless --positions/--pool select rows)
+    n_rows: int  # size of the token dimension: real rows + masked padding at shard ends
     max_len: int
     layers: list[int]
     depths: list[int]
@@ -65,13 +66,24 @@ class Plan:
     truncated: int
     shards: list[Shard]
     offsets: np.ndarray  # each prompt's first row
-    lengths: np.ndarray  # each prompt's token count
+    lengths: np.ndarray  # each prompt's stored rows (its token count unless rows are selected)
     zarr_shard_rows: int | None  # rows per Zarr shard object when the sharding codec is on
     readout_bytes: int = 0  # the readout group: unembedding, final norm, vocabulary strings
     token_types: np.ndarray | None = None  # BERT: token_type_ids of every row (int8, 0 on padding rows)
+    types: list | None = None  # BERT: each sequence's token_type_ids, as the forward takes them
+    seq_lengths: np.ndarray | None = None  # each prompt's token count (prompt + generated)
+    keep: list | None = None  # each prompt's stored positions; None: every position (capture/rows.py)
+    pool: str | None = None  # 'mean': one row per prompt, the mean of its kept positions
+    full_bytes: int | None = None  # with rows selected: what storing every row would take
+    rows_option: str = ""  # with rows selected: the option that selected them, as the user wrote it
+
+    def __post_init__(self):
+        if self.seq_lengths is None:
+            self.seq_lengths = self.lengths
 
     def shard_tokens(self, shard: Shard) -> int:
-        return int(self.lengths[shard.lo:shard.hi].sum())
+        """Tokens the shard runs through the model (what progress and tokens/s count)."""
+        return int(self.seq_lengths[shard.lo:shard.hi].sum())
 
     def bytes_per_array(self) -> dict[str, int]:
         out = {}
@@ -88,8 +100,14 @@ class Plan:
 
     def summary(self, out: str) -> str:
         free = free_disk(out)
-        lines = [f"prompts {self.n_prompts}, tokens {self.n_tokens}, longest sequence {self.max_len}"
-                 + (f", {self.truncated} prompts truncated to --max-length" if self.truncated else ""),
+        tokens = int(self.seq_lengths.sum())
+        lines = [f"prompts {self.n_prompts}, tokens {tokens}, longest sequence {self.max_len}"
+                 + (f", {self.truncated} prompts truncated to --max-length" if self.truncated else "")]
+        if self.full_bytes is not None:
+            lines.append(f"rows stored {self.n_tokens} of {tokens} tokens ({self.rows_option}): "
+                         f"{human_bytes(self.total_bytes())} instead of {human_bytes(self.full_bytes)} "
+                         f"for every row ({self.full_bytes / max(1, self.total_bytes()):.1f}x less)")
+        lines += [
                  f"token chunk {self.chunk_rows} rows, {len(self.shards)} shards, "
                  f"{self.n_rows - self.n_tokens} padding rows"
                  + (f", Zarr shards of {self.zarr_shard_rows} rows" if self.zarr_shard_rows else ""),
@@ -139,11 +157,14 @@ def special_token_texts(tokenizer, texts: list[str]) -> tuple[int, str | None]:
     return count, example
 
 
-def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) -> Plan:
+def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int, keep: list | None = None) -> Plan:
+    """The plan for sequences of `lengths` tokens, storing the positions `keep` of each (None: all)."""
     L = adapter.n_layers
     layers = parse_ranges(cfg.layers, L, "layers") or list(range(L))
     depths = list(range(L + 1)) if len(layers) == L else sorted({0} | {l + 1 for l in layers})
-    n_tokens, max_len = int(lengths.sum()), int(lengths.max())
+    seq_lengths, pool = lengths, cfg.pool if keep is not None else None
+    lengths = row_counts(keep, seq_lengths, pool)
+    n_tokens, max_len = int(lengths.sum()), int(seq_lengths.max())
     table = [v for v in TOKEN_TABLE if v.name != "token_type_ids"]  # written by every capture
     widths = {v.name: () for v in table}
     dtypes = {v.name: v.dtype for v in table}
@@ -180,12 +201,15 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     if set(PROJECTION_CAPTURES) & set(cfg.capture):  # the output projections (readout/attn_out_*, mlp_out_*)
         readout += 4 * len(layers) * (adapter.n_heads * adapter.d_head + adapter.d_mlp + 2) * adapter.d_model
     return Plan(len(lengths), n_tokens, n_rows, max_len, layers, depths, shapes, dtypes, chunk_rows, truncated,
-                shards, offsets, lengths, zarr_rows, readout)
+                shards, offsets, lengths, zarr_rows, readout, seq_lengths=seq_lengths, keep=keep, pool=pool)
 
 
-def _batches(lengths: np.ndarray, lo: int, hi: int, batch_size: int):
-    """Length-bucketed batches: sort the shard's prompts by length so padding stays small."""
+def _batches(lengths: np.ndarray, lo: int, hi: int, batch_size: int, keep: list | None = None):
+    """Length-bucketed batches: sort the shard's prompts by length so padding stays small; prompts
+    with no kept row (--positions) need no forward."""
     order = lo + np.argsort(-lengths[lo:hi], kind="stable")
+    if keep is not None:
+        order = order[[len(keep[p]) > 0 for p in order]]
     for i in range(0, len(order), batch_size):
         yield order[i:i + batch_size]
 
@@ -265,9 +289,21 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                       stacklevel=3)
     labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
     lengths = np.array([len(s) for s in ids], dtype=np.int64) + n_new  # generated ids join per shard
-    plan = make_plan(adapter, cfg, lengths, truncated)
+    keep = kept_positions(cfg, lengths, n_new, labels)
+    plan = make_plan(adapter, cfg, lengths, truncated, keep)
+    if keep is not None:
+        plan.full_bytes = make_plan(adapter, cfg, lengths, truncated).total_bytes()
+        plan.rows_option = " ".join(([f"--positions {cfg.positions}"] if cfg.positions != "all" else [])
+                                    + ([f"--pool {cfg.pool}"] if cfg.pool else []))
     if types is not None:
-        plan.token_types = flat_token_types(types, plan.offsets, plan.n_rows)
+        plan.types = [np.asarray(t, dtype=np.int8) for t in types]
+        kept = types if keep is None else [np.zeros(1, np.int8) if cfg.pool else np.asarray(t)[k]
+                                           for t, k in zip(types, keep)]
+        plan.token_types = flat_token_types(kept, plan.offsets, plan.n_rows)
+    if cfg.pool and labels:
+        warnings.warn(f"--pool {cfg.pool} stores one row per prompt, so the token labels "
+                      f"({', '.join(labels)}) are not stored", stacklevel=3)
+        labels = {}
     if dry_run:
         return plan
     vocab = vocab_strings(loaded.tokenizer, adapter.vocab_size)
@@ -385,11 +421,13 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
                     "truncated_prompts": plan.truncated, "padding": "right, stripped before writing",
+                    "rows": "every token" if plan.keep is None else
+                    "one per prompt (mean of the kept positions)" if plan.pool else "the kept positions",
                     **({"qk": qk_attrs(adapter, plan.layers)} if "qk" in cfg.capture else {}),
                     **({"components": components_attrs(adapter)}
                        if set(PROJECTION_CAPTURES) & set(cfg.capture) else {})},
         corpus={"source": data.source, "sha256": data.fingerprint(), "n_prompts": plan.n_prompts,
-                   "n_tokens": plan.n_tokens, "max_len": plan.max_len,
+                   "n_tokens": int(plan.seq_lengths.sum()), "max_len": plan.max_len,
                    "metadata_columns": [str(c) for c in data.metadata.columns if str(c) not in labels],
                    "skipped_lines": dict(data.skipped), "special_token_texts": data.special_token_texts,
                    "token_labels": list(labels)},
@@ -403,6 +441,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     create_array(root, "prompt_text", (P,), P, "str")[:] = np.array(data.texts, dtype=object)
     create_array(root, "token_offset", (P,), P, "int64")[:] = plan.offsets
     create_array(root, "n_tokens", (P,), P, "int32")[:] = plan.lengths.astype(np.int32)
+    create_array(root, "seq_len", (P,), P, "int32")[:] = plan.seq_lengths.astype(np.int32)
     for col in [c for c in data.metadata.columns if str(c) not in labels]:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
@@ -439,28 +478,32 @@ class ShardCapturer:
         self.base = getattr(self.model, self.model.base_model_prefix, self.model)  # no LM head: no logits needed
 
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:
-        plan, lengths, n_new, grads = self.plan, self.plan.lengths, self.cfg.generate, self.cfg.gradients
+        plan, lengths, n_new, grads = self.plan, self.plan.seq_lengths, self.cfg.generate, self.cfg.gradients
         if n_new:  # the generated ids join the shard's sequences before anything is staged
             generate_window(self.model, self.ids, shard.lo, shard.hi, self.cfg.generation, self.device,
                             self.cfg.batch_size)
-        stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab)
+        stage = row_table(self.ids, lengths, plan.offsets, plan.keep, plan.pool, n_new, shard, self.vocab)
         if plan.token_types is not None:
             stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
         acts = [n for n in ACTS if n in plan.shapes]
-        if n_new:
-            for p in range(shard.lo, shard.hi):
-                end = int(plan.offsets[p] + lengths[p]) - shard.start
-                stage["is_generated"][end - n_new:end] = True
         for n in acts:
             stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
         for n in (n for n in GRADIENT_ARRAYS if n in plan.shapes):  # NaN: attribution rows that are not targets
             stage[n] = np.full((shard.stop - shard.start,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
         with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
-            for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
+            for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size, plan.keep):
                 _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal, plan)
-                # dtype conversion happens on the device, before the copy to the host
-                tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in rec.stacked().items()})
+                tensors = rec.stacked()
                 rec.out.clear()
+                if plan.keep is not None:  # only the kept rows (or their mean) leave the device
+                    tensors = select_rows(tensors, batch, plan.keep, plan.pool)
+                    tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in tensors.items()})
+                    self._stage_rows(stage, tensors, batch, shard)
+                    if on_batch:
+                        on_batch(len(batch), int(lengths[batch].sum()))
+                    continue
+                # dtype conversion happens on the device, before the copy to the host
+                tensors = _to_host({n: _to_dtype(t, self.cfg.dtype, n) for n, t in tensors.items()})
                 for b, p in enumerate(batch):
                     n, o = int(lengths[p]), int(plan.offsets[p]) - shard.start
                     for name, values in tensors.items():
@@ -481,6 +524,19 @@ class ShardCapturer:
                 if on_batch:
                     on_batch(len(batch), int(lengths[batch].sum()))
         return stage
+
+    def _stage_rows(self, stage: dict, tensors: dict[str, np.ndarray], batch, shard: Shard) -> None:
+        """Put select_rows' output (the batch's kept rows, prompt after prompt) at each prompt's rows."""
+        plan, at = self.plan, 0
+        for p in batch:
+            o, k = int(plan.offsets[p]) - shard.start, int(plan.lengths[p])
+            for name, values in tensors.items():
+                if name == "attention":
+                    width = int(plan.seq_lengths[p])
+                    stage[name][o:o + k, :, :, :width] = values[at:at + k, :, :, :width]
+                else:
+                    stage[name][o:o + k] = values[at:at + k]
+            at += k
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -525,20 +581,6 @@ def _advance(bar, prompts: int, tokens: int, plan: Plan) -> None:
     bar.set_postfix_str(f"prompts {bar.prompts}/{plan.n_prompts}", refresh=False)
 
 
-def _token_table(ids, lengths, offsets, shard: Shard, vocab) -> dict[str, np.ndarray]:
-    """The token-table rows of a shard; padding rows keep token_id/position/prompt_index -1."""
-    rows = shard.stop - shard.start
-    table = {"token_id": np.full(rows, -1, dtype=np.int32), "position": np.full(rows, -1, dtype=np.int32),
-             "prompt_index": np.full(rows, -1, dtype=np.int32), "is_generated": np.zeros(rows, dtype=bool)}
-    for p in range(shard.lo, shard.hi):
-        o, n = int(offsets[p]) - shard.start, int(lengths[p])
-        table["token_id"][o:o + n] = ids[p]
-        table["position"][o:o + n] = np.arange(n)
-        table["prompt_index"][o:o + n] = p
-    table["token_str"] = np.where(table["token_id"] >= 0, vocab[np.clip(table["token_id"], 0, len(vocab) - 1)], "")
-    return table
-
-
 def _forward(base, rec: Recorder, ids, batch, device, causal: bool, plan: Plan | None = None) -> None:
     """One padded forward of the batch's prompts (right padding: real tokens never see it)."""
     width = max(len(ids[p]) for p in batch)
@@ -548,10 +590,9 @@ def _forward(base, rec: Recorder, ids, batch, device, causal: bool, plan: Plan |
         input_ids[b, :len(ids[p])] = torch.tensor(ids[p])
         mask[b, :len(ids[p])] = 1
     kwargs = {"use_cache": False} if causal else {}
-    if plan is not None and plan.token_types is not None:  # BERT segments: sentence A = 0, B = 1
+    if plan is not None and plan.types is not None:  # BERT segments: sentence A = 0, B = 1
         types = torch.zeros((len(batch), width), dtype=torch.long)
         for b, p in enumerate(batch):
-            o = int(plan.offsets[p])
-            types[b, :len(ids[p])] = torch.from_numpy(plan.token_types[o:o + len(ids[p])].astype(np.int64))
+            types[b, :len(ids[p])] = torch.from_numpy(plan.types[p].astype(np.int64))
         kwargs["token_type_ids"] = types.to(device)
     base(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)

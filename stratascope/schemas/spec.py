@@ -69,6 +69,8 @@ TOKEN_TABLE = (
     _v("token_str", ("token",), "str", None, "token", "decoded token text, for display"),
     _v("token_type_ids", ("token",), "int8", None, "segment",
        "BERT-family models only: segment of the token (0 = sentence A, 1 = sentence B of a text_pair)"),
+    _v("next_token_id", ("token",), "int32", None, "next token id",
+       "the id of the token that came next in the sequence; -1 on its last token, masked and pooled rows"),
 )
 
 # The token table rides along every token-dim array as non-dimension coordinates of `token`:
@@ -78,7 +80,10 @@ TOKEN_COORDS = tuple(v.name for v in TOKEN_TABLE)
 PROMPT_TABLE = (
     _v("prompt_text", ("prompt",), "str", None, "prompt text", "the prompt as it appeared in the corpus"),
     _v("token_offset", ("prompt",), "int64", None, "first row", "first row of the prompt in the token dimension"),
-    _v("n_tokens", ("prompt",), "int32", None, "tokens", "number of rows (prompt + generated tokens)"),
+    _v("n_tokens", ("prompt",), "int32", None, "tokens",
+       "number of rows stored (prompt + generated tokens; fewer with --positions, 1 with --pool)"),
+    _v("seq_len", ("prompt",), "int32", None, "sequence length",
+       "tokens of the prompt's sequence (prompt + generated), however many rows were stored"),
 )
 
 # Index coordinates of the root group (dimension coordinates in xarray's terms).

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analyze.results import jobs, latest_result, require_result, result_groups
+from ..analyze.stored_rows import require_every_position
 from ..caching import LRU
 from ..errors import MissingArrayError, OutOfRangeError
 from ..schemas import (
@@ -79,6 +80,7 @@ def _cached(run, key: tuple, make: Callable, size: int = 16):
 
 def _prompt_rows(run, prompt: int) -> tuple[slice, dict]:
     """The row slice of a prompt and its token labels (shared by every view)."""
+    require_every_position(run, "a prompt view")
     p = run.prompt_index(prompt)
     sl = _cached(run, ("slice", p), lambda: run.token_slice(p), size=64)
     sl2, info = _cached(run, ("rows", sl.start, sl.stop), lambda: _read_prompt_rows(run, prompt, sl))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..analyze.stored_rows import every_position, rows_option
 from . import data
 
 
@@ -26,6 +27,9 @@ class View:
     uses: tuple[str, ...] = ()                 # other views whose renderer this one calls (their helpers)
 
     def unavailable(self, run) -> str | None:
+        if self.prompt and not every_position(run):  # a prompt view draws whole sequences
+            return (f"this view shows whole prompts, but this run stores only the rows of {rows_option(run)}; "
+                    "capture again without it")
         return self.needs(run)
 
 
