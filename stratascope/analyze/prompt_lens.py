@@ -78,7 +78,8 @@ def read_readout(run) -> ReadoutArrays:
             bias = read("norm_bias")
     if attrs.get("has_unembed_bias") and "unembed_bias" in run.readout:
         unembed_bias = read("unembed_bias")
-    return ReadoutArrays(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, read("unembed"), unembed_bias)
+    unembed = read("unembed") * np.float32(attrs.get("logit_scale", 1.0))  # T5's rescaling before the LM head
+    return ReadoutArrays(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, unembed, unembed_bias)
 
 
 def readout_arrays(run) -> ReadoutArrays:

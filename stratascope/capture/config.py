@@ -47,7 +47,9 @@ class CaptureConfig:
     dtype: str = option("float32", "storage dtype of the activations", choices=DTYPES)
     batch_size: int = option(16, "prompts per forward pass", type=int)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    text_column: str = option("text", "the corpus column holding the prompt")
+    text_column: str = option("text", "the corpus column holding the prompt (encoder-decoder models: the source)")
+    target_column: str | None = option(None, "encoder-decoder models: the corpus column holding the decoder text "
+                                             "(teacher-forced; else --generate N)")
     max_length: int = option(512, "tokens kept per prompt", type=int)
     shard_tokens: int | None = option(None, "tokens per shard (the unit of work and of resume); "
                                             "default: what fits 256 MiB", type=int, min=1)

@@ -21,11 +21,12 @@ from ..models import find_adapter, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
 from ..ranges import parse_ranges
-from ..schemas import META_PREFIX, PROJECTION_CAPTURES, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
+from ..schemas import META_PREFIX, OPTIONAL_TOKEN_TABLE, PROJECTION_CAPTURES, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
 from ..version import __version__
 from .config import CAPTURE_DOC, CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
-from .generate import generate_window, require_lm
+from . import seq2seq
+from .generate import generate_seq2seq_window, generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs
 from .labels import token_labels, write_token_labels
@@ -36,7 +37,7 @@ from .writer import ShardWriter, create_array, prepare_output, remove_store, tok
 
 WINDOW_BYTES = 256 * 2**20  # staging memory for one shard's rows (bounded RAM)
 # token-dim arrays in the capture dtype
-ACTS = ("hidden", "attention", "mlp", "queries", "keys", "attn_out", "mlp_out", "z")
+ACTS = ("hidden", "attention", "cross_attention", "mlp", "queries", "keys", "attn_out", "mlp_out", "z")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Plan:
     zarr_shard_rows: int | None  # rows per Zarr shard object when the sharding codec is on
     readout_bytes: int = 0  # the readout group: unembedding, final norm, vocabulary strings
     token_types: np.ndarray | None = None  # BERT: token_type_ids of every row (int8, 0 on padding rows)
+    n_source: np.ndarray | None = None  # encoder-decoder: each prompt's source (encoder) token count
 
     def shard_tokens(self, shard: Shard) -> int:
         return int(self.lengths[shard.lo:shard.hi].sum())
@@ -129,12 +131,13 @@ def special_token_texts(tokenizer, texts: list[str]) -> tuple[int, str | None]:
     return count, example
 
 
-def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) -> Plan:
+def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int,
+              n_source: np.ndarray | None = None) -> Plan:
     L = adapter.n_layers
     layers = parse_ranges(cfg.layers, L, "layers") or list(range(L))
     depths = list(range(L + 1)) if len(layers) == L else sorted({0} | {l + 1 for l in layers})
     n_tokens, max_len = int(lengths.sum()), int(lengths.max())
-    table = [v for v in TOKEN_TABLE if v.name != "token_type_ids"]  # written by every capture
+    table = [v for v in TOKEN_TABLE if v.name not in OPTIONAL_TOKEN_TABLE]  # written by every capture
     widths = {v.name: () for v in table}
     dtypes = {v.name: v.dtype for v in table}
     if "hidden" in cfg.capture:
@@ -151,11 +154,20 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
         widths["z"] = (len(layers), adapter.n_heads, adapter.d_head)
     if adapter.has_token_types:
         widths["token_type_ids"], dtypes["token_type_ids"] = (), VARIABLES["token_type_ids"].dtype
+    grads = cfg.gradients
+    grad_arrays = grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}
+    if n_source is not None:  # both stacks' rows: keys span the longer stack, cross-attention the source
+        max_src, max_dec = int(n_source.max()), int((lengths - n_source).max())
+        widths["is_decoder"], dtypes["is_decoder"] = (), VARIABLES["is_decoder"].dtype
+        if "attention" in cfg.capture:
+            widths["attention"] = (len(layers), adapter.n_heads, max(max_src, max_dec))
+            widths["cross_attention"] = (len(layers), adapter.n_heads, max_src)
+        grad_arrays = {n: ((max_dec,) if tail else tail, dt) for n, (tail, dt) in grad_arrays.items()}
+        grad_arrays.update({f"{n}_source": ((max_src,), dt) for n, (tail, dt) in grad_arrays.items() if tail})
     for name in ACTS:
         if name in widths:
             dtypes[name] = cfg.dtype
-    grads = cfg.gradients
-    for name, (tail, dtype) in (grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}).items():
+    for name, (tail, dtype) in grad_arrays.items():
         widths[name], dtypes[name] = tail, dtype
     row_bytes = {n: int(np.prod(w, dtype=np.int64)) * (16 if dtypes[n] == "str" else np.dtype(dtypes[n]).itemsize)
                  for n, w in widths.items()}
@@ -170,7 +182,7 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int) 
     if set(PROJECTION_CAPTURES) & set(cfg.capture):  # the output projections (readout/attn_out_*, mlp_out_*)
         readout += 4 * len(layers) * (adapter.n_heads * adapter.d_head + adapter.d_mlp + 2) * adapter.d_model
     return Plan(len(lengths), n_tokens, n_rows, max_len, layers, depths, shapes, dtypes, chunk_rows, truncated,
-                shards, offsets, lengths, zarr_rows, readout)
+                shards, offsets, lengths, zarr_rows, readout, n_source=n_source)
 
 
 def _batches(lengths: np.ndarray, lo: int, hi: int, batch_size: int):
@@ -232,14 +244,21 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
     loaded = load_model(model, device="cpu" if workers or scheduler else cfg.device, attn=cfg.attn_implementation)
     adapter = find_adapter(loaded.model)
     n_new = cfg.generate
+    if adapter.encoder_decoder:
+        seq2seq.check_options(cfg, adapter)
+    elif cfg.target_column:
+        raise ConfigError(f"--target-column {cfg.target_column}: {type(loaded.model).__name__} is not an "
+                          "encoder-decoder model, so there is no decoder text to give; drop --target-column")
     if n_new or cfg.gradients:
         require_lm(loaded.model, adapter.causal, "--generate" if n_new else "--capture attribution/grad")
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
     if n_new >= limit:
         raise ConfigError(f"--generate {n_new} leaves no room for the prompt within {limit} tokens; "
                           "generate fewer tokens or raise --max-length")
-    types = None
-    if adapter.has_token_types:  # segments (a text_pair column) for BertViz's sentence A/B split
+    types = n_source = None
+    if adapter.encoder_decoder:  # the decoder's limit is the same; its start token takes one place
+        ids, n_source, truncated = seq2seq.sequences(loaded.tokenizer, adapter, data, cfg, limit - n_new, tokenize)
+    elif adapter.has_token_types:  # segments (a text_pair column) for BertViz's sentence A/B split
         ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit, cfg.special_tokens)
     else:
         ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new, cfg.special_tokens)  # room to generate
@@ -249,9 +268,10 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                if cfg.special_tokens == "text" else "read as control tokens (--special-tokens parse)")
         warnings.warn(f"{data.special_token_texts} prompts contain special-token text such as {example!r}; {how}",
                       stacklevel=3)
-    labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
+    # list-valued corpus fields -> label_<name> (of the source text; not for encoder-decoder runs)
+    labels = {} if adapter.encoder_decoder else token_labels(data, loaded.tokenizer, ids)
     lengths = np.array([len(s) for s in ids], dtype=np.int64) + n_new  # generated ids join per shard
-    plan = make_plan(adapter, cfg, lengths, truncated)
+    plan = make_plan(adapter, cfg, lengths, truncated, n_source)
     if types is not None:
         plan.token_types = flat_token_types(types, plan.offsets, plan.n_rows)
     if dry_run:
@@ -346,7 +366,10 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         model={"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
-                  "attn_implementation": loaded.model.config._attn_implementation},
+                  "attn_implementation": loaded.model.config._attn_implementation,
+                  **({"encoder_decoder": True, "decoder_start_token_id": adapter.decoder_start_token_id,
+                      "stacks": "a prompt's first n_source_tokens rows are its encoder (source) tokens, then "
+                                "its decoder tokens (is_decoder)"} if adapter.encoder_decoder else {})},
         capture={**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
@@ -369,6 +392,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     create_array(root, "prompt_text", (P,), P, "str")[:] = np.array(data.texts, dtype=object)
     create_array(root, "token_offset", (P,), P, "int64")[:] = plan.offsets
     create_array(root, "n_tokens", (P,), P, "int32")[:] = plan.lengths.astype(np.int32)
+    if plan.n_source is not None:
+        create_array(root, "n_source_tokens", (P,), P, "int32")[:] = plan.n_source.astype(np.int32)
     for col in [c for c in data.metadata.columns if str(c) not in labels]:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
@@ -404,10 +429,15 @@ class ShardCapturer:
 
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:
         plan, lengths, n_new, grads = self.plan, self.plan.lengths, self.cfg.generate, self.cfg.gradients
-        if n_new:  # the generated ids join the shard's sequences before anything is staged
+        seq2seq_model = plan.n_source is not None
+        if n_new and seq2seq_model:
+            generate_seq2seq_window(self.model, self.ids, plan.n_source, shard.lo, shard.hi,
+                                    self.adapter.decoder_start_token_id, self.cfg.generation, self.device,
+                                    self.cfg.batch_size)
+        elif n_new:  # the generated ids join the shard's sequences before anything is staged
             generate_window(self.model, self.ids, shard.lo, shard.hi, self.cfg.generation, self.device,
                             self.cfg.batch_size)
-        stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab)
+        stage = _token_table(self.ids, lengths, plan.offsets, shard, self.vocab, plan.n_source)
         if plan.token_types is not None:
             stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
         acts = [n for n in ACTS if n in plan.shapes]
@@ -419,6 +449,8 @@ class ShardCapturer:
             stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
         for n in (n for n in GRADIENT_ARRAYS if n in plan.shapes):  # NaN: attribution rows that are not targets
             stage[n] = np.full((shard.stop - shard.start,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
+        if seq2seq_model:
+            return self._seq2seq(shard, stage, on_batch)
         with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
             for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size):
                 _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal, plan)
@@ -444,6 +476,34 @@ class ShardCapturer:
                             stage_rows(stage[name], int(plan.offsets[p]) - shard.start, values)
                 if on_batch:
                     on_batch(len(batch), int(lengths[batch].sum()))
+        return stage
+
+    def _seq2seq(self, shard: Shard, stage: dict, on_batch=None) -> dict[str, np.ndarray]:
+        """Both stacks of an encoder-decoder model: one recorder per stack, one forward per batch."""
+        plan, cfg, grads = self.plan, self.cfg, self.cfg.gradients
+        names = [n for n in GRADIENT_ARRAYS if n in plan.shapes]
+        with torch.inference_mode(), \
+                Recorder(self.adapter.encoder, cfg.capture, plan.layers, plan.depths) as enc, \
+                Recorder(self.adapter, cfg.capture, plan.layers, plan.depths) as dec:
+            for batch in _batches(plan.lengths, shard.lo, shard.hi, cfg.batch_size):
+                seq2seq.forward(self.model, self.ids, plan.n_source, batch, self.device)
+                for stack, rec in enumerate((enc, dec)):
+                    tensors = _to_host({n: _to_dtype(t, cfg.dtype, n) for n, t in rec.stacked().items()})
+                    rec.out.clear()
+                    seq2seq.stage_batch(stage, tensors, batch, plan, shard.start, stack)
+                if grads is not None:
+                    enc.paused = dec.paused = True  # the gradient forwards keep nothing in the recorders
+                    try:
+                        rows = seq2seq.gradient_rows(self.model, self.ids, plan.n_source, batch, cfg.generate, grads,
+                                                     self.device)
+                    finally:
+                        enc.paused = dec.paused = False
+                    for name in names:  # each prompt's decoder rows
+                        for p, values in zip(batch, rows[name]):
+                            start = int(plan.offsets[p] + plan.n_source[p]) - shard.start
+                            stage_rows(stage[name], start, values)
+                if on_batch:
+                    on_batch(len(batch), int(plan.lengths[batch].sum()))
         return stage
 
 
@@ -489,16 +549,23 @@ def _advance(bar, prompts: int, tokens: int, plan: Plan) -> None:
     bar.set_postfix_str(f"prompts {bar.prompts}/{plan.n_prompts}", refresh=False)
 
 
-def _token_table(ids, lengths, offsets, shard: Shard, vocab) -> dict[str, np.ndarray]:
-    """The token-table rows of a shard; padding rows keep token_id/position/prompt_index -1."""
+def _token_table(ids, lengths, offsets, shard: Shard, vocab, n_source=None) -> dict[str, np.ndarray]:
+    """The token-table rows of a shard; padding rows keep token_id/position/prompt_index -1.
+    Encoder-decoder runs (n_source given) add `is_decoder`, and positions count within each stack."""
     rows = shard.stop - shard.start
     table = {"token_id": np.full(rows, -1, dtype=np.int32), "position": np.full(rows, -1, dtype=np.int32),
              "prompt_index": np.full(rows, -1, dtype=np.int32), "is_generated": np.zeros(rows, dtype=bool)}
+    if n_source is not None:
+        table["is_decoder"] = np.zeros(rows, dtype=bool)
     for p in range(shard.lo, shard.hi):
         o, n = int(offsets[p]) - shard.start, int(lengths[p])
         table["token_id"][o:o + n] = ids[p]
         table["position"][o:o + n] = np.arange(n)
         table["prompt_index"][o:o + n] = p
+        if n_source is not None:
+            s = int(n_source[p])
+            table["position"][o + s:o + n] = np.arange(n - s)
+            table["is_decoder"][o + s:o + n] = True
     table["token_str"] = np.where(table["token_id"] >= 0, vocab[np.clip(table["token_id"], 0, len(vocab) - 1)], "")
     return table
 

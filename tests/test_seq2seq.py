@@ -1,0 +1,223 @@
+"""Encoder-decoder models (tiny random T5 and BART): both stacks and the cross-attention as stored
+equal transformers' own outputs, prompt by prompt; greedy decoding equals model.generate; the decoder
+lens at the last depth equals the model's logits; attributions equal autograd written here."""
+
+import numpy as np
+import pytest
+import torch
+
+import stratascope as ss
+from conftest import PROMPTS, load_reference
+from stratascope.errors import ConfigError
+
+TARGETS = ["a fox", "London is the city", "1, 1", "on the table", "my name", "she was tired"]
+ROWS = [{"text": p, "target": t, "tag": i} for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+N_NEW = 4
+ALL = "grad_x_input,integrated_gradients,gradient_norm"
+STEPS = 8
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference(family, tiny_model_dirs):
+    return load_reference(tiny_model_dirs[family])
+
+
+@pytest.fixture(scope="module")
+def forced(family, tiny_model_dirs, tmp_path_factory):
+    """Teacher-forced captures, batched (padding in every batch) and prompt by prompt."""
+    root = tmp_path_factory.mktemp("s2s")
+    return {b: ss.capture(model=str(tiny_model_dirs[family]), prompts=ROWS, out=str(root / f"b{b}.zarr"),
+                          target_column="target", batch_size=b, device="cpu", progress=False) for b in (4, 1)}
+
+
+def _stacks(model):
+    enc, dec = model.get_encoder(), model.get_decoder()
+    blocks = (lambda s: s.block) if hasattr(enc, "block") else (lambda s: s.layers)
+    norm = (lambda s: getattr(s, "final_layer_norm", None) or getattr(s, "layer_norm", None))
+    return (blocks(enc), norm(enc)), (blocks(dec), norm(dec))
+
+
+def _mlp_out(block):
+    return block.layer[-1].DenseReluDense.wo if hasattr(block, "layer") else block.fc2
+
+
+def _reference_forward(model, tok, p, decoder_ids):
+    src = tok(PROMPTS[p], return_tensors="pt")["input_ids"]
+    mlp = {}
+    (eb, _), (db, _) = _stacks(model)
+    hooks = [_mlp_out(b).register_forward_pre_hook(lambda m, a, k=(s, i): mlp.__setitem__(k, a[0][0]))
+             for s, blocks in (("enc", eb), ("dec", db)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=src, decoder_input_ids=torch.tensor([decoder_ids]), output_attentions=True,
+                        output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return src[0], out, mlp
+
+
+def _check_run_against_reference(run, model, tok):
+    (_, enc_norm), (_, dec_norm) = _stacks(model)
+    L = model.config.num_layers if hasattr(model.config, "num_layers") else model.config.encoder_layers
+    for p in range(run.n_prompts):
+        rows = run.ds.isel(token=run.token_slice(p))
+        is_decoder = rows.is_decoder.values
+        s = int(run.ds.n_source_tokens.values[p])
+        np.testing.assert_array_equal(is_decoder, np.arange(len(is_decoder)) >= s)
+        dec_ids = rows.token_id.values[s:].tolist()
+        src, out, mlp = _reference_forward(model, tok, p, dec_ids)
+        np.testing.assert_array_equal(rows.token_id.values[:s], src.numpy())
+        np.testing.assert_array_equal(rows.position.values, np.r_[np.arange(s), np.arange(len(dec_ids))])
+        for name, sl, states, attn, norm in (
+                ("encoder", slice(0, s), out.encoder_hidden_states, out.encoder_attentions, enc_norm),
+                ("decoder", slice(s, None), out.decoder_hidden_states, out.decoder_attentions, dec_norm)):
+            n = len(states[0][0])
+            hidden = torch.from_numpy(rows.hidden.values[sl])
+            for d in range(L):
+                torch.testing.assert_close(hidden[:, d], states[d][0], rtol=1e-5, atol=1e-5, msg=f"{name} depth {d}")
+            # transformers' last entry is after the stack's final norm (T5, mBART); the store keeps it before
+            last = hidden[:, L] if norm is None else norm(hidden[:, L])
+            torch.testing.assert_close(last, states[L][0], rtol=1e-5, atol=1e-5)
+            for layer in range(L):
+                a = rows.attention.values[sl][:, layer]
+                torch.testing.assert_close(torch.from_numpy(a[:, :, :n]), attn[layer][0].permute(1, 0, 2),
+                                           rtol=1e-5, atol=1e-6)
+                assert not a[:, :, n:].any()  # keys past the stack's sequence (padding of the key axis)
+                torch.testing.assert_close(torch.from_numpy(rows.mlp.values[sl][:, layer]),
+                                           mlp[(name[:3], layer)], rtol=1e-5, atol=1e-5)
+        for layer in range(L):
+            cross = rows.cross_attention.values[:, layer]
+            torch.testing.assert_close(torch.from_numpy(cross[s:, :, :s]), out.cross_attentions[layer][0].permute(1, 0, 2),
+                                       rtol=1e-5, atol=1e-6)
+            assert not cross[:s].any() and not cross[:, :, s:].any()
+
+
+def test_both_stacks_and_cross_attention_equal_transformers(family, forced, reference, tiny_model_dirs):
+    model, tok = reference
+    for run in forced.values():  # batched with padding, then each prompt alone
+        _check_run_against_reference(run, model, tok)
+        for p, target in enumerate(TARGETS):  # the decoder: start token, then the target text teacher-forced
+            rows = run.ds.isel(token=run.token_slice(p))
+            s = int(run.ds.n_source_tokens.values[p])
+            expected = [model.config.decoder_start_token_id] + tok(text_target=target)["input_ids"]
+            assert rows.token_id.values[s:].tolist() == expected
+            assert not rows.is_generated.values.any()
+    assert forced[4].attrs["model"]["encoder_decoder"] is True
+    assert forced[4].prompts["target"].tolist() == TARGETS  # the target column is kept as metadata too
+
+
+def test_greedy_decoding_equals_model_generate(family, tiny_model_dirs, reference, tmp_path):
+    model, tok = reference
+    run = ss.capture(model=str(tiny_model_dirs[family]), prompts=PROMPTS, out=str(tmp_path / "g.zarr"),
+                     generate=N_NEW, batch_size=4, device="cpu", progress=False)
+    for p, text in enumerate(PROMPTS):
+        src = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model.generate(src, do_sample=False, min_new_tokens=N_NEW, max_new_tokens=N_NEW,
+                                      forced_bos_token_id=None, forced_eos_token_id=None, num_beams=1)[0]
+        rows = run.ds.isel(token=run.token_slice(p))
+        s = int(run.ds.n_source_tokens.values[p])
+        assert rows.token_id.values[s:].tolist() == expected.tolist()
+        np.testing.assert_array_equal(rows.is_generated.values, np.arange(len(rows.token_id)) >= s + 1)
+    _check_run_against_reference(run, model, tok)  # the generated decoder text, captured teacher-forced
+
+
+def test_decoder_lens_last_depth_equals_model_logits(family, forced, reference):
+    from stratascope.analyze.readout import load_readout
+
+    model, tok = reference
+    run = forced[4]
+    readout = load_readout(run)
+    L = run.attrs["model"]["n_layers"]
+    lens = run.lens(topk=3)
+    for p in range(run.n_prompts):
+        rows = run.ds.isel(token=run.token_slice(p))
+        s = int(run.ds.n_source_tokens.values[p])
+        dec_ids = rows.token_id.values[s:].tolist()
+        _, out, _ = _reference_forward(model, tok, p, dec_ids)
+        h = torch.from_numpy(rows.hidden.values[s:, L])
+        logits = readout.logits(readout.normalize(h))
+        torch.testing.assert_close(logits, out.logits[0], rtol=1e-4, atol=1e-4)
+        got = lens.isel(token=run.token_slice(p))
+        assert (got.target_id.values[:s] == -1).all()  # encoder rows: no lens, no target
+        np.testing.assert_array_equal(got.target_id.values[s:], dec_ids[1:] + [-1])
+        probs = torch.softmax(out.logits[0, :-1], -1)[torch.arange(len(dec_ids) - 1), dec_ids[1:]]
+        np.testing.assert_allclose(got.target_prob.values[s:-1, -1], probs.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(got.topk_ids.values[s:, -1, 0], out.logits[0].argmax(-1).numpy())
+
+
+@pytest.fixture(scope="module")
+def attributed(family, tiny_model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s2s-attr") / "a.zarr"
+    return ss.capture(model=str(tiny_model_dirs[family]), prompts=ROWS[:4], out=str(out), target_column="target",
+                      capture=["hidden", "attribution"], attribution=ALL, ig_steps=STEPS, batch_size=3,
+                      device="cpu", progress=False)
+
+
+def _score(model, src_e, dec_e, r, token):
+    logits = model(inputs_embeds=src_e, decoder_inputs_embeds=dec_e).logits[:, r]
+    return torch.log_softmax(logits, -1)[:, token]
+
+
+def test_attributions_equal_autograd(family, attributed, reference):
+    model, _ = reference
+    run = attributed
+    emb_s, emb_d = model.get_encoder().embed_tokens, model.get_decoder().embed_tokens
+    x, w = np.polynomial.legendre.leggauss(STEPS)
+    alphas, weights = (x + 1) / 2, w / 2
+    for p in range(run.n_prompts):
+        rows = run.ds.isel(token=run.token_slice(p))
+        s = int(run.ds.n_source_tokens.values[p])
+        src = torch.tensor(rows.token_id.values[:s])[None]
+        dec = torch.tensor(rows.token_id.values[s:])[None]
+        n = dec.shape[1]
+        assert np.isnan(rows.attribution_grad_x_input.values[:s]).all()  # encoder rows are no targets
+        assert np.isnan(rows.attribution_grad_x_input.values[-1]).all()  # nor the decoder's last token
+        S, D = emb_s(src).detach(), emb_d(dec).detach()
+        for r in range(n - 1):
+            token = int(dec[0, r + 1])
+            es, ed = S.clone().requires_grad_(True), D[:, :r + 1].clone().requires_grad_(True)
+            gs, gd = torch.autograd.grad(_score(model, es, ed, r, token).sum(), (es, ed))
+            row = s + r
+            for name, src_part, dec_part in (("gradient_norm", gs[0].norm(dim=-1), gd[0].norm(dim=-1)),
+                                             ("grad_x_input", (gs * S)[0].norm(dim=-1), (gd * D[:, :r + 1])[0].norm(dim=-1))):
+                np.testing.assert_allclose(rows[f"attribution_{name}_source"].values[row, :s], src_part.numpy(),
+                                           rtol=1e-4, atol=1e-6)
+                prefix = rows[f"attribution_{name}"].values[row]
+                np.testing.assert_allclose(prefix[:r + 1], dec_part.numpy(), rtol=1e-4, atol=1e-6)
+                assert (prefix[r + 1:] == 0).all()
+            ig_s, ig_d = torch.zeros_like(S), torch.zeros_like(D[:, :r + 1])
+            for a, wt in zip(alphas, weights):
+                es = (float(a) * S).requires_grad_(True)
+                ed = (float(a) * D[:, :r + 1]).requires_grad_(True)
+                g1, g2 = torch.autograd.grad(_score(model, es, ed, r, token).sum(), (es, ed))
+                ig_s, ig_d = ig_s + float(wt) * g1, ig_d + float(wt) * g2
+            ig_s, ig_d = ig_s * S, ig_d * D[:, :r + 1]
+            np.testing.assert_allclose(rows.attribution_integrated_gradients_source.values[row, :s],
+                                       ig_s[0].norm(dim=-1).detach().numpy(), rtol=1e-3, atol=1e-6)
+            np.testing.assert_allclose(rows.attribution_integrated_gradients.values[row, :r + 1],
+                                       ig_d[0].norm(dim=-1).detach().numpy(), rtol=1e-3, atol=1e-6)
+            with torch.no_grad():
+                gap = (ig_s.sum() + ig_d.sum()) - (_score(model, S, D[:, :r + 1], r, token)
+                                                   - _score(model, 0 * S, 0 * D[:, :r + 1], r, token))
+            np.testing.assert_allclose(rows.attribution_integrated_gradients_delta.values[row], float(gap),
+                                       rtol=1e-3, atol=1e-5)
+
+
+def test_encoder_decoder_options_are_checked(tiny_model_dirs, tmp_path):
+    t5 = str(tiny_model_dirs["t5"])
+    with pytest.raises(ConfigError, match="--target-column COLUMN .* or --generate N"):
+        ss.capture(model=t5, prompts=PROMPTS, out=str(tmp_path / "a.zarr"), progress=False)
+    with pytest.raises(ConfigError, match="--capture qk is not available for encoder-decoder"):
+        ss.capture(model=t5, prompts=ROWS, out=str(tmp_path / "b.zarr"), target_column="target",
+                   capture=["qk"], progress=False)
+    with pytest.raises(ConfigError, match="not an encoder-decoder model"):
+        ss.capture(model=str(tiny_model_dirs["llama"]), prompts=ROWS, out=str(tmp_path / "c.zarr"),
+                   target_column="target", progress=False)
+    assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr"))
