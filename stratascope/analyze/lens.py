@@ -37,6 +37,7 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
     captured_depths,
     parse_depths,
     require_hidden,
+    lens_prompt_index,
     targets_of,
     watch_ids,
 )
@@ -97,13 +98,13 @@ def lens_tokens(run, rows, depths=None, watch=(), topk: int = 10, norm: str = "f
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise OutOfRangeError(f"token rows must lie in 0-{n - 1}")
-    table = run.ds[["token_id", "prompt_index"]]
-    here = table.isel(token=rows)
-    ahead = table.isel(token=np.minimum(rows + 1, n - 1))
+    table = run.ds[["token_id", "prompt_index"] + (["is_decoder"] if "is_decoder" in run.ds else [])]
+    here = table.isel(token=rows).load()
+    ahead = table.isel(token=np.minimum(rows + 1, n - 1)).load()
     last = rows + 1 >= n
-    tid, pidx = here["token_id"].values, here["prompt_index"].values
+    tid, pidx = here["token_id"].values, lens_prompt_index(here)
     nid = np.where(last, -1, ahead["token_id"].values)
-    npr = np.where(last, -2, ahead["prompt_index"].values)
+    npr = np.where(last, -2, lens_prompt_index(ahead))
     h = _translate(torch.from_numpy(np.asarray(hidden.isel(token=rows, depth=idx).values, dtype=np.float32)),
                    translator)
     out = lens_rows(h, readout, targets_of(tid, pidx, nid, npr), ids, topk, norm, final)
@@ -193,7 +194,7 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
     translator = lens_translator(run, f"tuned:{params['lens']['run']}" if "lens" in params else "logit",
                                  [captured_depths(run)[i] for i in idx], params["norm"])
     hid = hidden.data[:, idx, :]
-    tid, pidx = run.ds["token_id"].data, run.ds["prompt_index"].data
+    tid, pidx = run.ds["token_id"].data, lens_prompt_index(run.ds)
     tail = da.from_array(np.array([-1], dtype=np.int32))
     nid = da.concatenate([tid[1:], tail]).rechunk(tid.chunks)
     npr = da.concatenate([pidx[1:], tail - 1]).rechunk(pidx.chunks)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -106,6 +107,17 @@ def _plan_depths(run, depths: list[int]) -> tuple[list[int], int | None]:
     if L in depths:
         return idx, depths.index(L)
     return idx + [have.index(L)], len(idx)
+
+
+def lens_prompt_index(ds):
+    """prompt_index of the rows the lens reads (dask- or numpy-backed, as `ds` is): an encoder-decoder
+    run's encoder rows count as masked (-1), since the LM head reads the decoder out; so they get no
+    lens and are no one's next token."""
+    pidx = ds["prompt_index"].data
+    if "is_decoder" not in ds:
+        return pidx
+    where = da.where if isinstance(pidx, da.Array) else np.where
+    return where(ds["is_decoder"].data, pidx, -1).astype(np.int32)
 
 
 def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarray,

@@ -132,8 +132,8 @@ def generate_seq2seq_batch(model: torch.nn.Module, sources: list[list[int]], sta
     new, cache = [], None
     for _ in range(cfg.n_new):
         out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=decoder_ids,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    cache=cache, use_cache=True)
+        cache = out.cache
         chosen = _choose(out.logits[:, -1], cfg, gens)
         new.append(chosen)
         decoder_ids = chosen[:, None]
