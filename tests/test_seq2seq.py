@@ -221,3 +221,38 @@ def test_encoder_decoder_options_are_checked(tiny_model_dirs, tmp_path):
         ss.capture(model=str(tiny_model_dirs["llama"]), prompts=ROWS, out=str(tmp_path / "c.zarr"),
                    target_column="target", progress=False)
     assert not any((tmp_path / n).exists() for n in ("a.zarr", "b.zarr", "c.zarr"))
+
+
+def test_run_attention_by_stack(family, forced, reference):
+    model, tok = reference
+    run = forced[4]
+    p, layer, head = 1, 2, 3
+    s = int(run.ds.n_source_tokens.values[p])
+    dec_ids = run.ds.token_id.values[run.token_slice(p)][s:].tolist()
+    src, out, _ = _reference_forward(model, tok, p, dec_ids)
+    for stack, expected in (("encoder", out.encoder_attentions), ("decoder", out.decoder_attentions),
+                            ("cross", out.cross_attentions)):
+        frame = run.attention(prompt=p, layer=layer, head=head, stack=stack)
+        np.testing.assert_allclose(frame.values, expected[layer][0, head].numpy(), rtol=1e-5, atol=1e-6)
+        queries = len(src) if stack == "encoder" else len(dec_ids)
+        keys = len(dec_ids) if stack == "decoder" else len(src)
+        assert frame.shape == (queries, keys)
+    assert run.attention(p, layer, head, "cross").columns[0].startswith("0: ")
+    with pytest.raises(ConfigError, match="stack='encoder', 'decoder' or 'cross'"):
+        run.attention(prompt=p, layer=layer, head=head)
+
+
+def test_run_attributions_over_source_and_prefix(family, attributed):
+    run = attributed
+    frame = run.attributions(0, "grad_x_input")
+    s = int(run.ds.n_source_tokens.values[0])
+    rows = run.ds.isel(token=run.token_slice(0))
+    n_dec = len(rows.token_id) - s
+    assert list(frame.columns.get_level_values("stack")) == ["source"] * s + ["target"] * (n_dec - 1)
+    assert frame.index.get_level_values("position").tolist() == list(range(1, n_dec))
+    np.testing.assert_allclose(frame.sum(axis=1), 1.0)
+    raw = run.attributions(0, "grad_x_input", normalize=False)
+    r = 2  # the prediction of decoder token 3, made at decoder row 2
+    np.testing.assert_allclose(raw.iloc[r, :s], rows.attribution_grad_x_input_source.values[s + r, :s])
+    np.testing.assert_allclose(raw.iloc[r, s:], rows.attribution_grad_x_input.values[s + r, :n_dec - 1])
+    assert "completeness_gap" in run.attributions(0, "integrated_gradients").attrs
