@@ -156,7 +156,7 @@ def test_decoder_lens_last_depth_equals_model_logits(family, forced, reference):
 def attributed(family, tiny_model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("s2s-attr") / "a.zarr"
     return ss.capture(model=str(tiny_model_dirs[family]), prompts=ROWS[:4], out=str(out), target_column="target",
-                      capture=["hidden", "attribution"], attribution=ALL, ig_steps=STEPS, batch_size=3,
+                      capture=["hidden", "attention", "attribution"], attribution=ALL, ig_steps=STEPS, batch_size=3,
                       device="cpu", progress=False)
 
 
@@ -256,3 +256,34 @@ def test_run_attributions_over_source_and_prefix(family, attributed):
     np.testing.assert_allclose(raw.iloc[r, :s], rows.attribution_grad_x_input_source.values[s + r, :s])
     np.testing.assert_allclose(raw.iloc[r, s:], rows.attribution_grad_x_input.values[s + r, :n_dec - 1])
     assert "completeness_gap" in run.attributions(0, "integrated_gradients").attrs
+
+
+def test_viewer_payloads_by_stack(family, attributed, reference):
+    """The head/model views' payload per stack, the saliency over source + prefix and the decoder-only lens,
+    against the stored arrays read with zarr directly."""
+    import zarr
+
+    from stratascope.viewer import data, registry
+
+    run = attributed
+    root = zarr.open_group(run.path, mode="r")
+    p, layer = 1, 1
+    lo, n = int(root["token_offset"][p]), int(root["n_tokens"][p])
+    s = int(root["n_source_tokens"][p])
+    att, cross = root["attention"][lo:lo + n, layer], root["cross_attention"][lo:lo + n, layer]
+    for stack, weights in (("encoder", att[:s, :, :s]), ("decoder", att[s:, :, :n - s]), ("cross", cross[s:, :, :s])):
+        d = data.attention_stack(run, p, layer, stack)
+        assert (d["n"], d["nk"]) == weights.shape[::2]
+        for h, head in enumerate(d["heads"]):
+            assert len(head["q"]) == int((weights[:, h] >= data.MIN_WEIGHT).sum())
+            np.testing.assert_allclose(head["w"], weights[head["q"], h, head["k"]], atol=1e-3)
+    assert data.attention_stack(run, p, layer, "cross")["key_tokens"] == list(root["token_str"][lo:lo + s])
+    assert registry.meta(run)["stacks"] == ["encoder", "decoder", "cross"]
+    sal = data.saliency(run, p, "grad_x_input")
+    assert sal["targets"] == list(range(s + 1, n))  # every decoder token after the start token
+    t = s + 2  # decoder token 2: shaded over the source and decoder tokens 0, 1
+    row = np.r_[root["attribution_grad_x_input_source"][lo + t - 1, :s], root["attribution_grad_x_input"][lo + t - 1, :2]]
+    np.testing.assert_allclose(sal["rows"][t - 1], row / row.sum(), atol=1e-4)
+    run.lens(topk=3)
+    lens = data.lens(run, p)
+    assert lens["n"] == n - s and lens["tokens"] == list(root["token_str"][lo + s:lo + n])

@@ -157,12 +157,13 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int,
     grads = cfg.gradients
     grad_arrays = grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}
     if n_source is not None:  # both stacks' rows: keys span the longer stack, cross-attention the source
-        max_src, max_dec = int(n_source.max()), int((lengths - n_source).max())
+        max_src = int(n_source.max())
+        keys = max(max_src, int((lengths - n_source).max()))  # one `key` axis: the longer stack's
         widths["is_decoder"], dtypes["is_decoder"] = (), VARIABLES["is_decoder"].dtype
         if "attention" in cfg.capture:
-            widths["attention"] = (len(layers), adapter.n_heads, max(max_src, max_dec))
+            widths["attention"] = (len(layers), adapter.n_heads, keys)
             widths["cross_attention"] = (len(layers), adapter.n_heads, max_src)
-        grad_arrays = {n: ((max_dec,) if tail else tail, dt) for n, (tail, dt) in grad_arrays.items()}
+        grad_arrays = {n: ((keys,) if tail else tail, dt) for n, (tail, dt) in grad_arrays.items()}
         grad_arrays.update({f"{n}_source": ((max_src,), dt) for n, (tail, dt) in grad_arrays.items() if tail})
     for name in ACTS:
         if name in widths:
