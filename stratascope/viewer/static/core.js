@@ -184,13 +184,19 @@
                   k: d.key_labels ? {labels: d.key_labels, tokens: d.key_tokens, generated: d.key_generated}
                                   : {labels: d.labels, tokens: d.tokens, generated: d.generated}};
     const width = Math.min(24, Math.max(4, ...side.q.labels.concat(side.k.labels).map(l => l.length))) * CHAR + 12;
-    const W = 2 * width + GAP, H = Math.max(side.q.labels.length, side.k.labels.length) * ROW + 2 * PAD;
+    const HEAD = d.stack ? ROW : 0;  // encoder-decoder runs: each side is headed by its stack
+    const W = 2 * width + GAP, H = Math.max(side.q.labels.length, side.k.labels.length) * ROW + 2 * PAD + HEAD;
     const svg = S.svg('svg', {width: W, height: H, class: 'ss-attn-svg', 'font-family': 'DejaVu Sans Mono, Menlo, Consolas, monospace',
                               'font-size': 12, viewBox: `0 0 ${W} ${H}`});
     svg.appendChild(S.svg('rect', {x: 0, y: 0, width: W, height: H, fill: '#fff'}));
     const lines = S.svg('g', {class: 'ss-lines'});
     svg.appendChild(lines);
-    const y = i => PAD + i * ROW + ROW / 2;
+    const y = i => PAD + HEAD + i * ROW + ROW / 2;
+    if (d.stack) {
+      const names = {encoder: ['source', 'source'], decoder: ['target', 'target'], cross: ['target', 'source']}[d.stack];
+      svg.appendChild(S.svg('text', {x: width - 4, y: PAD + 10, 'text-anchor': 'end', 'font-weight': 'bold', class: 'ss-side-head', text: names[0]}));
+      svg.appendChild(S.svg('text', {x: width + GAP + 4, y: PAD + 10, 'font-weight': 'bold', class: 'ss-side-head', text: names[1]}));
+    }
     let hover = null;
     const labels = {q: [], k: []};
     for (const s of ['q', 'k']) {
