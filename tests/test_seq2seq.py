@@ -287,3 +287,34 @@ def test_viewer_payloads_by_stack(family, attributed, reference):
     run.lens(topk=3)
     lens = data.lens(run, p)
     assert lens["n"] == n - s and lens["tokens"] == list(root["token_str"][lo + s:lo + n])
+
+
+def test_cli_capture_lens_report_info(tiny_model_dirs, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from stratascope.cli import cli
+
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:3]))
+    out = tmp_path / "bart.zarr"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["capture", "--model", str(tiny_model_dirs["bart"]), "--corpus", str(corpus), "--out",
+                              str(out), "--capture", "hidden,attention,mlp,attribution", "--generate", "3"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["lens", str(out)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["report", str(out), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text()
+    assert all(f"attention_stack?layer=0\\u0026prompt=0\\u0026stack={s}" in html.replace("&", "\\u0026")
+               for s in ("encoder", "decoder", "cross"))
+    res = runner.invoke(cli, ["info", str(out)])
+    assert res.exit_code == 0 and "cross_attention" in res.output, res.output
+    res = runner.invoke(cli, ["capture", "--model", str(tiny_model_dirs["bart"]), "--corpus", str(corpus), "--out",
+                              str(tmp_path / "x.zarr"), "--target-column", "missing"])
+    assert res.exit_code == 1 and "--target-column missing" in res.output and not (tmp_path / "x.zarr").exists()
+    run = ss.open_run(str(out))
+    assert run.attrs["generation"]["n_new"] == 3
+    assert run.generated_text(0) != ""
