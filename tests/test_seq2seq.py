@@ -37,9 +37,9 @@ def forced(family, tiny_model_dirs, tmp_path_factory):
 
 def _stacks(model):
     enc, dec = model.get_encoder(), model.get_decoder()
-    blocks = (lambda s: s.block) if hasattr(enc, "block") else (lambda s: s.layers)
-    norm = (lambda s: getattr(s, "final_layer_norm", None) or getattr(s, "layer_norm", None))
-    return (blocks(enc), norm(enc)), (blocks(dec), norm(dec))
+    name = "block" if hasattr(enc, "block") else "layers"
+    norms = [getattr(s, "final_layer_norm", None) or getattr(s, "layer_norm", None) for s in (enc, dec)]
+    return (getattr(enc, name), norms[0]), (getattr(dec, name), norms[1])
 
 
 def _mlp_out(block):
@@ -93,8 +93,8 @@ def _check_run_against_reference(run, model, tok):
                                            mlp[(name[:3], layer)], rtol=1e-5, atol=1e-5)
         for layer in range(L):
             cross = rows.cross_attention.values[:, layer]
-            torch.testing.assert_close(torch.from_numpy(cross[s:, :, :s]), out.cross_attentions[layer][0].permute(1, 0, 2),
-                                       rtol=1e-5, atol=1e-6)
+            expected = out.cross_attentions[layer][0].permute(1, 0, 2)
+            torch.testing.assert_close(torch.from_numpy(cross[s:, :, :s]), expected, rtol=1e-5, atol=1e-6)
             assert not cross[:s].any() and not cross[:, :, s:].any()
 
 
@@ -185,8 +185,9 @@ def test_attributions_equal_autograd(family, attributed, reference):
             es, ed = S.clone().requires_grad_(True), D[:, :r + 1].clone().requires_grad_(True)
             gs, gd = torch.autograd.grad(_score(model, es, ed, r, token).sum(), (es, ed))
             row = s + r
+            gxi = ((gs * S)[0].norm(dim=-1), (gd * D[:, :r + 1])[0].norm(dim=-1))
             for name, src_part, dec_part in (("gradient_norm", gs[0].norm(dim=-1), gd[0].norm(dim=-1)),
-                                             ("grad_x_input", (gs * S)[0].norm(dim=-1), (gd * D[:, :r + 1])[0].norm(dim=-1))):
+                                             ("grad_x_input", *gxi)):
                 np.testing.assert_allclose(rows[f"attribution_{name}_source"].values[row, :s], src_part.numpy(),
                                            rtol=1e-4, atol=1e-6)
                 prefix = rows[f"attribution_{name}"].values[row]
@@ -282,7 +283,8 @@ def test_viewer_payloads_by_stack(family, attributed, reference):
     sal = data.saliency(run, p, "grad_x_input")
     assert sal["targets"] == list(range(s + 1, n))  # every decoder token after the start token
     t = s + 2  # decoder token 2: shaded over the source and decoder tokens 0, 1
-    row = np.r_[root["attribution_grad_x_input_source"][lo + t - 1, :s], root["attribution_grad_x_input"][lo + t - 1, :2]]
+    row = np.r_[root["attribution_grad_x_input_source"][lo + t - 1, :s],
+                root["attribution_grad_x_input"][lo + t - 1, :2]]
     np.testing.assert_allclose(sal["rows"][t - 1], row / row.sum(), atol=1e-4)
     run.lens(topk=3)
     lens = data.lens(run, p)
@@ -318,3 +320,14 @@ def test_cli_capture_lens_report_info(tiny_model_dirs, tmp_path):
     run = ss.open_run(str(out))
     assert run.attrs["generation"]["n_new"] == 3
     assert run.generated_text(0) != ""
+
+
+def test_analyses_that_mix_rows_refuse_encoder_decoder_runs(forced):
+    from stratascope.errors import UnsupportedModelError
+
+    run = forced[1]
+    for call in (lambda: run.heads(), lambda: run.nmf(factors=2), lambda: run.similarity(),
+                 lambda: run.linear_probe("tag")):
+        with pytest.raises(UnsupportedModelError, match="encoder-decoder model whose rows come from two stacks"):
+            call()
+    assert "analysis" not in __import__("zarr").open_group(run.path, mode="r")

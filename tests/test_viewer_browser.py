@@ -940,7 +940,8 @@ def seq2seq_store(tiny_model_dirs, tmp_path_factory):
 
     rows = [{"text": "The quick brown fox jumps over the lazy dog.", "target": "a fox jumps"},
             {"text": "Heathrow airport is located in the city of London.", "target": "London"}]
-    run = ss.capture(model=str(tiny_model_dirs["t5"]), prompts=rows, out=str(tmp_path_factory.mktemp("s2s") / "t5.zarr"),
+    out = tmp_path_factory.mktemp("s2s") / "t5.zarr"
+    run = ss.capture(model=str(tiny_model_dirs["t5"]), prompts=rows, out=str(out),
                      target_column="target", capture=["hidden", "attention", "attribution"], device="cpu",
                      progress=False)
     run.lens(topk=5)

@@ -35,9 +35,9 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
     _position_row,
     _tokenizer,
     captured_depths,
+    lens_prompt_index,
     parse_depths,
     require_hidden,
-    lens_prompt_index,
     targets_of,
     watch_ids,
 )

@@ -11,6 +11,7 @@ import pandas as pd
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import VARIABLES
+from .stacks import is_encoder_decoder
 
 
 def token_labels(tokens) -> list[str]:
@@ -45,10 +46,6 @@ def _head_rows(run, name: str, prompt: int, layer: int, head: int) -> tuple[np.n
 
 
 STACKS = ("encoder", "decoder", "cross")
-
-
-def is_encoder_decoder(run) -> bool:
-    return "n_source_tokens" in run.ds
 
 
 def stack_slices(run, prompt: int) -> tuple[slice, slice]:

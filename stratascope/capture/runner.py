@@ -21,11 +21,19 @@ from ..models import find_adapter, load_model
 from ..options import defaults, keyword_signature
 from ..progress import tqdm
 from ..ranges import parse_ranges
-from ..schemas import META_PREFIX, OPTIONAL_TOKEN_TABLE, PROJECTION_CAPTURES, TOKEN_TABLE, VARIABLES, RootAttrs, consolidate
+from ..schemas import (
+    META_PREFIX,
+    OPTIONAL_TOKEN_TABLE,
+    PROJECTION_CAPTURES,
+    TOKEN_TABLE,
+    VARIABLES,
+    RootAttrs,
+    consolidate,
+)
 from ..version import __version__
+from . import seq2seq
 from .config import CAPTURE_DOC, CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
-from . import seq2seq
 from .generate import generate_seq2seq_window, generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs

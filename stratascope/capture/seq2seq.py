@@ -129,7 +129,8 @@ def attribute(model, sources: list, decoders: list, targets: list, cfg, device) 
     ig = "integrated_gradients" in cfg.methods
     alphas, weights = IG_METHODS[cfg.ig_method](cfg.ig_steps) if ig else (np.zeros(0), np.zeros(0))
     rows = [(i, int(r), 1.0, None) for i, rs in enumerate(targets) for r in rs] if plain else []
-    rows += [(i, int(r), float(a), float(w)) for i, rs in enumerate(targets) for r in rs for a, w in zip(alphas, weights)]
+    rows += [(i, int(r), float(a), float(w))
+             for i, rs in enumerate(targets) for r in rs for a, w in zip(alphas, weights)]
     rows.sort(key=lambda row: (len(sources[row[0]]) + row[1], row[0]))
     out = {}
     for m in cfg.methods:

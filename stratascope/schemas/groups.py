@@ -57,7 +57,8 @@ class GroupSpec:
 
 READOUT = GroupSpec("readout", (
     _v("unembed", ("vocab", "d_model"), "float32", None, "unembedding", "the LM head's weight (vocab x d_model)"),
-    _v("unembed_bias", ("vocab",), "float32", None, "unembedding bias", "the LM head's bias, if the model has one (BART family: its final_logits_bias)"),
+    _v("unembed_bias", ("vocab",), "float32", None, "unembedding bias",
+       "the LM head's bias, if the model has one (BART family: its final_logits_bias)"),
     _v("norm_weight", ("d_model",), "float32", None, "final norm weight", "the final norm's weight"),
     _v("norm_bias", ("d_model",), "float32", None, "final norm bias", "the final norm's bias, if it has one"),
     _v("vocab_str", ("vocab",), "str", None, "vocabulary", "each id decoded alone, leading spaces kept"),
