@@ -331,3 +331,51 @@ def test_analyses_that_mix_rows_refuse_encoder_decoder_runs(forced):
         with pytest.raises(UnsupportedModelError, match="encoder-decoder model whose rows come from two stacks"):
             call()
     assert "analysis" not in __import__("zarr").open_group(run.path, mode="r")
+
+
+@pytest.fixture(scope="module")
+def other_family_dirs(tmp_path_factory):
+    """Tiny random mBART (pre-norm, final norms), Marian (sinusoidal positions, no final norm) and mT5."""
+    import transformers as tf
+
+    from conftest import _seq2seq_tokenizer
+
+    tok = _seq2seq_tokenizer()
+    bart = dict(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None)
+    models = {"mbart": tf.MBartForConditionalGeneration(tf.MBartConfig(**bart)),
+              "marian": tf.MarianMTModel(tf.MarianConfig(**bart)),
+              "mt5": tf.MT5ForConditionalGeneration(tf.MT5Config(
+                  vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                  relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))}
+    dirs = {}
+    for name, model in models.items():
+        torch.manual_seed(0)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_(0, 0.5)
+        dirs[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(dirs[name])
+        tok.save_pretrained(dirs[name])
+    return dirs
+
+
+@pytest.mark.parametrize("name", ["mbart", "marian", "mt5"])
+def test_other_checkpoint_structures(name, other_family_dirs, tmp_path):
+    from stratascope.analyze.readout import load_readout
+
+    run = ss.capture(model=str(other_family_dirs[name]), prompts=ROWS[:3], out=str(tmp_path / "r.zarr"),
+                     target_column="target", capture=["hidden", "attention"], batch_size=3, progress=False)
+    model, tok = load_reference(other_family_dirs[name])
+    readout, L = load_readout(run), run.attrs["model"]["n_layers"]
+    for p in range(run.n_prompts):
+        rows = run.ds.isel(token=run.token_slice(p))
+        s = int(run.ds.n_source_tokens.values[p])
+        _, out, _ = _reference_forward(model, tok, p, rows.token_id.values[s:].tolist())
+        for layer in range(L):
+            torch.testing.assert_close(torch.from_numpy(rows.cross_attention.values[s:, layer, :, :s]),
+                                       out.cross_attentions[layer][0].permute(1, 0, 2), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.from_numpy(rows.hidden.values[:s, layer]),
+                                       out.encoder_hidden_states[layer][0], rtol=1e-5, atol=1e-5)
+        logits = readout.logits(readout.normalize(torch.from_numpy(rows.hidden.values[s:, L])))
+        torch.testing.assert_close(logits, out.logits[0], rtol=1e-4, atol=1e-4)

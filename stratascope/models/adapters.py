@@ -216,10 +216,9 @@ def _encoder_decoder_adapter(model: nn.Module) -> Adapter:
                                     "stratascope stores both stacks along one layer axis and needs them equal")
     d_head = int(getattr(config, "d_kv", None) or d_model // n_heads)
     index = -1 if family == "t5" else 1
-    scale = 1.0
-    if family == "t5" and getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True)):
-        scale = d_model ** -0.5  # T5ForConditionalGeneration rescales before its tied LM head
     bias = getattr(model, "final_logits_bias", None)  # BART family: added to the LM head's output
+    bias = bias.detach().reshape(-1) if isinstance(bias, torch.Tensor) else None
+    scale = _logit_scale(model, d_model, bias)
 
     def stack_adapter(blocks, paths, norm, causal, **extra):
         return Adapter(model=model, family=family, causal=causal, has_token_types=False, rotary=False,
@@ -231,8 +230,34 @@ def _encoder_decoder_adapter(model: nn.Module) -> Adapter:
     encoder = stack_adapter(eb, ef, en, False, unembed=None)
     return stack_adapter(db, df, dn, True, unembed=model.get_output_embeddings(), encoder=encoder,
                          cross_attentions=[_get(b, df["cross-attention"]) for b in db], logit_scale=scale,
-                         logits_bias=bias.detach().reshape(-1) if isinstance(bias, torch.Tensor) else None,
+                         logits_bias=bias,
                          decoder_start_token_id=getattr(config, "decoder_start_token_id", None))
+
+
+def _logit_scale(model: nn.Module, d_model: int, bias: torch.Tensor | None) -> float:
+    """What the model multiplies the decoder's output by before its LM head: T5 checkpoints with tied
+    embeddings rescale by d_model**-0.5, mT5 and the BART family do not (and transformers releases have
+    moved the switch between config fields), so one tiny forward is compared with both forms."""
+    was_training, found = model.training, {}
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            ids = torch.tensor([[1, 2, 3]], device=dev)
+            hook = model.get_decoder().register_forward_hook(lambda m, a, out: found.__setitem__("h", out[0]))
+            try:
+                logits = model(input_ids=ids, decoder_input_ids=ids, use_cache=False).logits.float()
+            finally:
+                hook.remove()
+            head = model.get_output_embeddings()
+            for scale in (1.0, d_model ** -0.5):
+                expected = head(found["h"] * scale).float() + (bias.float() if bias is not None else 0.0)
+                if torch.allclose(logits, expected, rtol=1e-4, atol=1e-4):
+                    return scale
+    finally:
+        model.train(was_training)
+    raise UnsupportedModelError(f"{type(model).__name__}: its logits are neither the LM head of the decoder output nor "
+                                "of the output scaled by d_model**-0.5; the lens cannot reproduce them")
 
 
 def norm_spec(norm: nn.Module) -> dict:
