@@ -29,10 +29,12 @@ def reference(family, tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def forced(family, tiny_model_dirs, tmp_path_factory):
-    """Teacher-forced captures, batched (padding in every batch) and prompt by prompt."""
+    """Teacher-forced captures, batched (padding in every batch; several shards, so masked rows between
+    them) and prompt by prompt."""
     root = tmp_path_factory.mktemp("s2s")
     return {b: ss.capture(model=str(tiny_model_dirs[family]), prompts=ROWS, out=str(root / f"b{b}.zarr"),
-                          target_column="target", batch_size=b, device="cpu", progress=False) for b in (4, 1)}
+                          target_column="target", batch_size=b, device="cpu", progress=False,
+                          shard_tokens=48 if b > 1 else None) for b in (4, 1)}
 
 
 def _stacks(model):
@@ -109,6 +111,11 @@ def test_both_stacks_and_cross_attention_equal_transformers(family, forced, refe
             assert rows.token_id.values[s:].tolist() == expected
             assert not rows.is_generated.values.any()
     assert forced[4].attrs["model"]["encoder_decoder"] is True
+    assert forced[4].attrs["capture"]["n_shards"] > 1 and (forced[4].ds.prompt_index.values == -1).any()
+    assert not forced[4].ds.is_decoder.values[forced[4].ds.prompt_index.values == -1].any()
+    tokens = forced[1].tokens(0)
+    assert tokens["stack"].tolist() == ["encoder"] * int(forced[1].ds.n_source_tokens[0]) + \
+        ["decoder"] * int(forced[1].ds.n_tokens[0] - forced[1].ds.n_source_tokens[0])
     assert forced[4].prompts["target"].tolist() == TARGETS  # the target column is kept as metadata too
 
 
@@ -379,3 +386,35 @@ def test_other_checkpoint_structures(name, other_family_dirs, tmp_path):
                                        out.encoder_hidden_states[layer][0], rtol=1e-5, atol=1e-5)
         logits = readout.logits(readout.normalize(torch.from_numpy(rows.hidden.values[s:, L])))
         torch.testing.assert_close(logits, out.logits[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_seeded_per_prompt_and_resume_redoes_a_shard(tiny_model_dirs, tmp_path):
+    """Sampled decoder tokens depend on (seed, prompt) only, not on the batch; a shard marked unfinished
+    is redone by --resume to the same bytes."""
+    import zarr
+
+    model = str(tiny_model_dirs["bart"])
+    opts = dict(generate=N_NEW, sample=True, seed=3, temperature=1.5, capture=["hidden", "attention"],
+                device="cpu", progress=False)
+    a = ss.capture(model=model, prompts=PROMPTS, out=str(tmp_path / "a.zarr"), batch_size=4, shard_tokens=48, **opts)
+    b = ss.capture(model=model, prompts=PROMPTS, out=str(tmp_path / "b.zarr"), batch_size=1, **opts)
+    for p in range(len(PROMPTS)):
+        assert a.ds.token_id.values[a.token_slice(p)].tolist() == b.ds.token_id.values[b.token_slice(p)].tolist()
+    greedy = ss.capture(model=model, prompts=PROMPTS, out=str(tmp_path / "g.zarr"), **{**opts, "sample": False})
+    assert greedy.ds.token_id.values.tolist() != b.ds.token_id.values.tolist()
+    plan = ss.capture(model=model, prompts=PROMPTS, out=str(tmp_path / "plan.zarr"), batch_size=4, shard_tokens=48,
+                      dry_run=True, **opts)
+    assert len(plan.shards) > 2
+    rows = slice(plan.shards[1].start, plan.shards[1].stop)
+    root = zarr.open_group(a.path, mode="r+")
+    names = ("hidden", "attention", "cross_attention", "token_id", "is_decoder")
+    before = {n: root[n][:] for n in names}
+    root["shard_complete"][1] = False
+    for n in names:
+        root[n][rows] = 0
+    root.attrs["complete"] = False
+    ss.capture(model=model, prompts=PROMPTS, out=a.path, batch_size=4, shard_tokens=48, resume=True, **opts)
+    root = zarr.open_group(a.path, mode="r")
+    assert root["shard_complete"][:].all() and root.attrs["complete"]
+    for n, values in before.items():
+        np.testing.assert_array_equal(root[n][:], values)
