@@ -418,3 +418,18 @@ def test_sampling_is_seeded_per_prompt_and_resume_redoes_a_shard(tiny_model_dirs
     assert root["shard_complete"][:].all() and root.attrs["complete"]
     for n, values in before.items():
         np.testing.assert_array_equal(root[n][:], values)
+
+
+def test_each_stack_is_cut_to_max_length(tiny_model_dirs, tmp_path):
+    run = ss.capture(model=str(tiny_model_dirs["t5"]), prompts=ROWS, out=str(tmp_path / "m.zarr"),
+                     target_column="target", capture=["hidden"], max_length=5, progress=False)
+    model, tok = load_reference(tiny_model_dirs["t5"])
+    cut = 0
+    for p, row in enumerate(ROWS):
+        src, tgt = tok(row["text"])["input_ids"], tok(text_target=row["target"])["input_ids"]
+        rows = run.ds.isel(token=run.token_slice(p))
+        s = int(run.ds.n_source_tokens.values[p])
+        assert rows.token_id.values[:s].tolist() == src[:5]
+        assert rows.token_id.values[s:].tolist() == [0] + tgt[:4]
+        cut += len(src) > 5 or len(tgt) > 4
+    assert run.attrs["capture"]["truncated_prompts"] == cut > 0

@@ -265,8 +265,8 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
         raise ConfigError(f"--generate {n_new} leaves no room for the prompt within {limit} tokens; "
                           "generate fewer tokens or raise --max-length")
     types = n_source = None
-    if adapter.encoder_decoder:  # the decoder's limit is the same; its start token takes one place
-        ids, n_source, truncated = seq2seq.sequences(loaded.tokenizer, adapter, data, cfg, limit - n_new, tokenize)
+    if adapter.encoder_decoder:  # each stack within the limit: the source, the decoder start token + its text
+        ids, n_source, truncated = seq2seq.sequences(loaded.tokenizer, adapter, data, cfg, limit, tokenize)
     elif adapter.has_token_types:  # segments (a text_pair column) for BertViz's sentence A/B split
         ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit, cfg.special_tokens)
     else:

@@ -33,8 +33,9 @@ def check_options(cfg, adapter) -> None:
 
 def sequences(tokenizer, adapter, data, cfg, limit: int, tokenize) -> tuple[list[np.ndarray], np.ndarray, int]:
     """Each prompt's source ids, then the decoder start token and the target ids (with --target-column;
-    the generated ids join later). Returns (ids, n_source per prompt, prompts truncated)."""
-    source, truncated = tokenize(tokenizer, data.texts, limit, cfg.special_tokens)
+    the generated ids join later), each stack cut to `limit` tokens. Returns (ids, n_source per prompt,
+    prompts cut)."""
+    source, _ = tokenize(tokenizer, data.texts, np.iinfo(np.int32).max, cfg.special_tokens)
     start = np.array([adapter.decoder_start_token_id], dtype=np.int32)
     targets = [np.zeros(0, dtype=np.int32)] * len(source)
     if cfg.target_column:
@@ -43,14 +44,11 @@ def sequences(tokenizer, adapter, data, cfg, limit: int, tokenize) -> tuple[list
                               f"(columns: {', '.join(map(str, data.metadata.columns))}); name the column holding "
                               "the decoder text")
         texts = ["" if v is None else str(v) for v in data.metadata[cfg.target_column]]
-        targets, cut = [], 0
-        for first in range(0, len(texts), 1024):
-            for seq in tokenizer(text_target=texts[first:first + 1024], add_special_tokens=True)["input_ids"]:
-                cut += len(seq) > limit - 1
-                targets.append(np.asarray(seq[:limit - 1], dtype=np.int32))
-        truncated += cut
-    ids = [np.concatenate([s, start, t]) for s, t in zip(source, targets)]
-    return ids, np.array([len(s) for s in source], dtype=np.int64), truncated
+        targets = [np.asarray(seq, dtype=np.int32) for first in range(0, len(texts), 1024)
+                   for seq in tokenizer(text_target=texts[first:first + 1024], add_special_tokens=True)["input_ids"]]
+    truncated = sum(len(s) > limit or len(t) > limit - 1 for s, t in zip(source, targets))
+    ids = [np.concatenate([s[:limit], start, t[:limit - 1]]) for s, t in zip(source, targets)]
+    return ids, np.array([min(len(s), limit) for s in source], dtype=np.int64), truncated
 
 
 def _padded(seqs, device) -> tuple[torch.Tensor, torch.Tensor]:
