@@ -433,3 +433,18 @@ def test_each_stack_is_cut_to_max_length(tiny_model_dirs, tmp_path):
         assert rows.token_id.values[s:].tolist() == [0] + tgt[:4]
         cut += len(src) > 5 or len(tgt) > 4
     assert run.attrs["capture"]["truncated_prompts"] == cut > 0
+
+
+def test_per_prompt_lens_calls_count_positions_in_the_decoder(forced, reference):
+    model, tok = reference
+    run = forced[4]
+    p = 2
+    s = int(run.ds.n_source_tokens.values[p])
+    dec_ids = run.ds.token_id.values[run.token_slice(p)][s:].tolist()
+    _, out, _ = _reference_forward(model, tok, p, dec_ids)
+    top = run.layer_predictions(prompt=p, position=1, topk=3)
+    assert top.token_id.tolist() == out.logits[0, 1].topk(3).indices.tolist()
+    ranks = run.rankings(prompt=p)
+    assert ranks.shape[1] == len(dec_ids) - 1  # a column per decoder token that came next
+    final = (out.logits[0, :-1] > out.logits[0, :-1].gather(1, torch.tensor(dec_ids[1:])[:, None])).sum(1) + 1
+    assert ranks.iloc[-1].tolist() == final.tolist()

@@ -44,6 +44,7 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
 from .lens_kernel import LensArrays, lens_rows
 from .readout import Readout, readout_for
 from .results import job_progress, load_result, save_result
+from .stacks import lens_slice
 
 JOB = LENS.job
 _FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "kl_final", "watch_rank", "watch_prob")
@@ -275,7 +276,7 @@ def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
     lines = [f"{kind} of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
              f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
     for p in range(min(run.n_prompts, max_prompts)):
-        rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()
+        rows = ds.isel(token=lens_slice(run, p))[["topk_ids", "topk_probs", "target_rank"]].load()
         top, prob = int(rows.topk_ids[-1, -1, 0]), float(rows.topk_probs[-1, -1, 0])
         ranks = rows.target_rank.values[:-1]  # (positions with a next token, depth)
         first = [depths[int(np.argmax(r == 1))] for r in ranks if (r == 1).any()]

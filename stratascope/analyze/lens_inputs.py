@@ -13,6 +13,7 @@ import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges, parse_ranges
+from .stacks import lens_slice
 
 NORMS = ("final", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -129,7 +130,7 @@ def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarr
 
 
 def _position_row(run, prompt: int, position: int) -> int:
-    rows = run.token_slice(prompt)
+    rows = lens_slice(run, prompt)
     n = rows.stop - rows.start
     if not -n <= position < n:
         raise OutOfRangeError(f"position {position} is out of range; prompt {run.prompt_index(prompt)} "

@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import ConfigError, MissingArrayError
 from .lens_inputs import _check, _plan_depths, _position_row, captured_depths, require_hidden, targets_of, watch_ids
+from .stacks import lens_slice
 
 ROW_BLOCK = 64  # rows x depths whose full-vocabulary logits are held at once (64 x 49152 float32 = 12 MiB)
 _LOCK = threading.Lock()
@@ -201,7 +202,7 @@ def rankings(run, prompt: int = 0, norm: str = "final", lens="logit") -> pd.Data
     """Depth x position: the rank of the token that actually came next (Ecco's rankings). The last
     position has no next token, so it is not a column; columns are labelled with the tokens."""
     _check(norm, "float32", 1)
-    rows = run.token_slice(prompt)
+    rows = lens_slice(run, prompt)
     depths = captured_depths(run)
     got = _rows_lens(run, rows.start, rows.stop, depths, norm, topk=0, lens=lens)
     tokens = np.asarray(run.array("token_str")[rows.start:rows.stop]).astype(object)

@@ -40,6 +40,7 @@ from .lens import (
 )
 from .lens_kernel import lens_rows, prepare_rows
 from .results import load_result, save_result
+from .stacks import lens_extents
 
 POSITIONS_HELP = ("all | last (each prompt's last prompt token) | first | N,M (positions; negative from the end) "
                   "| label:<name> (tokens with that token label)")
@@ -342,8 +343,7 @@ def rank_of(run, targets, position: int = -1, depths=None, norm: str = "final", 
 
 def select_rows_at(run, position: int) -> np.ndarray:
     """Each prompt's row at `position` (negative from the end); an error names a prompt too short."""
-    offsets = run.ds["token_offset"].values.astype(np.int64)
-    lengths = run.ds["n_tokens"].values.astype(np.int64)
+    offsets, lengths = lens_extents(run)  # an encoder-decoder run's decoder rows
     short = np.flatnonzero(~((-lengths <= position) & (position < lengths)))
     if len(short):
         raise OutOfRangeError(f"position {position} is out of range for prompt {int(short[0])} "

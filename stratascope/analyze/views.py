@@ -11,7 +11,7 @@ import pandas as pd
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import VARIABLES
-from .stacks import is_encoder_decoder
+from .stacks import is_encoder_decoder, lens_slice
 
 
 def token_labels(tokens) -> list[str]:
@@ -50,9 +50,8 @@ STACKS = ("encoder", "decoder", "cross")
 
 def stack_slices(run, prompt: int) -> tuple[slice, slice]:
     """An encoder-decoder run's rows of `prompt`: (its source rows, its decoder rows)."""
-    rows = run.token_slice(prompt)
-    s = int(run.array("n_source_tokens")[run.prompt_index(prompt)])
-    return slice(rows.start, rows.start + s), slice(rows.start + s, rows.stop)
+    rows, decoder = run.token_slice(prompt), lens_slice(run, prompt)
+    return slice(rows.start, decoder.start), decoder
 
 
 def check_stack(run, stack: str | None) -> str | None:
