@@ -43,7 +43,8 @@ def sequences(tokenizer, adapter, data, cfg, limit: int, tokenize) -> tuple[list
             raise CorpusError(f"--target-column {cfg.target_column}: the corpus {data.source} has no such column "
                               f"(columns: {', '.join(map(str, data.metadata.columns))}); name the column holding "
                               "the decoder text")
-        texts = ["" if v is None else str(v) for v in data.metadata[cfg.target_column]]
+        texts = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+                 for v in data.metadata[cfg.target_column]]
         targets = [np.asarray(seq, dtype=np.int32) for first in range(0, len(texts), 1024)
                    for seq in tokenizer(text_target=texts[first:first + 1024], add_special_tokens=True)["input_ids"]]
     truncated = sum(len(s) > limit or len(t) > limit - 1 for s, t in zip(source, targets))
