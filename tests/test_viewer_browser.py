@@ -1021,6 +1021,12 @@ def test_seq2seq_saliency_and_lens_views(browser, seq2seq_target, seq2seq_store)
     assert v.count(".ss-sal-tok") == n  # source then decoder tokens, shaded together
     assert v.count(".ss-target-ok") == n - s - 1
     v.done("seq2seq_saliency")
+    v = Viewer(browser, seq2seq_target, "tokens", prompt=p)
+    chips = f'.ss-prompt[data-prompt="{p}"] .ss-chips'
+    assert v.count(f"{chips} .ss-chip") == n
+    marks = v.page.eval_on_selector_all(f"{chips} > *", "es => es.map(e => e.className)")
+    assert marks[0] == marks[s + 1] == "ss-stack-sep" and marks.count("ss-stack-sep") == 2
+    v.done("seq2seq_tokens")
     v = Viewer(browser, seq2seq_target, "rankings", prompt=p)
     assert "cannot be shown" not in v.text()
     v.done("seq2seq_rankings")
