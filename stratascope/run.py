@@ -215,7 +215,8 @@ class Run(Store):
                 "verified": self.attrs.get("verified"), "failure": self.attrs.get("failure"),
                 "truncated_prompts": cap.get("truncated_prompts", 0), "max_length": cap.get("max_length"),
                 "skipped_lines": c.get("skipped_lines", {}), "special_token_texts": c.get("special_token_texts", 0),
-                "special_tokens": cap.get("special_tokens", "parse")}
+                "special_tokens": cap.get("special_tokens", "parse"),
+                "source_tokens": int(self.array("n_source_tokens")[:].sum()) if "n_source_tokens" in self.ds else None}
 
     def _shards(self) -> dict:
         """How many of the capture's shards are recorded complete."""

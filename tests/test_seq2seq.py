@@ -264,6 +264,7 @@ def test_run_attributions_over_source_and_prefix(family, attributed):
     np.testing.assert_allclose(raw.iloc[r, :s], rows.attribution_grad_x_input_source.values[s + r, :s])
     np.testing.assert_allclose(raw.iloc[r, s:], rows.attribution_grad_x_input.values[s + r, :n_dec - 1])
     assert "completeness_gap" in run.attributions(0, "integrated_gradients").attrs
+    assert "source" in run.attrs["gradients"]["target_row"] and run.attrs["gradients"]["targets"] == "all"
 
 
 def test_viewer_payloads_by_stack(family, attributed, reference):
@@ -321,6 +322,9 @@ def test_cli_capture_lens_report_info(tiny_model_dirs, tmp_path):
                for s in ("encoder", "decoder", "cross"))
     res = runner.invoke(cli, ["info", str(out)])
     assert res.exit_code == 0 and "cross_attention" in res.output, res.output
+    run = ss.open_run(str(out))
+    source = int(run.ds.n_source_tokens.sum())
+    assert f"{run.n_tokens - int((run.ds.prompt_index < 0).sum())} tokens ({source} source (encoder), " in res.output
     res = runner.invoke(cli, ["capture", "--model", str(tiny_model_dirs["bart"]), "--corpus", str(corpus), "--out",
                               str(tmp_path / "x.zarr"), "--target-column", "missing"])
     assert res.exit_code == 1 and "--target-column missing" in res.output and not (tmp_path / "x.zarr").exists()

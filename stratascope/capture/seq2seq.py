@@ -15,6 +15,12 @@ from ..errors import ConfigError, CorpusError
 from .gradients import DELTA, IG_METHODS, _pack, memory_budget
 
 SUPPORTED = ("hidden", "attention", "mlp", "attribution")
+# what the root attrs `gradients` add for these runs
+GRADIENT_ATTRS = {"target_row": "decoder row r holds the attribution of the prediction made at decoder position r of "
+                                "decoder token r+1: attribution_<method> over the decoder prefix 0..r, "
+                                "attribution_<method>_source over the source positions",
+                  "wrt": "the encoder's and the decoder's input token embeddings",
+                  "ig_baseline": "zero embeddings for both stacks"}
 
 
 def check_options(cfg, adapter) -> None:
