@@ -148,12 +148,14 @@
   /* Diverging: orange for positive, blue for negative, opacity = |v| / max. */
   S.diverging = (v, max) => (max > 0 ? (v >= 0 ? S.rgba('#e6550d', v / max) : S.rgba('#3182bd', -v / max)) : 'rgba(0,0,0,0)');
   S.TEXT_FONT = 'DejaVu Sans Mono, Menlo, Consolas, monospace';
-  /* Token boxes laid out left to right, wrapping at width W: [{x, y, w}], and the rows used. */
+  /* Token boxes laid out left to right, wrapping at width W: [{x, y, w}], and the rows used.
+     opts.gapBefore: an index before which a gap of opts.gap is left (where a marker is drawn). */
   S.flowBoxes = function (labels, W, opts) {
-    const o = Object.assign({rowh: 26, char: 7.3, pad: 8, max: 30}, opts || {});
+    const o = Object.assign({rowh: 26, char: 7.3, pad: 8, max: 30, gapBefore: -1, gap: 0}, opts || {});
     const boxes = [];
     let x = o.pad, row = 0;
-    labels.forEach(label => {
+    labels.forEach((label, i) => {
+      if (i === o.gapBefore) x += o.gap;
       const w = S.short(label, o.max).length * o.char + 8;
       if (x + w > W - o.pad && x > o.pad) { x = o.pad; row++; }
       boxes.push({x: x, y: o.pad + row * o.rowh, w: w, h: o.rowh - 4});
