@@ -140,6 +140,8 @@ def _print_info(info: dict) -> None:
         changed.append(f"{info['special_token_texts']} prompts hold special-token text, "
                        + ("tokenized as text" if info["special_tokens"] == "text" else "read as control tokens"))
     click.echo(f"corpus     {info['prompts']} prompts, {info['tokens']} tokens"
+               + (f" ({info['source_tokens']} source (encoder), {info['tokens'] - info['source_tokens']} decoder)"
+                  if info.get("source_tokens") is not None else "")
                + (f"; metadata {', '.join(info['metadata_columns'])}" if info["metadata_columns"] else ""))
     if changed:
         click.echo("changed    " + "; ".join(changed))

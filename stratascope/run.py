@@ -35,11 +35,12 @@ class Run(Store):
 
         return heads_frame(summarize_heads(self, top=top, recompute=recompute, progress=progress))
 
-    def attention(self, prompt: int, layer: int, head: int) -> pd.DataFrame:
-        """Attention weights of one head on one prompt: query x key, labelled "position: token"."""
+    def attention(self, prompt: int, layer: int, head: int, stack: str | None = None) -> pd.DataFrame:
+        """Attention weights of one head on one prompt: query x key, labelled "position: token".
+        Encoder-decoder runs take stack='encoder', 'decoder' or 'cross' (decoder query x source key)."""
         from .analyze.views import attention
 
-        return attention(self, prompt, layer, head)
+        return attention(self, prompt, layer, head, stack)
 
     def qk(self, prompt: int, layer: int, head: int):
         """Queries, keys, q·k scores and weights of one head on one prompt (the neuron view): an analyze.views.QK."""
@@ -60,6 +61,8 @@ class Run(Store):
         0..n-2 of the sequence; sources at or after t are 0. normalize=True scales each row
         to sum to 1 (what Ecco displays); False gives the stored L2 norms.
         For integrated_gradients, df.attrs['completeness_gap'] holds each row's delta.
+        Encoder-decoder runs: a row per decoder target token, columns the source tokens then the
+        decoder prefix (column level 'stack': 'source' / 'target').
         """
         from .analyze.views import attributions
 
@@ -219,7 +222,8 @@ class Run(Store):
                 "special_tokens": cap.get("special_tokens", "parse"),
                 # stores from before --model-dtype ran float32; threads then went unrecorded
                 "model_dtype": m.get("dtype", "float32"), "threads": cap.get("threads"),
-                "rows": {"stored": self.n_tokens, "option": rows_option(self)} if not every_position(self) else None}
+                "rows": {"stored": self.n_tokens, "option": rows_option(self)} if not every_position(self) else None,
+                "source_tokens": int(self.array("n_source_tokens")[:].sum()) if "n_source_tokens" in self.ds else None}
 
     def _shards(self) -> dict:
         """How many of the capture's shards are recorded complete."""

@@ -182,6 +182,8 @@ class Store:
                               "position": rows["position"].values, "is_generated": rows["is_generated"].values})
         if "token_type_ids" in rows:  # BERT: sentence A (0) or B (1)
             frame["token_type"] = rows["token_type_ids"].values
+        if "is_decoder" in rows:  # encoder-decoder: the source rows, then the decoder's
+            frame["stack"] = np.where(rows["is_decoder"].values, "decoder", "encoder")
         return frame
 
     @cached_property

@@ -36,6 +36,21 @@ def _bpe_tokenizer(vocab_size: int = 300):
                                    pad_token="<|endoftext|>")
 
 
+def _seq2seq_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE with <pad> 0, </s> 1, <s> 2 that ends every text with </s>, as T5's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
 def _wordpiece_tokenizer():
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -67,10 +82,20 @@ def tiny_config(family: str, vocab: int):
     if family == "bert":
         return tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                              max_position_embeddings=128, type_vocab_size=2, **common)
+    seq2seq = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if family == "t5":  # gated MLP and tied embeddings as in Flan-T5: the LM head rescales by d_model**-0.5
+        return tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+                           decoder_start_token_id=0, relative_attention_num_buckets=8, **seq2seq)
+    if family == "bart":  # scaled embeddings and a random final_logits_bias, so the readout must apply both
+        return tf.BartConfig(d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                             max_position_embeddings=128, scale_embedding=True, decoder_start_token_id=1,
+                             forced_eos_token_id=None, **seq2seq)
     raise ValueError(family)
 
 
 FAMILIES = ("gpt2", "llama", "gpt_neox", "bert")
+SEQ2SEQ = ("t5", "bart")
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +117,18 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(path)
         tok.save_pretrained(path)
         dirs[family] = path
+    for family in SEQ2SEQ:
+        tok = _seq2seq_tokenizer()
+        torch.manual_seed(0)
+        cls = tf.T5ForConditionalGeneration if family == "t5" else tf.BartForConditionalGeneration
+        model = cls(tiny_config(family, len(tok)))
+        if family == "bart":  # zeros after init; random here so that a readout without it fails
+            model.final_logits_bias.normal_(0, 0.5)
+        assert sum(p.numel() for p in model.parameters()) < 100_000, f"{family} test model must stay tiny"
+        path = root / family
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        dirs[family] = path
     return dirs
 
 
@@ -100,6 +137,9 @@ def load_reference(path, attn="eager"):
     import transformers as tf
 
     config = tf.AutoConfig.from_pretrained(path)
+    if config.is_encoder_decoder:
+        model = tf.AutoModelForSeq2SeqLM.from_pretrained(path, attn_implementation=attn).eval()
+        return model, tf.AutoTokenizer.from_pretrained(path)
     cls = tf.AutoModel if config.model_type == "bert" else tf.AutoModelForCausalLM
     model = cls.from_pretrained(path, attn_implementation=attn).eval()
     return model, tf.AutoTokenizer.from_pretrained(path)

@@ -931,3 +931,102 @@ def test_similarity_view(browser, similarity_targets, kind):
     np.testing.assert_allclose(_trace(v, ".ss-sim-row", "row"), m[1], atol=1e-6)
     assert "cell=1%2C3" in v.page.url or "cell=1,3" in v.page.url
     v.done("similarity_clicked")
+
+
+# ---- encoder-decoder runs (a tiny T5): the attention selectors of the head and model views
+@pytest.fixture(scope="module")
+def seq2seq_store(tiny_model_dirs, tmp_path_factory):
+    import stratascope as ss
+
+    rows = [{"text": "The quick brown fox jumps over the lazy dog.", "target": "a fox jumps"},
+            {"text": "Heathrow airport is located in the city of London.", "target": "London"}]
+    out = tmp_path_factory.mktemp("s2s") / "t5.zarr"
+    run = ss.capture(model=str(tiny_model_dirs["t5"]), prompts=rows, out=str(out),
+                     target_column="target", capture=["hidden", "attention", "attribution"], device="cpu",
+                     progress=False)
+    run.lens(topk=5)
+    return run
+
+
+@pytest.fixture(scope="module", params=["report", "app"])
+def seq2seq_target(request, seq2seq_store, tmp_path_factory):
+    if request.param == "report":
+        from click.testing import CliRunner
+
+        from stratascope.cli import cli
+
+        out = tmp_path_factory.mktemp("report") / "t5.html"
+        res = CliRunner().invoke(cli, ["report", seq2seq_store.path, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        yield "report", out.as_uri()
+        return
+    import stratascope as ss
+    from stratascope.viewer.app import serve_in_thread
+
+    server, url = serve_in_thread(ss.open_run(seq2seq_store.path))
+    yield "app", url
+    server.shutdown()
+    server.server_close()
+
+
+def test_seq2seq_head_view_stacks(browser, seq2seq_target, seq2seq_store):
+    import zarr
+
+    root = zarr.open_group(seq2seq_store.path, mode="r")
+    p, layer = 1, 2
+    lo, n, s = (int(root[a][p]) for a in ("token_offset", "n_tokens", "n_source_tokens"))
+    att, cross = root["attention"][lo:lo + n, layer], root["cross_attention"][lo:lo + n, layer]
+    tokens = [label(t) for t in root["token_str"][lo:lo + n]]
+    expected = {"encoder": (att[:s, :, :s], tokens[:s], tokens[:s]),
+                "decoder": (att[s:, :, :n - s], tokens[s:], tokens[s:]),
+                "cross": (cross[s:, :, :s], tokens[s:], tokens[:s])}
+    v = Viewer(browser, seq2seq_target, "head", prompt=p, layer=layer)
+    for stack, (weights, queries, keys) in expected.items():
+        v.choose(".ss-stack", stack)
+        assert v.page.eval_on_selector_all(".ss-tok-q", "es => es.map(e => e.firstChild.nodeValue)") == queries
+        assert v.page.eval_on_selector_all(".ss-tok-k", "es => es.map(e => e.firstChild.nodeValue)") == keys
+        assert v.count(".ss-line") == lines_expected(weights) > 0
+        v.shot(f"seq2seq_head_{stack}")
+    v.page.hover('.ss-tok-k[data-i="0"]')  # cross: only the lines into source token 0
+    assert v.count(".ss-line") == int((expected["cross"][0][:, :, 0] >= data.MIN_WEIGHT).sum())
+    v.done()
+
+
+def test_seq2seq_model_view_stacks(browser, seq2seq_target, seq2seq_store):
+    import zarr
+
+    root = zarr.open_group(seq2seq_store.path, mode="r")
+    p = 0
+    lo, n, s = (int(root[a][p]) for a in ("token_offset", "n_tokens", "n_source_tokens"))
+    v = Viewer(browser, seq2seq_target, "model", prompt=p, stack="cross")
+    assert v.count(".ss-thumb") == 3 * 4
+    v.page.click('.ss-thumb[data-layer="1"][data-head="2"]')
+    cross = root["cross_attention"][lo + s:lo + n, 1, :, :s]
+    assert v.count(".ss-detail .ss-line") == lines_expected(cross, heads=[2]) > 0
+    assert (v.count(".ss-detail .ss-tok-q"), v.count(".ss-detail .ss-tok-k")) == (n - s, s)
+    v.shot("seq2seq_model_cross")
+    v.choose(".ss-stack", "encoder")
+    v.page.click('.ss-thumb[data-layer="0"][data-head="1"]')
+    assert v.count(".ss-detail .ss-line") == lines_expected(root["attention"][lo:lo + s, 0, :, :s], heads=[1])
+    v.done("seq2seq_model_encoder")
+
+
+def test_seq2seq_saliency_and_lens_views(browser, seq2seq_target, seq2seq_store):
+    import zarr
+
+    root = zarr.open_group(seq2seq_store.path, mode="r")
+    p = 0
+    n, s = (int(root[a][p]) for a in ("n_tokens", "n_source_tokens"))
+    v = Viewer(browser, seq2seq_target, "saliency", prompt=p)
+    assert v.count(".ss-sal-tok") == n  # source then decoder tokens, shaded together
+    assert v.count(".ss-target-ok") == n - s - 1
+    v.done("seq2seq_saliency")
+    v = Viewer(browser, seq2seq_target, "tokens", prompt=p)
+    chips = f'.ss-prompt[data-prompt="{p}"] .ss-chips'
+    assert v.count(f"{chips} .ss-chip") == n
+    marks = v.page.eval_on_selector_all(f"{chips} > *", "es => es.map(e => e.className)")
+    assert marks[0] == marks[s + 1] == "ss-stack-sep" and marks.count("ss-stack-sep") == 2
+    v.done("seq2seq_tokens")
+    v = Viewer(browser, seq2seq_target, "rankings", prompt=p)
+    assert "cannot be shown" not in v.text()
+    v.done("seq2seq_rankings")

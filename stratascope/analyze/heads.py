@@ -37,6 +37,7 @@ import xarray as xr
 from ..errors import ConfigError
 from ..schemas import HEADS
 from .results import job_progress, load_result, save_result
+from .stacks import single_stack
 from .stored_rows import seq_lengths
 
 JOB = HEADS.job
@@ -122,6 +123,7 @@ def _blockwise(fn, att, rows, new: int, out_rows: int, *extra, **kwargs):
 
 def summarize_heads(run, top: int = 5, recompute: bool = False, progress: bool = True) -> xr.Dataset:
     """Compute (or reuse) analysis/heads for `run` and return it lazily from the store."""
+    single_stack(run, "the heads summary")
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise ConfigError(f"--top {top!r} must be a whole number of at least 1")
     params = {"top": top, "min_position": MIN_POSITION, "pattern": PATTERN, "broad": BROAD}

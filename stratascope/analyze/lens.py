@@ -35,6 +35,7 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
     _position_row,
     _tokenizer,
     captured_depths,
+    lens_prompt_index,
     next_ids_at,
     next_ids_lazy,
     parse_depths,
@@ -45,6 +46,7 @@ from .lens_inputs import (  # noqa: F401 - the lens' inputs, also read from here
 from .lens_kernel import LensArrays, lens_rows
 from .readout import Readout, readout_for
 from .results import job_progress, load_result, save_result
+from .stacks import lens_slice
 
 JOB = LENS.job
 _FIELDS = ("topk_ids", "topk_probs", "target_rank", "target_prob", "entropy", "kl_final", "watch_rank", "watch_prob")
@@ -189,7 +191,7 @@ def lens_dataset(run, params: dict, device: str = "cpu") -> xr.Dataset:
                                  [captured_depths(run)[i] for i in idx], params["norm"])
     hid = hidden.data[:, idx, :]
     target = next_ids_lazy(run).rechunk((hid.chunks[0],))
-    pidx = run.ds["prompt_index"].data.rechunk((hid.chunks[0],))
+    pidx = lens_prompt_index(run.ds).rechunk((hid.chunks[0],))
     task = _ChunkLens(readout, ids, k, params["norm"], final, len(depths), translator)
     D, W = len(depths), len(ids)
     token = dask.base.tokenize(run.path, run.attrs["created"], json.dumps(params, sort_keys=True), device)
@@ -265,7 +267,7 @@ def summary(run, ds: xr.Dataset, max_prompts: int = 10) -> list[str]:
     lines = [f"{kind} of {run.n_tokens} tokens at depths {format_ranges(depths)} (norm {ds.attrs['params']['norm']}, "
              f"{ds.attrs['params']['precision']}, top-{ds.sizes['k']}) stored in {run.path}/analysis/lens"]
     for p in range(min(run.n_prompts, max_prompts)):
-        rows = ds.isel(token=run.token_slice(p))[["topk_ids", "topk_probs", "target_rank"]].load()
+        rows = ds.isel(token=lens_slice(run, p))[["topk_ids", "topk_probs", "target_rank"]].load()
         top, prob = int(rows.topk_ids[-1, -1, 0]), float(rows.topk_probs[-1, -1, 0])
         ranks = rows.target_rank.values[:-1]  # (positions with a next token, depth)
         first = [depths[int(np.argmax(r == 1))] for r in ranks if (r == 1).any()]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import warnings
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
 from ..errors import ConfigError, MissingArrayError, OutOfRangeError
 from ..ranges import format_ranges, parse_ranges
+from .stacks import lens_slice
 
 NORMS = ("final", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -147,6 +149,17 @@ def next_ids_lazy(run):
     return da.map_blocks(targets_of, tid, pidx, nid, npr, dtype=np.int32)
 
 
+def lens_prompt_index(ds):
+    """prompt_index of the rows the lens reads (dask- or numpy-backed, as `ds` is): an encoder-decoder
+    run's encoder rows count as masked (-1), since the LM head reads the decoder out; so they get no
+    lens and are no one's next token."""
+    pidx = ds["prompt_index"].data
+    if "is_decoder" not in ds:
+        return pidx
+    where = da.where if isinstance(pidx, da.Array) else np.where
+    return where(ds["is_decoder"].data, pidx, -1).astype(np.int32)
+
+
 def targets_of(token_id: np.ndarray, prompt_index: np.ndarray, next_id: np.ndarray,
                next_prompt: np.ndarray) -> np.ndarray:
     """The id of the token that came next in the same sequence, or -1 (last token, masked row)."""
@@ -161,7 +174,7 @@ def _position_row(run, prompt: int, position: int) -> int:
 
     if not every_position(run):  # a store of selected rows: the row of that position, if it was kept
         return int(rows_at(run, Positions(str(position), "list", (position,)), [run.prompt_index(prompt)])[0])
-    rows = run.token_slice(prompt)
+    rows = lens_slice(run, prompt)
     n = rows.stop - rows.start
     if not -n <= position < n:
         raise OutOfRangeError(f"position {position} is out of range; prompt {run.prompt_index(prompt)} "

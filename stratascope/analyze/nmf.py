@@ -31,6 +31,7 @@ from ..progress import tqdm
 from ..ranges import format_ranges
 from ..schemas import NMF, NMF_TRANSFORM
 from .results import job_progress, load_result, require_result, save_result
+from .stacks import single_stack
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -265,6 +266,7 @@ def nmf(run, factors: int = 8, layers: Iterable[int] | str | None = None, iterat
         recompute: bool = False) -> xr.Dataset:
     """Factorize the run's MLP activations of `layers` into `factors` non-negative factors and store
     them in analysis/nmf; the stored result is reused when asked again with the same parameters."""
+    single_stack(run, "nmf")
     _check(factors, iterations, seed, negative)
     device = str(resolve_device(device or "cpu"))
     m = open_matrix(run, layers, chunk_tokens)
@@ -306,6 +308,7 @@ def nmf_transform(run, factors_from, device: str = "cpu", chunk_tokens: int | No
                   sweeps: int = TRANSFORM_SWEEPS, progress: bool = True, recompute: bool = False) -> xr.Dataset:
     """Weights of this run's tokens on the factors stored by another run's nmf (H fixed), in
     analysis/nmf_transform; the feature shift of the source (for negative='shift') is reused."""
+    single_stack(run, "nmf transform")
     device = str(resolve_device(device or "cpu"))
     src = stored_factors(factors_from)
     layers = [int(v) for v in src["layer"].values]

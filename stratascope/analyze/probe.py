@@ -29,6 +29,7 @@ from ..schemas import LABEL_PREFIX, META_PREFIX, PROBE
 from .probe_rows import ArrayRows, PromptRows, TokenRows, prompt_token_ranges
 from .probe_train import Targets, accuracy_f1, evaluate, fit, r2, raw_weights
 from .results import load_result, save_result
+from .stacks import single_stack
 from .stored_rows import check_prompt_rows, every_position
 
 MAX_CLASSES_FOR_INT = 20  # integer labels with more distinct values are regressed
@@ -205,6 +206,7 @@ def linear_probe(run, label: str, at: str = "last", folds: int = 5, depths=None,
                  epochs: int | None = None, batch_size: int = 128, lr: float = 0.05, l2: float = 1e-3,
                  device: str = "cpu", progress: bool = True, recompute: bool = False) -> ProbeResult:
     """Probe `label` at every captured depth (or `depths`, e.g. '0-30'); see the module docstring."""
+    single_stack(run, "the linear probe")
     ds = run.ds
     hidden = run.require("hidden", "hidden")
     token_labels, prompt_labels = available_labels(ds)

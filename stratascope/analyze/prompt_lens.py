@@ -27,6 +27,7 @@ from .lens_inputs import (
     require_hidden,
     watch_ids,
 )
+from .stacks import lens_slice
 from .stored_rows import require_every_position
 
 ROW_BLOCK = 64  # rows x depths whose full-vocabulary logits are held at once (64 x 49152 float32 = 12 MiB)
@@ -87,7 +88,8 @@ def read_readout(run) -> ReadoutArrays:
             bias = read("norm_bias")
     if attrs.get("has_unembed_bias") and "unembed_bias" in run.readout:
         unembed_bias = read("unembed_bias")
-    return ReadoutArrays(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, read("unembed"), unembed_bias)
+    unembed = read("unembed") * np.float32(attrs.get("logit_scale", 1.0))  # T5's rescaling before the LM head
+    return ReadoutArrays(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, unembed, unembed_bias)
 
 
 def readout_arrays(run) -> ReadoutArrays:
@@ -204,7 +206,7 @@ def rankings(run, prompt: int = 0, norm: str = "final", lens="logit") -> pd.Data
     position has no next token, so it is not a column; columns are labelled with the tokens."""
     _check(norm, "float32", 1)
     require_every_position(run, "rankings (depth x position of one prompt)")
-    rows = run.token_slice(prompt)
+    rows = lens_slice(run, prompt)
     depths = captured_depths(run)
     got = _rows_lens(run, rows.start, rows.stop, depths, norm, topk=0, lens=lens)
     tokens = np.asarray(run.array("token_str")[rows.start:rows.stop]).astype(object)

@@ -103,6 +103,9 @@ def load_readout(run, device: str = "cpu", precision: str = "float32") -> Readou
     if attrs.get("has_unembed_bias") and "unembed_bias" in ds:
         unembed_bias = torch.from_numpy(np.asarray(ds["unembed_bias"].values, dtype=np.float32))
     unembed = torch.from_numpy(np.asarray(ds["unembed"].values, dtype=np.float32))
+    scale = float(attrs.get("logit_scale", 1.0))
+    if scale != 1.0:  # the normed residual is scaled before the LM head (T5): folded into the unembedding
+        unembed = unembed * scale
     readout = Readout(norm_type, float(attrs.get("norm_eps", 0.0)), weight, bias, unembed, unembed_bias)
     return readout.to(device, precision)
 

@@ -51,6 +51,7 @@ from ..ranges import format_ranges, parse_ranges
 from .lens import _release_freed_memory
 from .results import load_result, save_result, source_fingerprint
 from .similarity_rows import PromptPairs, TokenPairs, check_tokenized_alike
+from .stacks import single_stack
 from .stored_rows import require_every_position
 
 JOB = "similarity"
@@ -285,6 +286,7 @@ def similarity(run, other=None, method: str = "cka", array: str = "hidden", posi
                recompute: bool = False) -> xr.Dataset:
     """Depth × depth similarity of `run` (or depth of `run` × depth of `other`), stored in
     analysis/similarity; see the module docstring."""
+    single_stack(run, "similarity")
     from ..devices import resolve_device
 
     _check_method(method)

@@ -40,6 +40,7 @@ from .lens import (
 )
 from .lens_kernel import lens_rows, prepare_rows
 from .results import load_result, save_result
+from .stacks import lens_extents
 from .stored_rows import every_position, rows_at
 
 ROWS_PER_STEP = 256  # rows read from the store and scored at a time
@@ -328,8 +329,7 @@ def select_rows_at(run, position: int) -> np.ndarray:
     """Each prompt's row at `position` (negative from the end); an error names a prompt too short."""
     if not every_position(run):
         return rows_at(run, parse_positions(str(position)))
-    offsets = run.ds["token_offset"].values.astype(np.int64)
-    lengths = run.ds["n_tokens"].values.astype(np.int64)
+    offsets, lengths = lens_extents(run)  # an encoder-decoder run's decoder rows
     short = np.flatnonzero(~((-lengths <= position) & (position < lengths)))
     if len(short):
         raise OutOfRangeError(f"position {position} is out of range for prompt {int(short[0])} "

@@ -31,6 +31,7 @@ from .lens_inputs import captured_depths, next_ids_lazy, parse_depths, require_h
 from .probe_rows import chunk_bounds
 from .readout import readout_for
 from .results import load_result, require_result, save_result
+from .stacks import single_stack
 from .tuned_lens_kernel import (
     Stats,
     kl_from_stats,
@@ -387,6 +388,7 @@ def tuned_lens(run, depths=None, holdout: float = 0.2, steps: int = DEFAULT_STEP
                seed: int = 0, batch_rows: int = DEFAULT_BATCH, device: str = "cpu", progress: bool = True,
                recompute: bool = False) -> TunedLens:
     """Train the tuned lens of `run` into analysis/tuned_lens, or reuse the stored one with these parameters."""
+    single_stack(run, "the tuned lens")
     params = tuned_params(run, depths, holdout, steps, lr, seed, batch_rows)
     stored = None if recompute else load_result(run, JOB, params)
     if stored is None:

@@ -11,6 +11,7 @@ import pandas as pd
 from ..errors import ConfigError, OutOfRangeError
 from ..ranges import format_ranges
 from ..schemas import VARIABLES
+from .stacks import is_encoder_decoder, lens_slice
 from .stored_rows import require_every_position
 
 
@@ -46,11 +47,46 @@ def _head_rows(run, name: str, prompt: int, layer: int, head: int) -> tuple[np.n
     return values, token_labels(run.ds["token_str"].isel(token=rows).values)
 
 
-def attention(run, prompt: int, layer: int, head: int) -> pd.DataFrame:
-    """Stored attention weights of one head on one prompt: query rows x key columns."""
-    weights, labels = _head_rows(run, "attention", prompt, layer, head)
-    n = len(labels)
-    return pd.DataFrame(weights[:, :n], index=pd.Index(labels, name="query"), columns=pd.Index(labels, name="key"))
+STACKS = ("encoder", "decoder", "cross")
+
+
+def stack_slices(run, prompt: int) -> tuple[slice, slice]:
+    """An encoder-decoder run's rows of `prompt`: (its source rows, its decoder rows)."""
+    rows, decoder = run.token_slice(prompt), lens_slice(run, prompt)
+    return slice(rows.start, decoder.start), decoder
+
+
+def check_stack(run, stack: str | None) -> str | None:
+    """The stack to read: None for single-stack runs; one of STACKS for encoder-decoder runs."""
+    if not is_encoder_decoder(run):
+        if stack is not None:
+            raise ConfigError(f"stack={stack!r} applies to encoder-decoder runs; {run.path} has one stack (drop stack)")
+        return None
+    if stack not in STACKS:
+        raise ConfigError(f"{run.path} holds an encoder-decoder model: give stack='encoder', 'decoder' or 'cross' "
+                          f"(got {stack!r})")
+    return stack
+
+
+def attention(run, prompt: int, layer: int, head: int, stack: str | None = None) -> pd.DataFrame:
+    """Stored attention weights of one head on one prompt: query rows x key columns. Encoder-decoder
+    runs: stack 'encoder' (source x source), 'decoder' (decoder x decoder, causal) or 'cross'
+    (decoder query x source key)."""
+    stack = check_stack(run, stack)
+    if stack is None:
+        weights, labels = _head_rows(run, "attention", prompt, layer, head)
+        n = len(labels)
+        return pd.DataFrame(weights[:, :n], index=pd.Index(labels, name="query"), columns=pd.Index(labels, name="key"))
+    source, decoder = stack_slices(run, prompt)
+    queries = source if stack == "encoder" else decoder
+    keys = decoder if stack == "decoder" else source
+    array = run.require("cross_attention" if stack == "cross" else "attention", "attention")
+    li, h = layer_index(run, layer), check_head(run, head)
+    n_keys = keys.stop - keys.start
+    weights = array.isel(token=queries, layer=li, head=h).values[:, :n_keys]
+    tokens = run.ds["token_str"]
+    return pd.DataFrame(weights, index=pd.Index(token_labels(tokens.isel(token=queries).values), name="query"),
+                        columns=pd.Index(token_labels(tokens.isel(token=keys).values), name="key"))
 
 
 @dataclass
@@ -124,6 +160,8 @@ def attributions(run, prompt: int, method: str = "grad_x_input", normalize: bool
     if method not in methods:
         raise ConfigError(f"attribution method {method!r} is unknown; choose from {', '.join(methods)}")
     array = run.require(f"attribution_{method}", f"attribution --attribution {method}")
+    if is_encoder_decoder(run):
+        return _seq2seq_attributions(run, prompt, method, normalize)
     rows = run.token_slice(prompt)
     n = rows.stop - rows.start
     values = array.isel(token=rows, key=slice(0, n)).values
@@ -139,5 +177,30 @@ def attributions(run, prompt: int, method: str = "grad_x_input", normalize: bool
                                                            names=["position", "source"]))
     if method == "integrated_gradients" and "attribution_integrated_gradients_delta" in run.ds:
         delta = run.ds["attribution_integrated_gradients_delta"].isel(token=rows).values[targets]
+        frame.attrs["completeness_gap"] = pd.Series(delta, index=frame.index)
+    return frame
+
+
+def _seq2seq_attributions(run, prompt: int, method: str, normalize: bool) -> pd.DataFrame:
+    """Encoder-decoder runs: a row per decoder target token, columns the source tokens then the
+    decoder prefix (column level `stack`: 'source' / 'target'), as Ecco shows T5's."""
+    source, decoder = stack_slices(run, prompt)
+    s, nd = source.stop - source.start, decoder.stop - decoder.start
+    prefix = run.ds[f"attribution_{method}"].isel(token=decoder, key=slice(0, nd)).values
+    over_source = run.ds[f"attribution_{method}_source"].isel(token=decoder, source=slice(0, s)).values
+    targets = np.flatnonzero(~np.isnan(prefix[:, 0]))  # decoder rows r predicting decoder token r+1
+    block = np.concatenate([over_source[targets], prefix[targets, :nd - 1]], axis=1).astype(np.float64)
+    if normalize:
+        block = block / block.sum(axis=1, keepdims=True)
+    tokens = run.ds["token_str"]
+    src_tok = tokens.isel(token=source).values.astype(object)
+    dec_tok = tokens.isel(token=decoder).values.astype(object)
+    columns = pd.MultiIndex.from_arrays([["source"] * s + ["target"] * (nd - 1),
+                                         np.r_[np.arange(s), np.arange(nd - 1)], np.r_[src_tok, dec_tok[:nd - 1]]],
+                                        names=["stack", "position", "token"])
+    frame = pd.DataFrame(block, columns=columns, index=pd.MultiIndex.from_arrays(
+        [targets + 1, dec_tok[targets + 1]], names=["position", "target"]))
+    if method == "integrated_gradients" and "attribution_integrated_gradients_delta" in run.ds:
+        delta = run.ds["attribution_integrated_gradients_delta"].isel(token=decoder).values[targets]
         frame.attrs["completeness_gap"] = pd.Series(delta, index=frame.index)
     return frame

@@ -104,7 +104,9 @@ class CaptureConfig:
                                        "count in-process, 1 per --workers worker, a --scheduler worker's thread "
                                        "count); stored values are bit-identical across runs only at the same "
                                        "count", type=int, min=1)
-    text_column: str = option("text", "the corpus column holding the prompt")
+    text_column: str = option("text", "the corpus column holding the prompt (encoder-decoder models: the source)")
+    target_column: str | None = option(None, "encoder-decoder models: the corpus column holding the decoder text "
+                                             "(teacher-forced; else --generate N)")
     max_length: int = option(512, "tokens kept per prompt", type=int)
     shard_tokens: int | None = option(None, "tokens per shard (the unit of work and of resume); "
                                             "default: what fits 256 MiB", type=int, min=1)

@@ -110,3 +110,43 @@ def generate_window(model: torch.nn.Module, ids: list[list[int]], lo: int, hi: i
         for p, new in zip(batch, generated):
             ids[p] = np.concatenate([np.asarray(ids[p], dtype=np.int32), np.asarray(new, dtype=np.int32)])
 
+
+
+@torch.inference_mode()
+def generate_seq2seq_batch(model: torch.nn.Module, sources: list[list[int]], start: int, cfg: GenerationConfig,
+                           device, prompt_ids=None) -> list[list[int]]:
+    """Encoder-decoder models: the cfg.n_new ids the decoder produces for each source of one batch,
+    starting from the decoder start token; the encoder runs once (right padding, masked), the decoder
+    with its key/value cache. Greedy is the argmax of the model's logits at every step (no forced
+    BOS/EOS processors, no stop at EOS)."""
+    B, width = len(sources), max(len(s) for s in sources)
+    input_ids = torch.zeros((B, width), dtype=torch.long)
+    mask = torch.zeros((B, width), dtype=torch.long)
+    for b, seq in enumerate(sources):
+        input_ids[b, :len(seq)] = torch.tensor(seq)
+        mask[b, :len(seq)] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    encoded = model.get_encoder()(input_ids=input_ids, attention_mask=mask)
+    gens = _generators(prompt_ids if prompt_ids is not None else range(B), cfg.seed) if cfg.sample else None
+    decoder_ids = torch.full((B, 1), int(start), dtype=torch.long, device=device)
+    new, cache = [], None
+    for _ in range(cfg.n_new):
+        out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=decoder_ids,
+                    cache=cache, use_cache=True)
+        cache = out.cache
+        chosen = _choose(out.logits[:, -1], cfg, gens)
+        new.append(chosen)
+        decoder_ids = chosen[:, None]
+    return [list(map(int, row)) for row in torch.stack(new, dim=1).cpu().tolist()]
+
+
+def generate_seq2seq_window(model: torch.nn.Module, ids: list, n_source: np.ndarray, lo: int, hi: int, start: int,
+                            cfg: GenerationConfig, device, batch_size: int) -> None:
+    """Append cfg.n_new decoder ids to the prompts lo..hi-1 of `ids` (each its source, then the
+    decoder start token), in place; batched by source length, longest first."""
+    order = sorted(range(lo, hi), key=lambda p: -int(n_source[p]))
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        sources = [list(ids[p][:int(n_source[p])]) for p in batch]
+        for p, new in zip(batch, generate_seq2seq_batch(model, sources, start, cfg, device, prompt_ids=batch)):
+            ids[p] = np.concatenate([np.asarray(ids[p], dtype=np.int32), np.asarray(new, dtype=np.int32)])

@@ -25,7 +25,8 @@ class Recorder:
 
     hidden: depth d < L is the input of block d, depth L the output of block L-1 (the
     input of the final norm), so every depth is the un-normalized residual stream.
-    attention: the attention module's weights output (eager attention).
+    attention: the attention module's weights output (eager attention); for an encoder-decoder
+    model's decoder also cross_attention, the weights of each block's attention over the source.
     mlp: the input of the MLP output projection.
     queries/keys (capture 'qk'): what the model's eager attention function receives, i.e. after
     rotary embeddings; keys repeated to every query head under grouped-query attention. They are
@@ -60,12 +61,16 @@ class Recorder:
                     reg(a.blocks[-1].register_forward_hook(post))
         for layer in self.layers:
             if "attention" in self.capture:
-                def attn(module, args, output, key=("attention", layer)):
-                    weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                def attn(module, args, output, name="attention", layer=layer):
+                    index = a.attn_weights_index
+                    weights = output[index] if isinstance(output, tuple) and len(output) > 1 else None
                     if weights is None:
                         raise RuntimeError("the attention module returned no weights; load with eager attention")
-                    self._put(key, weights)
+                    self._put((name, layer), weights)
                 reg(a.attentions[layer].register_forward_hook(attn))
+                if a.cross_attentions:  # encoder-decoder: the decoder block's attention over the source
+                    reg(a.cross_attentions[layer].register_forward_hook(
+                        lambda m, args, out, f=attn, layer=layer: f(m, args, out, "cross_attention", layer)))
             if "mlp" in self.capture:
                 reg(a.mlp_out[layer].register_forward_pre_hook(self._store(("mlp", layer)), with_kwargs=True))
         if "qk" in self.capture:
@@ -118,6 +123,9 @@ class Recorder:
         if "attention" in self.capture:
             stacked = _stack([self.out[("attention", l)] for l in self.layers], dim=1)
             result["attention"] = stacked.permute(0, 3, 1, 2, 4)
+            if self.adapter.cross_attentions:  # (batch, decoder query, layer, head, source key)
+                stacked = torch.stack([self.out[("cross_attention", l)] for l in self.layers], dim=1)
+                result["cross_attention"] = stacked.permute(0, 3, 1, 2, 4)
         if "mlp" in self.capture:
             result["mlp"] = _stack([self.out[("mlp", l)] for l in self.layers], dim=2)
         if "qk" in self.capture:

@@ -54,15 +54,20 @@ def write_readout(root: zarr.Group, adapter: Adapter, tokenizer, vocab: list[str
             bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
         rows = max(1, (8 * 2**20) // (w.shape[1] * 4))
         _create(group, "unembed", w.shape, rows)[:] = w
+        if adapter.logits_bias is not None:  # BART's final_logits_bias, added after an LM head without bias
+            extra = adapter.logits_bias.detach().float().cpu()
+            bias = extra + bias if bias is not None else extra
         if isinstance(bias, torch.Tensor):
             _create(group, "unembed_bias", (V,), V)[:] = bias.numpy()
-        spec = norm_spec(adapter.final_norm)
-        d = adapter.d_model
-        _create(group, "norm_weight", (d,), d)[:] = spec["weight"].numpy()
-        if spec["bias"] is not None:
-            _create(group, "norm_bias", (d,), d)[:] = spec["bias"].numpy()
-        attrs.update(norm_type=spec["type"], norm_eps=spec["eps"], norm_weight_offset=spec["weight_offset"],
-                     has_norm_bias=spec["bias"] is not None, has_unembed_bias=isinstance(bias, torch.Tensor))
+        attrs.update(has_unembed_bias=isinstance(bias, torch.Tensor), logit_scale=adapter.logit_scale)
+        if adapter.final_norm is not None:  # BART and Marian decoders end without one
+            spec = norm_spec(adapter.final_norm)
+            d = adapter.d_model
+            _create(group, "norm_weight", (d,), d)[:] = spec["weight"].numpy()
+            if spec["bias"] is not None:
+                _create(group, "norm_bias", (d,), d)[:] = spec["bias"].numpy()
+            attrs.update(norm_type=spec["type"], norm_eps=spec["eps"], norm_weight_offset=spec["weight_offset"],
+                         has_norm_bias=spec["bias"] is not None)
     group.attrs.update(attrs)
 
 

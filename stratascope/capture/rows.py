@@ -77,26 +77,35 @@ def select_rows(tensors: dict[str, torch.Tensor], batch, keep: list[np.ndarray],
     return out
 
 
-def row_table(ids, seq_lengths, offsets, keep, pool, n_generated: int, shard, vocab) -> dict[str, np.ndarray]:
+def row_table(ids, seq_lengths, offsets, keep, pool, n_generated: int, shard, vocab,
+              n_source: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The token table of a shard's rows: token id, position, prompt, whether generated, the next
-    token's id; masked filler rows keep -1. A pooled row has its prompt and -1 for the rest."""
+    token's id; masked filler rows keep -1. A pooled row has its prompt and -1 for the rest.
+    Encoder-decoder runs (n_source given): a sequence is its source then its decoder tokens; rows add
+    `is_decoder`, positions count within each stack, and no source token has a next token."""
     rows = shard.stop - shard.start
     table = {"token_id": np.full(rows, -1, dtype=np.int32), "position": np.full(rows, -1, dtype=np.int32),
              "prompt_index": np.full(rows, -1, dtype=np.int32), "is_generated": np.zeros(rows, dtype=bool),
              "next_token_id": np.full(rows, -1, dtype=np.int32)}
+    if n_source is not None:
+        table["is_decoder"] = np.zeros(rows, dtype=bool)
     for p in range(shard.lo, shard.hi):
         o, n = int(offsets[p]) - shard.start, int(seq_lengths[p])
         seq = np.asarray(ids[p], dtype=np.int32)
         nxt = np.append(seq[1:], np.int32(-1))
+        src = 0 if n_source is None else int(n_source[p])
+        nxt[:src] = -1  # the LM head reads out the decoder only
         if pool:
             table["prompt_index"][o] = p
             continue
         pos = np.arange(n) if keep is None else keep[p]
         k = len(pos)
         table["token_id"][o:o + k] = seq[pos]
-        table["position"][o:o + k] = pos
+        table["position"][o:o + k] = np.where(pos < src, pos, pos - src)
         table["prompt_index"][o:o + k] = p
         table["is_generated"][o:o + k] = pos >= n - n_generated
         table["next_token_id"][o:o + k] = nxt[pos]
+        if n_source is not None:
+            table["is_decoder"][o:o + k] = pos >= src
     table["token_str"] = np.where(table["token_id"] >= 0, vocab[np.clip(table["token_id"], 0, len(vocab) - 1)], "")
     return table

@@ -23,6 +23,7 @@ from ..progress import tqdm
 from ..ranges import parse_ranges
 from ..schemas import (
     META_PREFIX,
+    OPTIONAL_TOKEN_TABLE,
     PROJECTION_CAPTURES,
     TOKEN_TABLE,
     VARIABLES,
@@ -31,9 +32,10 @@ from ..schemas import (
     transformer_lens_attrs,
 )
 from ..version import __version__
+from . import seq2seq
 from .config import CAPTURE_DOC, CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
-from .generate import generate_window, require_lm
+from .generate import generate_seq2seq_window, generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs
 from .labels import token_labels, write_token_labels
@@ -47,7 +49,7 @@ from .writer import ShardWriter, create_array, prepare_output, remove_store, tok
 
 WINDOW_BYTES = 256 * 2**20  # staging memory for one shard's rows (bounded RAM)
 # token-dim arrays in the capture dtype
-ACTS = ("hidden", "attention", "mlp", "queries", "keys", "attn_out", "mlp_out", "z")
+ACTS = ("hidden", "attention", "cross_attention", "mlp", "queries", "keys", "attn_out", "mlp_out", "z")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Plan:
     def __post_init__(self):
         if self.seq_lengths is None:
             self.seq_lengths = self.lengths
+    n_source: np.ndarray | None = None  # encoder-decoder: each prompt's source (encoder) token count
 
     def shard_tokens(self, shard: Shard) -> int:
         """Tokens the shard runs through the model (what progress and tokens/s count)."""
@@ -157,15 +160,17 @@ def special_token_texts(tokenizer, texts: list[str]) -> tuple[int, str | None]:
     return count, example
 
 
-def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int, keep: list | None = None) -> Plan:
-    """The plan for sequences of `lengths` tokens, storing the positions `keep` of each (None: all)."""
+def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int, keep: list | None = None,
+              n_source: np.ndarray | None = None) -> Plan:
+    """The plan for sequences of `lengths` tokens, storing the positions `keep` of each (None: all);
+    encoder-decoder runs give each sequence's source token count `n_source`."""
     L = adapter.n_layers
     layers = parse_ranges(cfg.layers, L, "layers") or list(range(L))
     depths = list(range(L + 1)) if len(layers) == L else sorted({0} | {l + 1 for l in layers})
     seq_lengths, pool = lengths, cfg.pool if keep is not None else None
     lengths = row_counts(keep, seq_lengths, pool)
     n_tokens, max_len = int(lengths.sum()), int(seq_lengths.max())
-    table = [v for v in TOKEN_TABLE if v.name != "token_type_ids"]  # written by every capture
+    table = [v for v in TOKEN_TABLE if v.name not in OPTIONAL_TOKEN_TABLE]  # written by every capture
     widths = {v.name: () for v in table}
     dtypes = {v.name: v.dtype for v in table}
     if "hidden" in cfg.capture:
@@ -182,11 +187,21 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int, 
         widths["z"] = (len(layers), adapter.n_heads, adapter.d_head)
     if adapter.has_token_types:
         widths["token_type_ids"], dtypes["token_type_ids"] = (), VARIABLES["token_type_ids"].dtype
+    grads = cfg.gradients
+    grad_arrays = grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}
+    if n_source is not None:  # both stacks' rows: keys span the longer stack, cross-attention the source
+        max_src = int(n_source.max())
+        keys = max(max_src, int((lengths - n_source).max()))  # one `key` axis: the longer stack's
+        widths["is_decoder"], dtypes["is_decoder"] = (), VARIABLES["is_decoder"].dtype
+        if "attention" in cfg.capture:
+            widths["attention"] = (len(layers), adapter.n_heads, keys)
+            widths["cross_attention"] = (len(layers), adapter.n_heads, max_src)
+        grad_arrays = {n: ((keys,) if tail else tail, dt) for n, (tail, dt) in grad_arrays.items()}
+        grad_arrays.update({f"{n}_source": ((max_src,), dt) for n, (tail, dt) in grad_arrays.items() if tail})
     for name in ACTS:
         if name in widths:
             dtypes[name] = cfg.dtype
-    grads = cfg.gradients
-    for name, (tail, dtype) in (grads.arrays(max_len, len(depths), adapter.d_model) if grads else {}).items():
+    for name, (tail, dtype) in grad_arrays.items():
         widths[name], dtypes[name] = tail, dtype
     row_bytes = {n: int(np.prod(w, dtype=np.int64)) * (16 if dtypes[n] == "str" else np.dtype(dtypes[n]).itemsize)
                  for n, w in widths.items()}
@@ -201,7 +216,8 @@ def make_plan(adapter, cfg: CaptureConfig, lengths: np.ndarray, truncated: int, 
     if set(PROJECTION_CAPTURES) & set(cfg.capture):  # the output projections (readout/attn_out_*, mlp_out_*)
         readout += 4 * len(layers) * (adapter.n_heads * adapter.d_head + adapter.d_mlp + 2) * adapter.d_model
     return Plan(len(lengths), n_tokens, n_rows, max_len, layers, depths, shapes, dtypes, chunk_rows, truncated,
-                shards, offsets, lengths, zarr_rows, readout, seq_lengths=seq_lengths, keep=keep, pool=pool)
+                shards, offsets, lengths, zarr_rows, readout, seq_lengths=seq_lengths, keep=keep, pool=pool,
+                n_source=n_source)
 
 
 def _batches(lengths: np.ndarray, lo: int, hi: int, batch_size: int, keep: list | None = None):
@@ -270,14 +286,21 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                         max_memory=cfg.max_memory)
     adapter = find_adapter(loaded.model)
     n_new = cfg.generate
+    if adapter.encoder_decoder:
+        seq2seq.check_options(cfg, adapter)
+    elif cfg.target_column:
+        raise ConfigError(f"--target-column {cfg.target_column}: {type(loaded.model).__name__} is not an "
+                          "encoder-decoder model, so there is no decoder text to give; drop --target-column")
     if n_new or cfg.gradients:
         require_lm(loaded.model, adapter.causal, "--generate" if n_new else "--capture attribution/grad")
     limit = min(cfg.max_length, getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_length)
     if n_new >= limit:
         raise ConfigError(f"--generate {n_new} leaves no room for the prompt within {limit} tokens; "
                           "generate fewer tokens or raise --max-length")
-    types = None
-    if adapter.has_token_types:  # segments (a text_pair column) for BertViz's sentence A/B split
+    types = n_source = None
+    if adapter.encoder_decoder:  # each stack within the limit: the source, the decoder start token + its text
+        ids, n_source, truncated = seq2seq.sequences(loaded.tokenizer, adapter, data, cfg, limit, tokenize)
+    elif adapter.has_token_types:  # segments (a text_pair column) for BertViz's sentence A/B split
         ids, types, truncated = tokenize_segments(loaded.tokenizer, data, limit, cfg.special_tokens)
     else:
         ids, truncated = tokenize(loaded.tokenizer, data.texts, limit - n_new, cfg.special_tokens)  # room to generate
@@ -287,10 +310,14 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                if cfg.special_tokens == "text" else "read as control tokens (--special-tokens parse)")
         warnings.warn(f"{data.special_token_texts} prompts contain special-token text such as {example!r}; {how}",
                       stacklevel=3)
-    labels = token_labels(data, loaded.tokenizer, ids)  # list-valued corpus fields -> label_<name>
+    # list-valued corpus fields -> label_<name> (of the source text; not for encoder-decoder runs)
+    labels = {} if adapter.encoder_decoder else token_labels(data, loaded.tokenizer, ids)
     lengths = np.array([len(s) for s in ids], dtype=np.int64) + n_new  # generated ids join per shard
+    if n_source is not None and cfg.selects_rows:
+        raise ConfigError("--positions/--pool select rows of one stack, and an encoder-decoder run stores two; "
+                          "capture every row (drop --positions/--pool) and select positions in the analysis")
     keep = kept_positions(cfg, lengths, n_new, labels)
-    plan = make_plan(adapter, cfg, lengths, truncated, keep)
+    plan = make_plan(adapter, cfg, lengths, truncated, keep, n_source)
     if keep is not None:
         plan.full_bytes = make_plan(adapter, cfg, lengths, truncated).total_bytes()
         plan.rows_option = " ".join(([f"--positions {cfg.positions}"] if cfg.positions != "all" else [])
@@ -416,7 +443,10 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
                   "weights_sha256": unembed_hash(adapter, loaded.model),
                   "attn_implementation": loaded.model.config._attn_implementation,
-                  "dtype": cfg.model_dtype, "device_map": _placement(loaded.model, cfg, cluster)},
+                  "dtype": cfg.model_dtype, "device_map": _placement(loaded.model, cfg, cluster),
+                  **({"encoder_decoder": True, "decoder_start_token_id": adapter.decoder_start_token_id,
+                      "stacks": "a prompt's first n_source_tokens rows are its encoder (source) tokens, then "
+                                "its decoder tokens (is_decoder)"} if adapter.encoder_decoder else {})},
         capture={**cfg.to_dict(), "arrays": [n for n in ACTS + GRADIENT_ARRAYS if n in plan.shapes],
                     "layers": plan.layers, "depths": plan.depths, "token_chunk": plan.chunk_rows,
                     "n_shards": len(plan.shards), "zarr_shard_rows": plan.zarr_shard_rows,
@@ -432,7 +462,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
                    "skipped_lines": dict(data.skipped), "special_token_texts": data.special_token_texts,
                    "token_labels": list(labels)},
         generation=cfg.generation.to_attrs() if cfg.generate else None,
-        gradients=cfg.gradients.to_attrs() if cfg.gradients else None,
+        gradients=({**cfg.gradients.to_attrs(), **(seq2seq.GRADIENT_ATTRS if adapter.encoder_decoder else {})}
+                   if cfg.gradients else None),
         software={"python": platform.python_version(), "torch": torch.__version__,
                   "transformers": transformers.__version__, "zarr": zarr.__version__,
                   "xarray": xarray.__version__, "numpy": np.__version__},
@@ -442,6 +473,8 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     create_array(root, "token_offset", (P,), P, "int64")[:] = plan.offsets
     create_array(root, "n_tokens", (P,), P, "int32")[:] = plan.lengths.astype(np.int32)
     create_array(root, "seq_len", (P,), P, "int32")[:] = plan.seq_lengths.astype(np.int32)
+    if plan.n_source is not None:
+        create_array(root, "n_source_tokens", (P,), P, "int32")[:] = plan.n_source.astype(np.int32)
     for col in [c for c in data.metadata.columns if str(c) not in labels]:
         values, kind = _metadata_array(data.metadata[col].to_numpy())
         create_array(root, META_PREFIX + str(col), (P,), P, kind, ("prompt",))[:] = values
@@ -479,10 +512,16 @@ class ShardCapturer:
 
     def __call__(self, shard: Shard, on_batch=None) -> dict[str, np.ndarray]:
         plan, lengths, n_new, grads = self.plan, self.plan.seq_lengths, self.cfg.generate, self.cfg.gradients
-        if n_new:  # the generated ids join the shard's sequences before anything is staged
+        seq2seq_model = plan.n_source is not None
+        if n_new and seq2seq_model:
+            generate_seq2seq_window(self.model, self.ids, plan.n_source, shard.lo, shard.hi,
+                                    self.adapter.decoder_start_token_id, self.cfg.generation, self.device,
+                                    self.cfg.batch_size)
+        elif n_new:  # the generated ids join the shard's sequences before anything is staged
             generate_window(self.model, self.ids, shard.lo, shard.hi, self.cfg.generation, self.device,
                             self.cfg.batch_size)
-        stage = row_table(self.ids, lengths, plan.offsets, plan.keep, plan.pool, n_new, shard, self.vocab)
+        stage = row_table(self.ids, lengths, plan.offsets, plan.keep, plan.pool, n_new, shard, self.vocab,
+                          plan.n_source)
         if plan.token_types is not None:
             stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
         acts = [n for n in ACTS if n in plan.shapes]
@@ -490,6 +529,8 @@ class ShardCapturer:
             stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
         for n in (n for n in GRADIENT_ARRAYS if n in plan.shapes):  # NaN: attribution rows that are not targets
             stage[n] = np.full((shard.stop - shard.start,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
+        if seq2seq_model:
+            return self._seq2seq(shard, stage, on_batch)
         with torch.inference_mode(), Recorder(self.adapter, self.cfg.capture, plan.layers, plan.depths) as rec:
             for batch in _batches(lengths, shard.lo, shard.hi, self.cfg.batch_size, plan.keep):
                 _forward(self.base, rec, self.ids, batch, self.device, self.adapter.causal, plan)
@@ -537,6 +578,34 @@ class ShardCapturer:
                 else:
                     stage[name][o:o + k] = values[at:at + k]
             at += k
+
+    def _seq2seq(self, shard: Shard, stage: dict, on_batch=None) -> dict[str, np.ndarray]:
+        """Both stacks of an encoder-decoder model: one recorder per stack, one forward per batch."""
+        plan, cfg, grads = self.plan, self.cfg, self.cfg.gradients
+        names = [n for n in GRADIENT_ARRAYS if n in plan.shapes]
+        with torch.inference_mode(), \
+                Recorder(self.adapter.encoder, cfg.capture, plan.layers, plan.depths) as enc, \
+                Recorder(self.adapter, cfg.capture, plan.layers, plan.depths) as dec:
+            for batch in _batches(plan.lengths, shard.lo, shard.hi, cfg.batch_size):
+                seq2seq.forward(self.model, self.ids, plan.n_source, batch, self.device)
+                for stack, rec in enumerate((enc, dec)):
+                    tensors = _to_host({n: _to_dtype(t, cfg.dtype, n) for n, t in rec.stacked().items()})
+                    rec.out.clear()
+                    seq2seq.stage_batch(stage, tensors, batch, plan, shard.start, stack)
+                if grads is not None:
+                    enc.paused = dec.paused = True  # the gradient forwards keep nothing in the recorders
+                    try:
+                        rows = seq2seq.gradient_rows(self.model, self.ids, plan.n_source, batch, cfg.generate, grads,
+                                                     self.device)
+                    finally:
+                        enc.paused = dec.paused = False
+                    for name in names:  # each prompt's decoder rows
+                        for p, values in zip(batch, rows[name]):
+                            start = int(plan.offsets[p] + plan.n_source[p]) - shard.start
+                            stage_rows(stage[name], start, values)
+                if on_batch:
+                    on_batch(len(batch), int(plan.lengths[batch].sum()))
+        return stage
 
 
 def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -68,6 +68,22 @@ class Adapter:
     d_mlp: int
     d_head: int
     vocab_size: int
+    # Which element of the attention module's output tuple holds the weights (T5's returns
+    # (output, position_bias, weights)).
+    attn_weights_index: int = 1
+    # Encoder-decoder models (T5, BART families): this Adapter describes the decoder (the stack with
+    # the LM head); `encoder` the encoder stack, `cross_attentions` each decoder block's attention over
+    # the encoder output. The readout multiplies the decoder's normed output by logit_scale before the
+    # LM head (T5 with tied embeddings: d_model**-0.5) and adds logits_bias after it (BART's final_logits_bias).
+    encoder: Adapter | None = field(default=None, repr=False)
+    cross_attentions: list[nn.Module] | None = field(default=None, repr=False)
+    logit_scale: float = 1.0
+    logits_bias: torch.Tensor | None = field(default=None, repr=False)
+    decoder_start_token_id: int | None = None
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.encoder is not None
 
     def sizes(self) -> dict:
         return {k: getattr(self, k) for k in ("n_layers", "n_heads", "d_model", "d_mlp", "d_head", "vocab_size")}
@@ -89,6 +105,8 @@ class Adapter:
 def find_adapter(model: nn.Module) -> Adapter:
     """Locate the parts of `model`, or raise UnsupportedModelError naming what was not found."""
     config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return _encoder_decoder_adapter(model)
     n_layers = config.num_hidden_layers
     blocks = next(
         (m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers and len(m) > 0),
@@ -145,6 +163,105 @@ def find_adapter(model: nn.Module) -> Adapter:
         d_head=getattr(config, "head_dim", None) or d_model // n_heads,
         vocab_size=config.vocab_size,
     )
+
+
+# ---------------------------------------------------------------- encoder-decoder models
+# Inside one block of an encoder or decoder stack, first match wins: T5 (T5Block.layer[i]), then the
+# BART family (BART, mBART, Marian, Pegasus share BartEncoderLayer's attribute names).
+_ED_BLOCKS = ("block", "layers")
+_ED_SELF = ("layer.0.SelfAttention", "self_attn")
+_ED_CROSS = ("layer.1.EncDecAttention", "encoder_attn")
+_ED_MLP_OUT = ("layer.2.DenseReluDense.wo", "layer.1.DenseReluDense.wo", "fc2")
+_ED_FINAL_NORM = ("final_layer_norm", "layer_norm")  # T5; mBART (BART and Marian have none)
+_ED_FAMILY = {"layer.0.SelfAttention": "t5", "self_attn": "bart"}
+
+
+def _stack_parts(stack: nn.Module, cross: bool, what: str):
+    """(blocks, self-attention path, cross-attention path, MLP output path, final norm) of one stack."""
+    _, blocks = _first(stack, _ED_BLOCKS)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise UnsupportedModelError(f"{type(stack).__name__}: found no list of blocks in the {what} "
+                                    f"(looked for {', '.join(_ED_BLOCKS)})")
+    first = blocks[0]
+    found = {name: _first(first, paths)[0] for name, paths in
+             (("self-attention", _ED_SELF), ("MLP output projection", _ED_MLP_OUT))
+             + ((("cross-attention", _ED_CROSS),) if cross else ())}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise UnsupportedModelError(f"{type(first).__name__}: found no {' and no '.join(missing)} in a {what} block; "
+                                    "supported encoder-decoder families are T5 (T5, Flan-T5, mT5) and BART (BART, "
+                                    "mBART, Marian)")
+    _, norm = _first(stack, _ED_FINAL_NORM)
+    return list(blocks), found, norm
+
+
+def _encoder_decoder_adapter(model: nn.Module) -> Adapter:
+    """The decoder's Adapter with the encoder's beside it, for T5- and BART-structured models."""
+    config = model.config
+    if not (hasattr(model, "get_encoder") and hasattr(model, "get_decoder")) or model.get_output_embeddings() is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is an encoder-decoder model without an LM head; load "
+                                    "its ...ForConditionalGeneration / ...MTModel class (a local directory or hub id "
+                                    "of a T5 or BART family checkpoint)")
+    stacks = {}
+    for what, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):
+        stacks[what] = _stack_parts(stack, what == "decoder", what)
+    (eb, ef, en), (db, df, dn) = stacks["encoder"], stacks["decoder"]
+    family = _ED_FAMILY[df["self-attention"]]
+    mlp_mod = _get(db[0], df["MLP output projection"])
+    emlp = _get(eb[0], ef["MLP output projection"])
+    d_model = int(config.d_model)
+    n_heads = int(getattr(config, "num_heads", None) or config.decoder_attention_heads)
+    enc_heads = int(getattr(config, "num_heads", None) or config.encoder_attention_heads)
+    mismatch = [f"{name} ({a} vs {b})" for name, a, b in
+                (("blocks", len(eb), len(db)), ("heads", enc_heads, n_heads),
+                 ("MLP width", emlp.weight.shape[1], mlp_mod.weight.shape[1])) if a != b]
+    if mismatch:
+        raise UnsupportedModelError(f"{type(model).__name__}: the encoder and decoder differ in {', '.join(mismatch)}; "
+                                    "stratascope stores both stacks along one layer axis and needs them equal")
+    d_head = int(getattr(config, "d_kv", None) or d_model // n_heads)
+    index = -1 if family == "t5" else 1
+    bias = getattr(model, "final_logits_bias", None)  # BART family: added to the LM head's output
+    bias = bias.detach().reshape(-1) if isinstance(bias, torch.Tensor) else None
+    scale = _logit_scale(model, d_model, bias)
+
+    def stack_adapter(blocks, paths, norm, causal, **extra):
+        return Adapter(model=model, family=family, causal=causal, has_token_types=False, rotary=False,
+                       kv_heads=n_heads, blocks=blocks, attentions=[_get(b, paths["self-attention"]) for b in blocks],
+                       mlp_out=[_get(b, paths["MLP output projection"]) for b in blocks], final_norm=norm,
+                       n_layers=len(blocks), n_heads=n_heads, d_model=d_model, d_mlp=int(mlp_mod.weight.shape[1]),
+                       d_head=d_head, vocab_size=int(config.vocab_size), attn_weights_index=index, **extra)
+
+    encoder = stack_adapter(eb, ef, en, False, unembed=None)
+    return stack_adapter(db, df, dn, True, unembed=model.get_output_embeddings(), encoder=encoder,
+                         cross_attentions=[_get(b, df["cross-attention"]) for b in db], logit_scale=scale,
+                         logits_bias=bias,
+                         decoder_start_token_id=getattr(config, "decoder_start_token_id", None))
+
+
+def _logit_scale(model: nn.Module, d_model: int, bias: torch.Tensor | None) -> float:
+    """What the model multiplies the decoder's output by before its LM head: T5 checkpoints with tied
+    embeddings rescale by d_model**-0.5, mT5 and the BART family do not (and transformers releases have
+    moved the switch between config fields), so one tiny forward is compared with both forms."""
+    was_training, found = model.training, {}
+    model.eval()
+    try:
+        with torch.no_grad():
+            dev = next(model.parameters()).device
+            ids = torch.tensor([[1, 2, 3]], device=dev)
+            hook = model.get_decoder().register_forward_hook(lambda m, a, out: found.__setitem__("h", out[0]))
+            try:
+                logits = model(input_ids=ids, decoder_input_ids=ids, use_cache=False).logits.float()
+            finally:
+                hook.remove()
+            head = model.get_output_embeddings()
+            for scale in (1.0, d_model ** -0.5):
+                expected = head(found["h"] * scale).float() + (bias.float() if bias is not None else 0.0)
+                if torch.allclose(logits, expected, rtol=1e-4, atol=1e-4):
+                    return scale
+    finally:
+        model.train(was_training)
+    raise UnsupportedModelError(f"{type(model).__name__}: its logits are neither the LM head of the decoder output nor "
+                                "of the output scaled by d_model**-0.5; the lens cannot reproduce them")
 
 
 def norm_spec(norm: nn.Module) -> dict:

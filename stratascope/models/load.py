@@ -65,6 +65,8 @@ def _auto_class(config):
     import transformers
 
     archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART, Marian...: encoder, decoder and LM head
+        return transformers.AutoModelForSeq2SeqLM
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return transformers.AutoModelForCausalLM
     try:

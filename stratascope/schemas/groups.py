@@ -57,7 +57,8 @@ class GroupSpec:
 
 READOUT = GroupSpec("readout", (
     _v("unembed", ("vocab", "d_model"), "float32", None, "unembedding", "the LM head's weight (vocab x d_model)"),
-    _v("unembed_bias", ("vocab",), "float32", None, "unembedding bias", "the LM head's bias, if the model has one"),
+    _v("unembed_bias", ("vocab",), "float32", None, "unembedding bias",
+       "the LM head's bias, if the model has one (BART family: its final_logits_bias)"),
     _v("norm_weight", ("d_model",), "float32", None, "final norm weight", "the final norm's weight"),
     _v("norm_bias", ("d_model",), "float32", None, "final norm bias", "the final norm's bias, if it has one"),
     _v("vocab_str", ("vocab",), "str", None, "vocabulary", "each id decoded alone, leading spaces kept"),
@@ -66,7 +67,8 @@ READOUT = GroupSpec("readout", (
 ), description="what the logit lens and token decoding need without the model")
 
 # Attrs of the readout group (not arrays).
-READOUT_ATTRS = ("lens", "norm_type", "norm_eps", "norm_weight_offset", "has_norm_bias", "has_unembed_bias")
+READOUT_ATTRS = ("lens", "norm_type", "norm_eps", "norm_weight_offset", "has_norm_bias", "has_unembed_bias",
+                 "logit_scale")
 
 _DEPTH = _v("depth", ("depth",), "int32", None, "depth", "the depths the result covers")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
 
-DIMS = ("prompt", "token", "depth", "layer", "head", "key", "d_model", "neuron", "d_head", "vocab")
+DIMS = ("prompt", "token", "depth", "layer", "head", "key", "source", "d_model", "neuron", "d_head", "vocab")
 
 CAPTURE_DTYPE = None  # a VariableSpec dtype: the capture's activation dtype (float16 or float32)
 
@@ -71,7 +71,13 @@ TOKEN_TABLE = (
        "BERT-family models only: segment of the token (0 = sentence A, 1 = sentence B of a text_pair)"),
     _v("next_token_id", ("token",), "int32", None, "next token id",
        "the id of the token that came next in the sequence; -1 on its last token, masked and pooled rows"),
+    _v("is_decoder", ("token",), "bool", None, "decoder token",
+       "encoder-decoder models only: true for a decoder token, false for an encoder (source) token and on "
+       "masked rows (prompt_index -1)"),
 )
+# Written only for some models: token_type_ids (BERT family), is_decoder (encoder-decoder models).
+OPTIONAL_TOKEN_TABLE = ("token_type_ids", "is_decoder")
+STACKS = ("encoder", "decoder", "cross")  # the attention of each (`attention` rows by is_decoder, `cross_attention`)
 
 # The token table rides along every token-dim array as non-dimension coordinates of `token`:
 # the root group's "coordinates" attribute lists them (the CF convention xarray decodes).
@@ -84,6 +90,9 @@ PROMPT_TABLE = (
        "number of rows stored (prompt + generated tokens; fewer with --positions, 1 with --pool)"),
     _v("seq_len", ("prompt",), "int32", None, "sequence length",
        "tokens of the prompt's sequence (prompt + generated), however many rows were stored"),
+    _v("n_source_tokens", ("prompt",), "int32", None, "source tokens",
+       "encoder-decoder models only: the prompt's first n_source_tokens rows are its encoder (source) tokens, "
+       "the rest its decoder tokens"),
 )
 
 # Index coordinates of the root group (dimension coordinates in xarray's terms).
@@ -98,7 +107,11 @@ ACTIVATIONS = (
     _v("hidden", ("token", "depth", "d_model"), None, "hidden", "residual stream",
        "residual stream before the final norm; depth 0 = embeddings, depth i = output of block i-1"),
     _v("attention", ("token", "layer", "head", "key"), None, "attention", "attention weight",
-       "attention weights of this query token over the positions of its sequence"),
+       "attention weights of this query token over the positions of its sequence (encoder-decoder models: "
+       "the self-attention of its stack, over that stack's positions)"),
+    _v("cross_attention", ("token", "layer", "head", "source"), None, "attention", "cross-attention weight",
+       "encoder-decoder models only: a decoder token's attention over its prompt's source (encoder) positions; "
+       "0 on encoder rows"),
     _v("mlp", ("token", "layer", "neuron"), None, "mlp", "MLP activation",
        "MLP neuron activations: the input of the MLP output projection"),
     _v("queries", ("token", "layer", "head", "d_head"), None, "qk", "query",
@@ -138,6 +151,10 @@ GRADIENTS = tuple(
        f"{m} attribution of the log-probability of the next token over input positions")
     for m in ATTRIBUTION_METHODS
 ) + (
+    *(_v(f"{ATTRIBUTION_PREFIX}{m}_source", ("token", "source"), "float32", "attribution",
+         f"{m.replace('_', ' ')} attribution over the source",
+         f"encoder-decoder models only: {m} attribution of the next decoder token over the source (encoder) "
+         "positions; the decoder prefix is in attribution_" + m) for m in ATTRIBUTION_METHODS),
     _v(f"{ATTRIBUTION_PREFIX}integrated_gradients_delta", ("token",), "float32", "attribution", "IG completeness gap",
        "integrated gradients completeness gap: sum of attributions - (score(input) - score(baseline))"),
     _v("grad_hidden", ("token", "depth", "d_model"), "float32", "grad", "gradient of hidden",
@@ -214,7 +231,7 @@ VARIABLES = {v.name: v for v in TOKEN_TABLE + PROMPT_TABLE + INDEX_COORDS + ACTI
 ROOT_PATTERNS = CORPUS_COLUMNS
 
 # --capture names -> the arrays each produces.
-CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS}
+CAPTURE_NAMES = {v.capture: v.name for v in ACTIVATIONS if v.name != "cross_attention"}
 CAPTURE_NAMES.update({"attribution": ATTRIBUTION_PREFIX + "<method>", "grad": "grad_hidden"})
 
 # Root attrs every store carries (the RootAttrs dataclass in schemas/attrs.py has them all).

@@ -25,6 +25,7 @@ from ..schemas import (
     META_PREFIX,
     NMF,
     PROBE,
+    STACKS,
     VARIABLES,
 )
 from ..store import open_dataset
@@ -46,6 +47,12 @@ LENS_RANK_BASE = 1                             # the lens job stores 1-based ran
 # root arrays attribution_<method> (token, key): row r = attribution of the prediction made at position r
 # (of token r+1) over keys 0..r, L2 norms (>= 0); rows that are not targets are NaN.
 TOKEN_TYPE_IDS = VARIABLES["token_type_ids"].name  # optional (token,) array: sentence A/B of an encoder input
+# encoder-decoder runs: a prompt's first n_source_tokens rows are the source (is_decoder false), the rest the
+# decoder; cross_attention (token, layer, head, source) holds a decoder row's weights over the source
+N_SOURCE = VARIABLES["n_source_tokens"].name
+IS_DECODER = VARIABLES["is_decoder"].name
+CROSS_ATTENTION = VARIABLES["cross_attention"].name
+ATTENTION_STACKS = STACKS
 HEADS_JOB = HEADS.job
 HEADS_SCORES = tuple(HEADS[n].name for n in ("first_token", "previous_token", "self", "entropy_norm", "entropy"))
 NMF_JOB = NMF.job
@@ -95,7 +102,24 @@ def _read_prompt_rows(run, prompt: int, sl: slice) -> tuple[slice, dict]:
             "generated": [bool(g) for g in rows["is_generated"].values]}
     if TOKEN_TYPE_IDS in run.ds:
         info["segments"] = [int(s) for s in rows[TOKEN_TYPE_IDS].values]
+    if IS_DECODER in run.ds:
+        info["is_decoder"] = [bool(s) for s in rows[IS_DECODER].values]
     return sl, info
+
+
+def encoder_decoder(run) -> bool:
+    return N_SOURCE in run.ds
+
+
+def _stack_rows(run, prompt: int, stack: str) -> tuple[slice, dict]:
+    """An encoder-decoder prompt's rows of one stack ('encoder' or 'decoder') and their token info,
+    positions counted within the stack."""
+    sl, info = _prompt_rows(run, prompt)
+    s = sum(not d for d in info["is_decoder"])
+    part = slice(0, s) if stack == "encoder" else slice(s, info["n"])
+    out = {k: v[part] for k, v in info.items() if isinstance(v, list)}
+    out.update(prompt=info["prompt"], n=part.stop - part.start, stack=stack)
+    return slice(sl.start + part.start, sl.start + part.stop), out
 
 
 def metadata_columns(run) -> list[str]:
@@ -175,6 +199,9 @@ def _check_layer(run, layer: int) -> None:
 
 def attention(run, prompt: int, layer: int) -> dict:
     """One prompt at one layer: per head, the (query, key, weight) triples with weight >= MIN_WEIGHT."""
+    if encoder_decoder(run):
+        raise OutOfRangeError("this run holds an encoder-decoder model: its attention comes per stack "
+                              "(attention_stack with stack encoder, decoder or cross)")
     att = run.require("attention")
     _check_layer(run, layer)
     sl, info = _prompt_rows(run, prompt)
@@ -185,6 +212,29 @@ def attention(run, prompt: int, layer: int) -> dict:
         q, k = np.nonzero(a[:, h, :] >= MIN_WEIGHT)
         heads.append({"q": q.tolist(), "k": k.tolist(), "w": np.round(a[q, h, k].astype(float), 3).tolist()})
     return {**info, "layer": layer, "n_heads": a.shape[1], "min_weight": MIN_WEIGHT, "heads": heads}
+
+
+def attention_stack(run, prompt: int, layer: int, stack: str) -> dict:
+    """Encoder-decoder runs, one prompt at one layer: the attention of one stack ('encoder': source x
+    source, 'decoder': decoder x decoder, 'cross': decoder query x source key) as per-head (query,
+    key, weight) triples with weight >= MIN_WEIGHT; `labels` are the queries, `key_labels` the keys."""
+    if not encoder_decoder(run):
+        raise OutOfRangeError("this run has one stack; its attention is the attention endpoint (no stack)")
+    if stack not in ATTENTION_STACKS:
+        raise OutOfRangeError(f"stack {stack[:40]!r} is not one of {', '.join(ATTENTION_STACKS)}")
+    att = run.require(CROSS_ATTENTION if stack == "cross" else "attention", "attention")
+    _check_layer(run, layer)
+    qsl, q_info = _stack_rows(run, prompt, "encoder" if stack == "encoder" else "decoder")
+    _, k_info = _stack_rows(run, prompt, "decoder" if stack == "decoder" else "encoder")
+    key_dim = att.dims[-1]
+    a = np.asarray(att.sel(layer=layer).isel({"token": qsl, key_dim: slice(0, k_info["n"])}).values, dtype=np.float32)
+    heads = []
+    for h in range(a.shape[1]):
+        q, k = np.nonzero(a[:, h, :] >= MIN_WEIGHT)
+        heads.append({"q": q.tolist(), "k": k.tolist(), "w": np.round(a[q, h, k].astype(float), 3).tolist()})
+    return {**q_info, "stack": stack, "key_labels": k_info["labels"], "key_tokens": k_info["tokens"],
+            "key_generated": k_info["generated"], "nk": k_info["n"], "layer": layer, "n_heads": a.shape[1],
+            "min_weight": MIN_WEIGHT, "heads": heads}
 
 
 def _vocab(run) -> np.ndarray:
@@ -230,7 +280,8 @@ def lens(run, prompt: int, lens: str = "logit") -> dict:
     probabilities, next-token ranks and watched-token ranks at every depth (whichever of these the
     lens job stored)."""
     ds = _lens_dataset(run, lens)
-    sl, info = _prompt_rows(run, prompt)
+    # encoder-decoder runs: the LM head reads the decoder out, so the lens views show its rows only
+    sl, info = _stack_rows(run, prompt, "decoder") if encoder_decoder(run) else _prompt_rows(run, prompt)
     depth = ds["depth"].values if "depth" in ds.coords else np.arange(ds.sizes.get("depth", 0))
     out = {**info, "lens": lens, "depths": [int(d) for d in depth],
            "vocab_size": int(run.readout["vocab_str"].shape[0])}
@@ -268,7 +319,10 @@ def saliency(run, prompt: int, method: str) -> dict:
         raise OutOfRangeError(f"attribution method {method!r} is not stored; this run has {', '.join(methods)}")
     sl, info = _prompt_rows(run, prompt)
     n = info["n"]
-    a = run.ds[ATTRIBUTION_PREFIX + method].isel(token=sl, key=slice(0, n)).values.astype(np.float64)
+    if encoder_decoder(run):
+        a = _seq2seq_saliency_rows(run, sl, info, method)
+    else:
+        a = run.ds[ATTRIBUTION_PREFIX + method].isel(token=sl, key=slice(0, n)).values.astype(np.float64)
     is_target = ~np.isnan(a[:, 0])
     is_target[n - 1:] = False  # the last token predicts nothing inside the sequence
     rows, sums = [], []
@@ -288,6 +342,19 @@ def saliency(run, prompt: int, method: str) -> dict:
         d = run.ds[delta].isel(token=sl).values.astype(np.float64)
         out["delta"] = [float(d[r]) if is_target[r] and np.isfinite(d[r]) else None for r in range(n)]
     return out
+
+
+def _seq2seq_saliency_rows(run, sl: slice, info: dict, method: str) -> np.ndarray:
+    """An encoder-decoder prompt's attributions in the causal layout over its rows (source, then
+    decoder): decoder row s+r holds the source attributions, then those of the decoder prefix 0..r,
+    so the saliency view shades source and prefix together; encoder rows are NaN (no targets)."""
+    n, s = info["n"], sum(not d for d in info["is_decoder"])
+    prefix = run.ds[ATTRIBUTION_PREFIX + method].isel(token=slice(sl.start + s, sl.stop), key=slice(0, n - s)).values
+    source = run.ds[ATTRIBUTION_PREFIX + method + "_source"].isel(token=slice(sl.start + s, sl.stop),
+                                                                  source=slice(0, s)).values
+    a = np.full((n, n), np.nan)
+    a[s:, :s], a[s:, s:] = source, prefix
+    return a
 
 
 def _check_head(run, array, head: int) -> None:
@@ -691,6 +758,7 @@ ENDPOINTS: dict[str, tuple[Callable, dict[str, type]]] = {
     "tokens": (tokens, {"prompt": int}),
     "prompt_filter": (prompt_filter, {"column": str, "value": str}),
     "attention": (attention, {"prompt": int, "layer": int}),
+    "attention_stack": (attention_stack, {"prompt": int, "layer": int, "stack": str}),
     "lens": (lens, {"prompt": int, "lens": str}),
     "saliency": (saliency, {"prompt": int, "method": str}),
     "qk": (qk, {"prompt": int, "layer": int, "head": int}),

@@ -157,8 +157,16 @@ def spread(values: list[int], n: int) -> list[int]:
     return sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)}) if n > 1 else values[:1]
 
 
+def endpoint_of(run, view: View) -> str:
+    """The data endpoint `view` reads for this run: encoder-decoder runs' attention comes per stack."""
+    return "attention_stack" if view.endpoint == "attention" and data.encoder_decoder(run) else view.endpoint
+
+
 def view_params(run, view: View, prompts: list[int], layers: list[int]) -> list[dict]:
-    """Every parameter set of `view`'s endpoint a report over these prompts and layers needs."""
+    """Every parameter set of `view`'s endpoint (endpoint_of) a report over these prompts and layers needs."""
+    if endpoint_of(run, view) == "attention_stack":
+        return [{"prompt": p, "layer": layer, "stack": s} for p in prompts for layer in layers
+                for s in data.ATTENTION_STACKS]
     if view.endpoint == "attention":
         return [{"prompt": p, "layer": layer} for p in prompts for layer in layers]
     if view.endpoint == "qk":
@@ -193,5 +201,6 @@ def meta(run) -> dict:
             "methods": data.attribution_methods(run), "views": views, "min_weight": data.MIN_WEIGHT,
             "bias_pairs": data.bias_pairs(run), "probe_labels": data.probe_labels(run),
             "lens_kinds": data.lens_kinds(run),
+            "stacks": list(data.ATTENTION_STACKS) if data.encoder_decoder(run) else None,
             "metadata_columns": data.metadata_columns(run)}
 

@@ -9,7 +9,7 @@ from ..errors import ConfigError, OutOfRangeError
 from ..progress import tqdm
 from ..ranges import format_ranges
 from . import data, registry, render
-from .registry import VIEWS, spread, view_params
+from .registry import VIEWS, endpoint_of, spread, view_params
 
 DEFAULT_PROMPTS = 10
 PREVIEW_CHARS = 80
@@ -97,7 +97,8 @@ def build_report(run, prompts: str | list[int] | None = None, layers: str | list
     keys = {}
     for view in chosen_views:
         for params in view_params(run, view, chosen_prompts, view_layers.get(view.name, chosen_layers)):
-            keys.setdefault(data.data_key(view.endpoint, params), (view.endpoint, params))
+            endpoint = endpoint_of(run, view)
+            keys.setdefault(data.data_key(endpoint, params), (endpoint, params))
     payload = {key: data.call(run, endpoint, params)
                for key, (endpoint, params) in tqdm(keys.items(), desc="report", unit="slice",
                                                    disable=not progress or len(keys) < 50)}

@@ -113,7 +113,7 @@
   S.plotlyButtons = (gd, name) => S.el('span', {class: 'ss-save'}, [
     S.el('button', {class: 'ss-save-svg', text: 'Save SVG', onclick: () => window.Plotly.downloadImage(gd, {format: 'svg', filename: name()})}),
     S.el('button', {class: 'ss-save-png', text: 'Save PNG', onclick: () => window.Plotly.downloadImage(gd, {format: 'png', filename: name(), scale: 2})})]);
-  S.fileName = (...parts) => [S.meta.store.replace(/[^\w.-]+/g, '_')].concat(parts).join('_');
+  S.fileName = (...parts) => [S.meta.store.replace(/[^\w.-]+/g, '_')].concat(parts.filter(p => p !== null && p !== '')).join('_');
 
   /* ---- controls ---- */
   S.select = function (cls, label, options, value, onchange) {
@@ -148,12 +148,14 @@
   /* Diverging: orange for positive, blue for negative, opacity = |v| / max. */
   S.diverging = (v, max) => (max > 0 ? (v >= 0 ? S.rgba('#e6550d', v / max) : S.rgba('#3182bd', -v / max)) : 'rgba(0,0,0,0)');
   S.TEXT_FONT = 'DejaVu Sans Mono, Menlo, Consolas, monospace';
-  /* Token boxes laid out left to right, wrapping at width W: [{x, y, w}], and the rows used. */
+  /* Token boxes laid out left to right, wrapping at width W: [{x, y, w}], and the rows used.
+     opts.gapBefore: an index before which a gap of opts.gap is left (where a marker is drawn). */
   S.flowBoxes = function (labels, W, opts) {
-    const o = Object.assign({rowh: 26, char: 7.3, pad: 8, max: 30}, opts || {});
+    const o = Object.assign({rowh: 26, char: 7.3, pad: 8, max: 30, gapBefore: -1, gap: 0}, opts || {});
     const boxes = [];
     let x = o.pad, row = 0;
-    labels.forEach(label => {
+    labels.forEach((label, i) => {
+      if (i === o.gapBefore) x += o.gap;
       const w = S.short(label, o.max).length * o.char + 8;
       if (x + w > W - o.pad && x > o.pad) { x = o.pad; row++; }
       boxes.push({x: x, y: o.pad + row * o.rowh, w: w, h: o.rowh - 4});
@@ -180,26 +182,36 @@
   const ROW = 20, PAD = 10, GAP = 200, CHAR = 7.3;
   S.attentionSvg = function (d, opts) {
     // opts: {heads: Set of visible heads, segment: 'all' | 'AA' | 'AB' | 'BA' | 'BB'}; hovering a
-    // label keeps only the lines from (left) or to (right) that token.
-    const width = Math.min(24, Math.max(4, ...d.labels.map(l => l.length))) * CHAR + 12;
-    const W = 2 * width + GAP, H = d.n * ROW + 2 * PAD;
+    // label keeps only the lines from (left) or to (right) that token. Keys other than the queries
+    // (an encoder-decoder run's cross-attention: decoder tokens -> source tokens) come as d.key_labels.
+    const side = {q: {labels: d.labels, tokens: d.tokens, generated: d.generated},
+                  k: d.key_labels ? {labels: d.key_labels, tokens: d.key_tokens, generated: d.key_generated}
+                                  : {labels: d.labels, tokens: d.tokens, generated: d.generated}};
+    const width = Math.min(24, Math.max(4, ...side.q.labels.concat(side.k.labels).map(l => l.length))) * CHAR + 12;
+    const HEAD = d.stack ? ROW : 0;  // encoder-decoder runs: each side is headed by its stack
+    const W = 2 * width + GAP, H = Math.max(side.q.labels.length, side.k.labels.length) * ROW + 2 * PAD + HEAD;
     const svg = S.svg('svg', {width: W, height: H, class: 'ss-attn-svg', 'font-family': 'DejaVu Sans Mono, Menlo, Consolas, monospace',
                               'font-size': 12, viewBox: `0 0 ${W} ${H}`});
     svg.appendChild(S.svg('rect', {x: 0, y: 0, width: W, height: H, fill: '#fff'}));
     const lines = S.svg('g', {class: 'ss-lines'});
     svg.appendChild(lines);
-    const y = i => PAD + i * ROW + ROW / 2;
+    const y = i => PAD + HEAD + i * ROW + ROW / 2;
+    if (d.stack) {
+      const names = {encoder: ['source', 'source'], decoder: ['target', 'target'], cross: ['target', 'source']}[d.stack];
+      svg.appendChild(S.svg('text', {x: width - 4, y: PAD + 10, 'text-anchor': 'end', 'font-weight': 'bold', class: 'ss-side-head', text: names[0]}));
+      svg.appendChild(S.svg('text', {x: width + GAP + 4, y: PAD + 10, 'font-weight': 'bold', class: 'ss-side-head', text: names[1]}));
+    }
     let hover = null;
     const labels = {q: [], k: []};
-    for (const side of ['q', 'k']) {
-      d.labels.forEach((label, i) => {
-        const t = S.svg('text', {x: side === 'q' ? width - 4 : width + GAP + 4, y: y(i) + 4, class: 'ss-tok ss-tok-' + side,
-                                 'text-anchor': side === 'q' ? 'end' : 'start', 'data-i': i, fill: d.generated[i] ? '#8a4b00' : '#222'});
+    for (const s of ['q', 'k']) {
+      side[s].labels.forEach((label, i) => {
+        const t = S.svg('text', {x: s === 'q' ? width - 4 : width + GAP + 4, y: y(i) + 4, class: 'ss-tok ss-tok-' + s,
+                                 'text-anchor': s === 'q' ? 'end' : 'start', 'data-i': i, fill: side[s].generated[i] ? '#8a4b00' : '#222'});
         t.textContent = S.short(label, 24);
-        t.appendChild(S.svg('title')).textContent = `${i}: ${JSON.stringify(d.tokens[i])}`;
-        t.addEventListener('mouseenter', () => { hover = {side: side, i: i}; draw(); });
+        t.appendChild(S.svg('title')).textContent = `${i}: ${JSON.stringify(side[s].tokens[i])}`;
+        t.addEventListener('mouseenter', () => { hover = {side: s, i: i}; draw(); });
         t.addEventListener('mouseleave', () => { hover = null; draw(); });
-        labels[side].push(t);
+        labels[s].push(t);
         svg.appendChild(t);
       });
     }
@@ -226,6 +238,19 @@
     draw();
     svg.redraw = draw;
     return svg;
+  };
+  /* Encoder-decoder runs: which attention the head and model views draw, and the payload for it. */
+  const STACK_TITLES = {encoder: 'encoder (source → source)', decoder: 'decoder (target → target)',
+                        cross: 'cross (target → source)'};
+  S.stackSelect = function (ctx) {
+    const stacks = ctx.meta.stacks;
+    if (!stacks) return null;
+    return S.select('ss-stack', 'Attention', stacks.map(s => [s, STACK_TITLES[s] || s]), S.stackOf(ctx), v => ctx.set({stack: v}));
+  };
+  S.stackOf = ctx => (ctx.meta.stacks ? (ctx.meta.stacks.includes(ctx.state.stack) ? ctx.state.stack : ctx.meta.stacks[0]) : null);
+  S.getAttention = function (ctx, layer) {
+    const stack = S.stackOf(ctx), p = {prompt: ctx.state.prompt, layer: layer};
+    return stack ? ctx.get('attention_stack', Object.assign(p, {stack: stack})) : ctx.get('attention', p);
   };
   S.headToggles = function (nHeads, visible, onchange) {
     const box = S.el('div', {class: 'ss-heads', role: 'group', 'aria-label': 'heads'});

@@ -7,13 +7,14 @@
   function thumb(d, h, x0, y0) {
     const g = S.svg('g', {class: 'ss-thumb', transform: `translate(${x0},${y0})`, 'data-head': h, cursor: 'pointer'});
     g.appendChild(S.svg('rect', {width: CELL, height: CELL, fill: '#fff', stroke: '#ccc', class: 'ss-thumb-bg'}));
-    const y = i => 4 + (d.n > 1 ? i * (CELL - 8) / (d.n - 1) : (CELL - 8) / 2);
+    const nk = d.nk || d.n;  // cross-attention: decoder queries, source keys
+    const at = (i, n) => 4 + (n > 1 ? i * (CELL - 8) / (n - 1) : (CELL - 8) / 2);
     // Lines bucketed by weight into a few paths, so a thumbnail stays a handful of elements.
     const paths = BINS.map(() => []);
     const {q, k, w} = d.heads[h];
     for (let j = 0; j < q.length; j++) {
       const b = BINS.findIndex(t => w[j] < t);
-      paths[b].push(`M10 ${y(q[j]).toFixed(1)}L${CELL - 10} ${y(k[j]).toFixed(1)}`);
+      paths[b].push(`M10 ${at(q[j], d.n).toFixed(1)}L${CELL - 10} ${at(k[j], nk).toFixed(1)}`);
     }
     paths.forEach((p, b) => {
       if (p.length) g.appendChild(S.svg('path', {d: p.join(''), stroke: S.headColor(h), fill: 'none', 'stroke-width': 1,
@@ -24,7 +25,7 @@
   S.views.model = {
     render: function (body, ctx) {
       const st = ctx.state, layers = ctx.meta.layers;
-      return Promise.all(layers.map(l => ctx.get('attention', {prompt: st.prompt, layer: l}))).then(all => {
+      return Promise.all(layers.map(l => S.getAttention(ctx, l))).then(all => {
         if (ctx.stale()) return;
         const H = all[0].n_heads, W = LEFT + H * (CELL + GAP), Ht = TOP + layers.length * (CELL + GAP);
         const svg = S.svg('svg', {width: W, height: Ht, class: 'ss-model-svg', 'font-family': 'sans-serif', 'font-size': 11});
@@ -53,7 +54,7 @@
             svg.appendChild(g);
           }
         });
-        body.append(S.el('div', {class: 'ss-row'}, [S.saveButtons(() => svg, () => S.fileName('model', 'p' + st.prompt))]),
+        body.append(S.el('div', {class: 'ss-row'}, [S.stackSelect(ctx), S.saveButtons(() => svg, () => S.fileName('model', 'p' + st.prompt, S.stackOf(ctx) || ''))]),
                     S.el('p', {class: 'ss-hint', text: `Each thumbnail: tokens top to bottom, left attends to right; weights ≥ ${all[0].min_weight}. Click one for its detail.`}),
                     S.el('div', {class: 'ss-scroll ss-model'}, [svg]), detail);
       });

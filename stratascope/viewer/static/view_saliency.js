@@ -25,11 +25,18 @@
         }
         let target = targets.has(+st.target) ? +st.target : d.targets[d.targets.length - 1];
         const W = Math.max(480, Math.min(1100, body.clientWidth || 900));
-        const flow = S.flowBoxes(d.labels, W);
+        // encoder-decoder runs: the source, then a marker, then the decoder tokens
+        const first = d.is_decoder ? d.is_decoder.indexOf(true) : -1;
+        const flow = S.flowBoxes(d.labels, W, first > 0 ? {gapBefore: first, gap: 22} : {});
         const H = flow.height + 40;
         const svg = S.svg('svg', {width: W, height: H, class: 'ss-sal-svg', 'font-family': S.TEXT_FONT, 'font-size': 12});
         svg.appendChild(S.svg('rect', {width: W, height: H, fill: '#fff'}));
         const rects = [], texts = [];
+        if (first > 0) {
+          const b = flow.boxes[first];
+          svg.appendChild(S.svg('text', {x: b.x - 16, y: b.y + 15, class: 'ss-stack-sep', 'font-weight': 'bold', text: '→',
+                                         fill: '#555'}, [S.svg('title', {text: 'source (encoder) tokens | decoder tokens'})]));
+        }
         d.labels.forEach((label, i) => {
           const b = flow.boxes[i], can = targets.has(i);
           const g = S.svg('g', {class: 'ss-sal-tok' + (can ? ' ss-target-ok' : ''), 'data-i': i, cursor: can ? 'pointer' : 'default'});

@@ -56,9 +56,15 @@
             S.el('button', {class: 'ss-next', text: 'next ▶', disabled: hi < count ? null : '', onclick: () => go(hi)})]));
           for (const d of list) {
             const chips = S.el('div', {class: 'ss-chips'});
-            d.labels.forEach((label, i) => chips.appendChild(S.el('span', {
-              class: 'ss-chip' + (d.generated[i] ? ' ss-gen' : ''), text: label,
-              title: `position ${i} · id ${d.ids[i]} · ${JSON.stringify(d.tokens[i])}` + (d.generated[i] ? ' · generated' : '')})));
+            // encoder-decoder runs: the source tokens, then the decoder's, told apart by a marker
+            const first = d.is_decoder ? d.is_decoder.indexOf(true) : -1;
+            if (first >= 0) chips.appendChild(S.el('span', {class: 'ss-stack-sep', text: 'source:'}));
+            d.labels.forEach((label, i) => {
+              if (i === first) chips.appendChild(S.el('span', {class: 'ss-stack-sep', text: '→ decoder:'}));
+              chips.appendChild(S.el('span', {
+                class: 'ss-chip' + (d.generated[i] ? ' ss-gen' : ''), text: label,
+                title: `position ${first >= 0 && i >= first ? i - first : i} · id ${d.ids[i]} · ${JSON.stringify(d.tokens[i])}` + (d.generated[i] ? ' · generated' : '')}));
+            });
             const meta = Object.entries(d.meta || {});
             body.appendChild(S.el('article', {class: 'ss-prompt' + (d.prompt === +st.prompt ? ' ss-current' : ''), 'data-prompt': d.prompt}, [
               S.el('h3', {text: `prompt ${d.prompt} · ${d.n} tokens`}),
