@@ -226,6 +226,7 @@ def _encoder_decoder_adapter(model: nn.Module) -> Adapter:
 
     def stack_adapter(blocks, paths, norm, causal, **extra):
         return Adapter(model=model, family=family, causal=causal, has_token_types=False, rotary=False,
+                       post_norm=family == "bart" and norm is None,  # BART, Marian: layer norm after each residual add
                        kv_heads=n_heads, blocks=blocks, attentions=[_get(b, paths["self-attention"]) for b in blocks],
                        mlp_out=[_get(b, paths["MLP output projection"]) for b in blocks], final_norm=norm,
                        n_layers=len(blocks), n_heads=n_heads, d_model=d_model, d_mlp=int(mlp_mod.weight.shape[1]),
