@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -34,6 +35,12 @@ from stratascope.capture.runner import _batches, make_plan, tokenize
 from stratascope.models import find_adapter, load_model
 
 CAPTURE = ("hidden", "attention", "mlp")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, every thread (torch's, the writer's, zarr's)."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def bare_forward(model, ids, lengths, shards, batch_size) -> float:
@@ -72,22 +79,26 @@ def main() -> None:
         ss.capture(model=args.model, prompts=texts[:8], out=str(tmp / "warm.zarr"), capture=CAPTURE,
                    dtype="float16", device="cpu", progress=False)  # imports and the model cache, once
         for _ in range(args.repeats):
+            cpu = cpu_seconds()
             bare = bare_forward(loaded.model, ids, lengths, plan.shards, args.batch_size)
+            bare_cpu, cpu = cpu_seconds() - cpu, cpu_seconds()
             bare_base = bare_forward(base, ids, lengths, plan.shards, args.batch_size)
-            start = time.perf_counter()
+            cpu, start = cpu_seconds(), time.perf_counter()
             run = ss.capture(model=args.model, prompts=texts, out=str(tmp / "b.zarr"), overwrite=True,
                              capture=CAPTURE, dtype="float16", batch_size=args.batch_size, device="cpu",
                              progress=False)
             e2e = run.n_tokens / (time.perf_counter() - start)
+            capture_cpu = cpu_seconds() - cpu
             steady = run.attrs["timing"]["tokens_per_s"]
             rows.append({"bare": bare, "bare_base_model": bare_base, "capture_steady": steady, "capture_e2e": e2e,
                          "steady_ratio": steady / bare, "e2e_ratio": e2e / bare,
-                         "steady_ratio_vs_base_model": steady / bare_base})
+                         "steady_ratio_vs_base_model": steady / bare_base,
+                         "cpu_ratio_e2e": bare_cpu / capture_cpu, "loadavg_1min": os.getloadavg()[0]})
         stored = zarr.open_group(str(tmp / "b.zarr"), mode="r")
         raw = {n: stored[n].nbytes for n in CAPTURE}  # every stored row, padding rows included
         disk = {n: sum(f.stat().st_size for f in (tmp / "b.zarr" / n).rglob("*") if f.is_file()) for n in CAPTURE}
         span = {k: [round(min(r[k] for r in rows), 3), round(max(r[k] for r in rows), 3)]
-                for k in ("steady_ratio", "e2e_ratio", "steady_ratio_vs_base_model")}
+                for k in ("steady_ratio", "e2e_ratio", "steady_ratio_vs_base_model", "cpu_ratio_e2e")}
         result = {"model": args.model, "prompts": len(texts), "tokens": int(lengths.sum()), "shards": len(plan.shards),
                   "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
                   "repeats": [{k: round(v, 3) for k, v in r.items()} for r in rows], "ratio_range": span,
