@@ -123,3 +123,40 @@ def test_attention_with_one_long_prompt_matches_direct_forward(family, tiny_mode
             np.testing.assert_allclose(att[:, layer, :, :n], ref[0].numpy().transpose(1, 0, 2), atol=1e-6)
         assert not att[:, :, :, n:].any()
 
+
+def test_float16_capture_is_the_forward_rounded(tiny_model_dirs, tmp_path):
+    """float16 storage holds the direct forward's values rounded to float16 (numpy's rounding), attention's
+    keys past each prompt's end stay zero, and dense activations are stored raw but checksummed."""
+    import zarr
+
+    path = tiny_model_dirs["llama"]
+    run = ss.capture(model=str(path), prompts=PROMPTS, out=str(tmp_path / "h.zarr"), batch_size=3, dtype="float16",
+                     device="cpu", progress=False)
+    model, tok = load_reference(path)
+    for p, text in enumerate(PROMPTS):
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**ids, output_hidden_states=True, output_attentions=True)
+        rows = run.ds.isel(token=run.token_slice(p))
+        n = ids["input_ids"].shape[1]
+        assert rows.hidden.dtype == np.float16 and rows.attention.dtype == np.float16
+        for d in range(len(out.attentions)):
+            want = out.hidden_states[d][0].numpy().astype(np.float16)
+            np.testing.assert_allclose(rows.hidden.values[:, d].astype(np.float32), want.astype(np.float32),
+                                       rtol=2e-3, atol=1e-4)
+            att = rows.attention.values[:, d]
+            np.testing.assert_allclose(att[:, :, :n].astype(np.float32),
+                                       out.attentions[d][0].numpy().transpose(1, 0, 2).astype(np.float16), atol=1e-3)
+            assert not att[:, :, n:].any()
+    group = zarr.open_group(str(tmp_path / "h.zarr"), mode="r")
+    names = {a: [type(c).__name__ for c in group[a].metadata.codecs] for a in ("hidden", "mlp", "attention")}
+    assert names["hidden"] == names["mlp"] == ["BytesCodec", "Crc32cCodec"]
+    assert names["attention"] == ["BytesCodec", "BloscCodec", "Crc32cCodec"]
+
+
+def test_vocabulary_strings_are_each_id_decoded(captured):
+    """readout/vocab_str[i] is what the tokenizer's own decode gives for the id i alone."""
+    family, run, model, tok = captured
+    vocab = run.readout.vocab_str.values
+    n = min(len(vocab), len(tok))
+    assert [str(v) for v in vocab[:n]] == [tok.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]

@@ -13,7 +13,7 @@ def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+def stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     """torch.stack; blocks placed on several devices (--device-map) are stacked on the host."""
     if len({t.device for t in tensors}) > 1:
         tensors = [t.cpu() for t in tensors]
@@ -112,35 +112,37 @@ class Recorder:
         self._contexts.close()
         self.out.clear()
 
+    def views(self) -> dict[str, list[torch.Tensor]]:
+        """The recorded tensors per array, one per depth/layer, each laid out (batch, seq, ...) as
+        stored (attention (batch, query, head, key)); views of what the model computed, no copies."""
+        result = {}
+        if "hidden" in self.capture:
+            result["hidden"] = [self.out[("hidden", d)] for d in self.depths]
+        if "attention" in self.capture:  # (batch, head, query, key) -> (batch, query, head, key)
+            result["attention"] = [self.out[("attention", l)].transpose(1, 2) for l in self.layers]
+            if self.adapter.cross_attentions:  # (batch, decoder query, head, source key)
+                result["cross_attention"] = [self.out[("cross_attention", l)].transpose(1, 2) for l in self.layers]
+        if "mlp" in self.capture:
+            result["mlp"] = [self.out[("mlp", l)] for l in self.layers]
+        if "qk" in self.capture:
+            if ("queries", self.layers[0]) not in self.out:
+                raise RuntimeError("the attention modules did not call the recording attention function; "
+                                   "--capture qk needs attention through transformers' AttentionInterface")
+            for name in ("queries", "keys"):  # (batch, head, seq, d_head) -> (batch, seq, head, d_head)
+                result[name] = [self.out[(name, l)].transpose(1, 2) for l in self.layers]
+        h = self.adapter.n_heads
+        for name in ("attn_out", "mlp_out", "z"):  # (batch, seq, d_model); z (batch, seq, head, d_head)
+            if ("components" if name != "z" else "z") in self.capture:
+                per_layer = [self.out[(name, l)] for l in self.layers]
+                result[name] = [t.unflatten(-1, (h, t.shape[-1] // h)) for t in per_layer] if name == "z" else per_layer
+        return result
+
     def stacked(self) -> dict[str, torch.Tensor]:
         """The recorded tensors stacked along a depth/layer axis at dim 2 (batch, seq, depth|layer, ...).
 
         attention is returned as (batch, query, layer, head, key).
         """
-        result = {}
-        if "hidden" in self.capture:
-            result["hidden"] = _stack([self.out[("hidden", d)] for d in self.depths], dim=2)
-        if "attention" in self.capture:
-            stacked = _stack([self.out[("attention", l)] for l in self.layers], dim=1)
-            result["attention"] = stacked.permute(0, 3, 1, 2, 4)
-            if self.adapter.cross_attentions:  # (batch, decoder query, layer, head, source key)
-                stacked = torch.stack([self.out[("cross_attention", l)] for l in self.layers], dim=1)
-                result["cross_attention"] = stacked.permute(0, 3, 1, 2, 4)
-        if "mlp" in self.capture:
-            result["mlp"] = _stack([self.out[("mlp", l)] for l in self.layers], dim=2)
-        if "qk" in self.capture:
-            if ("queries", self.layers[0]) not in self.out:
-                raise RuntimeError("the attention modules did not call the recording attention function; "
-                                   "--capture qk needs attention through transformers' AttentionInterface")
-            # per layer (batch, head, seq, d_head) -> (batch, seq, layer, head, d_head)
-            for name in ("queries", "keys"):
-                result[name] = _stack([self.out[(name, l)] for l in self.layers], dim=1).permute(0, 3, 1, 2, 4)
-        for name in ("attn_out", "mlp_out", "z"):  # (batch, seq, layer, d_model); z (batch, seq, layer, head, d_head)
-            if ("components" if name != "z" else "z") in self.capture:
-                stacked = _stack([self.out[(name, l)] for l in self.layers], dim=2)
-                h = self.adapter.n_heads
-                result[name] = stacked.unflatten(-1, (h, stacked.shape[-1] // h)) if name == "z" else stacked
-        return result
+        return {name: stack(tensors, dim=2) for name, tensors in self.views().items()}
 
 
 def qk_attrs(adapter: Adapter, layers: list[int]) -> dict:

@@ -18,6 +18,10 @@ CHUNK_BYTES = 8 * 2**20  # target uncompressed bytes per chunk
 # Attention too: its key axis, padded to the longest sequence, stays near the unpadded size with lz4
 # (benchmarks/attention_bytes.py; zstd-1 stores 16% less there but encodes ~3x slower).
 FLOAT_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# Dense activations are stored uncompressed (checksummed all the same): their float mantissas are
+# noise, lz4 saves under 2% of their bytes and doubles the CPU a write takes (benchmarks/README.md).
+# Attention (zero above the diagonal and past each prompt's end) and the rest keep FLOAT_CODEC.
+UNCOMPRESSED = frozenset({"hidden", "mlp", "queries", "keys", "attn_out", "mlp_out", "z"})
 # Every chunk ends with a crc32c of its compressed bytes, so damage is found before decompression;
 # every chunk is written, also one of zeros, so a missing chunk is damage, never a region of zeros.
 CHECKSUM = Crc32cCodec()
@@ -94,7 +98,10 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_row
         per_item = row_bytes // shape[1]
         chunks = (1, max(1, CHUNK_BYTES // per_item)) + tuple(shape[2:])
     fill = False if dtype == "bool" else 0
-    codecs = [FLOAT_CODEC if np.dtype(dtype).kind == "f" else ZstdCodec(), CHECKSUM]
+    if name in UNCOMPRESSED and not group.path:  # the capture's arrays of those names, at the root
+        codecs = [CHECKSUM]
+    else:
+        codecs = [FLOAT_CODEC if np.dtype(dtype).kind == "f" else ZstdCodec(), CHECKSUM]
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims,
                               compressors=codecs, fill_value=fill, config=DENSE, **shards, **attrs)
 
