@@ -107,9 +107,10 @@ class Plan:
         lines = [f"prompts {self.n_prompts}, tokens {tokens}, longest sequence {self.max_len}"
                  + (f", {self.truncated} prompts truncated to --max-length" if self.truncated else "")]
         if self.full_bytes is not None:
+            kept, full = self.total_bytes() - self.readout_bytes, self.full_bytes - self.readout_bytes
             lines.append(f"rows stored {self.n_tokens} of {tokens} tokens ({self.rows_option}): "
-                         f"{human_bytes(self.total_bytes())} instead of {human_bytes(self.full_bytes)} "
-                         f"for every row ({self.full_bytes / max(1, self.total_bytes()):.1f}x less)")
+                         f"{human_bytes(kept)} instead of {human_bytes(full)} for every row "
+                         f"({full / max(1, kept):.1f}x less; readout/ is the same either way)")
         lines += [
                  f"token chunk {self.chunk_rows} rows, {len(self.shards)} shards, "
                  f"{self.n_rows - self.n_tokens} padding rows"
