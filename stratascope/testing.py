@@ -73,8 +73,9 @@ def tile_store(src: str, dst: str, reps: int) -> None:
     g = zarr.open_group(dst, mode="r+", use_consolidated=False)
     n, P = g["token_id"].shape[0], g["prompt_text"].shape[0]
     shift = {"prompt_index": P, "token_offset": n}
-    for name in ("token_id", "position", "prompt_index", "is_generated", "token_str", "hidden",
-                 "prompt_text", "token_offset", "n_tokens", *[k for k in g.array_keys() if k.startswith("meta_")]):
+    for name in ("token_id", "position", "prompt_index", "is_generated", "token_str", "next_token_id",
+                 "token_type_ids", "is_decoder", "hidden", "prompt_text", "token_offset", "n_tokens", "seq_len",
+                 "n_source_tokens", *[k for k in g.array_keys() if k.startswith("meta_")]):
         if name not in g:
             continue
         old = g[name]
