@@ -25,3 +25,16 @@ def demo_hidden_run(tokens: int, out):
     prompts = [json.loads(line)["text"] for line in open(demo_corpus())]
     return ss.capture(model="smollm2", prompts=prompts * max(1, tokens // 44), out=str(Path(out) / "run.zarr"),
                       capture=("hidden",), device="cpu", overwrite=True, progress=False)
+
+
+def padded_batch(ids, lengths, batch):
+    """input_ids and attention_mask of `batch` (prompt indices), right-padded to its longest prompt."""
+    import torch
+
+    width = int(lengths[batch].max())
+    input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for b, p in enumerate(batch):
+        input_ids[b, : lengths[p]] = torch.tensor(ids[p])
+        mask[b, : lengths[p]] = 1
+    return input_ids, mask

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from benchmarks_corpus import corpus
+from benchmarks_corpus import corpus, padded_batch
 
 import stratascope as ss
 from stratascope.capture.config import CaptureConfig
@@ -48,12 +48,7 @@ def bare_forward(model, ids, lengths, shards, batch_size) -> float:
     with torch.inference_mode():
         for shard in shards:
             for batch in _batches(lengths, shard.lo, shard.hi, batch_size):
-                width = int(lengths[batch].max())
-                input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-                mask = torch.zeros_like(input_ids)
-                for b, p in enumerate(batch):
-                    input_ids[b, : lengths[p]] = torch.tensor(ids[p])
-                    mask[b, : lengths[p]] = 1
+                input_ids, mask = padded_batch(ids, lengths, batch)
                 model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
                 tokens += int(lengths[batch].sum())
     return tokens / (time.perf_counter() - start)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attribution
-from benchmarks_corpus import corpus
+from benchmarks_corpus import corpus, padded_batch
 
 import stratascope as ss
 from stratascope.capture.runner import _batches, tokenize
@@ -46,12 +46,7 @@ def bare_forward(model, ids, lengths, batch_size, device) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in _batches(lengths, 0, len(lengths), batch_size):
-            width = int(lengths[batch].max())
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for b, p in enumerate(batch):
-                input_ids[b, : lengths[p]] = torch.tensor(ids[p])
-                mask[b, : lengths[p]] = 1
+            input_ids, mask = padded_batch(ids, lengths, batch)
             model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                   use_cache=False)
             tokens += int(lengths[batch].sum())
