@@ -472,6 +472,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     import xarray
 
     labels = labels or {}
+    identity = _identity(loaded, adapter, cfg, data)  # hashes the weights, once
     # the attrs go in with the group itself: a creation killed a moment later is still a store
     # of ours (an identity-less one, which --overwrite replaces and --resume starts over)
     root = zarr.open_group(out, mode="w", attributes=RootAttrs(
@@ -483,7 +484,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
         integrity={"checksum": "crc32c", "every_chunk_written": True},
         model={"name": loaded.name, "source": loaded.source, "class": type(loaded.model).__name__,
                   "family": adapter.family, "causal": adapter.causal, **adapter.sizes(),
-                  "weights_sha256": unembed_hash(adapter, loaded.model),
+                  "weights_sha256": identity["weights_sha256"],
                   "attn_implementation": loaded.model.config._attn_implementation,
                   "dtype": cfg.model_dtype, "device_map": _placement(loaded.model, cfg, cluster),
                   **({"encoder_decoder": True, "decoder_start_token_id": adapter.decoder_start_token_id,
@@ -535,7 +536,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     write_token_labels(root, labels, plan, cfg.generate)
     # last: --resume accepts a store only once it carries its identity, so a store whose
     # creation was interrupted is never continued
-    root.attrs["identity"] = _identity(loaded, adapter, cfg, data)
+    root.attrs["identity"] = identity
     return root
 
 
