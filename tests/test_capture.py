@@ -160,3 +160,43 @@ def test_vocabulary_strings_are_each_id_decoded(captured):
     vocab = run.readout.vocab_str.values
     n = min(len(vocab), len(tok))
     assert [str(v) for v in vocab[:n]] == [tok.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]
+
+
+def test_reused_staging_buffers_leave_no_stale_rows(tiny_model_dirs, tmp_path, monkeypatch):
+    """The long prompt's shard comes first, then shards of short prompts staged into the same
+    (reused) buffers: each short prompt's attention beyond its own keys, and every padding row,
+    is zero, and its values are still transformers' own."""
+    from stratascope.capture.buffers import StageBuffers
+
+    taken, real_take = [], StageBuffers.take
+
+    def take(self, rows):
+        stage = real_take(self, rows)
+        taken.append(id(stage["attention"].base))
+        return stage
+
+    monkeypatch.setattr(StageBuffers, "take", take)
+    path = tiny_model_dirs["llama"]
+    prompts = [LONG] + PROMPTS * 3
+    run = ss.capture(model=str(path), prompts=prompts, out=str(tmp_path / "reuse.zarr"), max_length=120,
+                     capture="hidden,attention", batch_size=2, shard_tokens=16, device="cpu", progress=False)
+    assert len(taken) == run.attrs["capture"]["n_shards"] > len(set(taken))  # buffers were reused
+    model, tok = load_reference(path)
+    for p, text in enumerate(prompts):
+        ids = {k: v[:, :120] for k, v in tok(text, return_tensors="pt").items()}
+        with torch.no_grad():
+            out = model(**ids, output_attentions=True, output_hidden_states=True)
+        n = ids["input_ids"].shape[1]
+        rows = run.ds.isel(token=run.token_slice(p))
+        att = rows["attention"].values
+        for layer, ref in enumerate(out.attentions):
+            np.testing.assert_allclose(att[:, layer, :, :n], ref[0].numpy().transpose(1, 0, 2), atol=1e-6)
+        assert not att[:, :, :, n:].any()
+        np.testing.assert_allclose(rows["hidden"].values[:, 0], out.hidden_states[0][0].numpy(), atol=1e-5)
+    padding = run.ds["prompt_index"].values < 0
+    assert padding.any()
+    import zarr
+
+    raw = zarr.open_group(run.path, mode="r")
+    for name in ("hidden", "attention"):
+        assert not raw[name][:][padding].any(), name

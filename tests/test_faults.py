@@ -225,3 +225,44 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
         assert ss.open_run(str(out)).n_prompts == 3000
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+
+def test_chunks_are_flushed_before_their_shard_is_recorded_complete(tiny_model_dirs, tmp_path, monkeypatch):
+    """Every chunk file of the capture is flushed to the disk (fdatasync), no temporary file is left,
+    and each shard's completion flag is flushed only after all of that shard's chunks: a flag on the
+    disk never outlives the rows it vouches for."""
+    import os
+
+    from stratascope.capture import durable, shards
+
+    flushed, real_sync = [], durable._sync
+    spans, real_write = {}, shards.write_shard
+
+    def sync(fd):
+        real_sync(fd)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        flushed.append(name[:name.rindex(".", 0, name.rindex("."))])  # the chunk's key, without .<uuid>.partial
+
+    def write_shard(root, shard, stage):
+        spans[shard.index] = (shard.start, shard.stop)
+        return real_write(root, shard, stage)
+
+    monkeypatch.setattr(durable, "_sync", sync)
+    monkeypatch.setattr(shards, "write_shard", write_shard)
+    out = tmp_path / "r.zarr"
+    run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(out), capture="hidden,mlp",
+                     batch_size=2, shard_tokens=16, device="cpu", progress=False)
+    chunks = {str(p) for p in out.rglob("*") if p.is_file() and p.name != "zarr.json"}
+    assert chunks and chunks <= set(flushed)
+    assert not list(out.rglob("*.partial"))
+    order = {key: i for i, key in enumerate(flushed)}
+    rows = run.attrs["capture"]["token_chunk"]
+    assert len(spans) == run.attrs["capture"]["n_shards"] > 1
+    for k, (start, stop) in spans.items():
+        flag = order[str(out / "shard_complete" / "c" / str(k))]
+        for name in ("hidden", "mlp", "token_id"):
+            for c in range(start // rows, -(-stop // rows)):
+                chunk = out / name / "c" / str(c)
+                key = str(next(p for p in chunk.rglob("*") if p.is_file()) if chunk.is_dir() else chunk)
+                assert order[key] < flag, (name, k, c)

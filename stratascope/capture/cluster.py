@@ -15,9 +15,11 @@ import numpy as np
 import zarr
 
 from ..caching import LRU
+from .buffers import StageBuffers
 
 _MODELS = LRU(1)  # per worker process: the loaded model, kept across shards and captures
 _LOADING = threading.Lock()  # one load at a time, so a worker never holds two models
+_BUFFERS = LRU(1)  # per worker process: the staging arrays, reused from shard to shard (buffers.py)
 
 
 def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: dict[int, list[int]],
@@ -37,7 +39,9 @@ def _capturer(capturer_cls, model: str, weights: str, cfg, plan, ids_by_prompt: 
 
     with _LOADING:
         loaded, adapter = _MODELS.get(key, load)
-    return capturer_cls(loaded, adapter, cfg, plan, ids_by_prompt, vocab)
+        made = StageBuffers.for_plan(plan, capturer_cls.ARRAYS)  # allocates nothing until a take
+        buffers = _BUFFERS.get(repr((made.shapes, made.dtypes)), lambda: made)
+    return capturer_cls(loaded, adapter, cfg, plan, ids_by_prompt, vocab, buffers)
 
 
 def capture_shard_task(capturer_cls, out: str, model: str, weights: str, cfg, plan, shard,
@@ -45,12 +49,15 @@ def capture_shard_task(capturer_cls, out: str, model: str, weights: str, cfg, pl
     """Runs on a worker: capture one shard, write it, record it complete. Returns its token count."""
     import torch
 
+    from .durable import open_for_writing
     from .shards import write_shard
 
     # the capture's thread count (capture/numerics.py), not the worker's: every shard is computed alike
     torch.set_num_threads(cfg.threads)
-    stage = _capturer(capturer_cls, model, weights, cfg, plan, ids_by_prompt, vocab)(shard)
-    write_shard(zarr.open_group(out, mode="r+"), shard, stage)
+    capturer = _capturer(capturer_cls, model, weights, cfg, plan, ids_by_prompt, vocab)
+    stage = capturer(shard)
+    write_shard(zarr.open_group(open_for_writing(out), mode="r+"), shard, stage)
+    capturer.buffers.give(stage)
     return plan.shard_tokens(shard)
 
 

@@ -37,7 +37,7 @@ def unembed_hash(adapter: Adapter, model: torch.nn.Module) -> str:
     module = adapter.unembed if adapter.unembed is not None else model.get_input_embeddings()
     with onloaded(module):
         w = module.weight.detach().float().cpu().contiguous().numpy()
-    return hashlib.sha256(w.tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(w).cast("B")).hexdigest()  # no copy of the weights
 
 
 def _create(group: zarr.Group, name: str, shape: tuple[int, ...], rows: int) -> zarr.Array:

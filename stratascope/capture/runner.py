@@ -33,8 +33,10 @@ from ..schemas import (
 )
 from ..version import __version__
 from . import seq2seq
+from .buffers import StageBuffers
 from .config import CAPTURE_DOC, CaptureConfig
 from .corpus import Corpus, from_prompts, read_corpus
+from .durable import open_for_writing
 from .generate import generate_seq2seq_window, generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs, stack
@@ -424,7 +426,7 @@ def _identity(loaded, adapter, cfg: CaptureConfig, data: Corpus) -> dict:
 def _reopen_for_resume(out, loaded, adapter, cfg, data, plan) -> zarr.Group | None:
     """The store to continue, or None when its creation was interrupted (no identity yet: no
     shard can be complete, so the capture starts over)."""
-    root = zarr.open_group(out, mode="r+")
+    root = zarr.open_group(open_for_writing(out), mode="r+")
     stored, now = root.attrs.get("identity"), _identity(loaded, adapter, cfg, data)
     if root.attrs.get("failure"):
         raise ResumeMismatchError(f"cannot resume {out}: {root.attrs['failure']}")
@@ -475,7 +477,7 @@ def _create(out, loaded, adapter, cfg: CaptureConfig, data: Corpus, plan: Plan, 
     identity = _identity(loaded, adapter, cfg, data)  # hashes the weights, once
     # the attrs go in with the group itself: a creation killed a moment later is still a store
     # of ours (an identity-less one, which --overwrite replaces and --resume starts over)
-    root = zarr.open_group(out, mode="w", attributes=RootAttrs(
+    root = zarr.open_group(open_for_writing(out), mode="w", attributes=RootAttrs(
         stratascope_version=__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(),
         complete=False,
@@ -546,9 +548,14 @@ class ShardCapturer:
     `ids` maps prompt index -> token ids (a list, or a dict holding only some prompts).
     """
 
-    def __init__(self, loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, vocab: np.ndarray):
+    ARRAYS = ACTS  # the arrays staged in reused buffers (buffers.py)
+
+    def __init__(self, loaded, adapter, cfg: CaptureConfig, plan: Plan, ids, vocab: np.ndarray,
+                 buffers: StageBuffers | None = None):
         self.model, self.adapter, self.cfg, self.plan, self.ids, self.vocab = \
             loaded.model, adapter, cfg, plan, ids, vocab
+        # the activations' staging arrays; whoever writes a shard gives them back (buffers.give)
+        self.buffers = buffers or StageBuffers.for_plan(plan, self.ARRAYS)
         # the inputs go where the embedding lives (with --device-map accelerate moves them on from there)
         self.device = input_device(loaded.model)
         self.base = getattr(self.model, self.model.base_model_prefix, self.model)  # no LM head: no logits needed
@@ -567,9 +574,7 @@ class ShardCapturer:
                           plan.n_source)
         if plan.token_types is not None:
             stage["token_type_ids"] = plan.token_types[shard.start:shard.stop]
-        acts = [n for n in ACTS if n in plan.shapes]
-        for n in acts:
-            stage[n] = np.zeros((shard.stop - shard.start,) + plan.shapes[n][1:], dtype=plan.dtypes[n])
+        stage.update(self.buffers.take(shard.stop - shard.start))
         for n in (n for n in GRADIENT_ARRAYS if n in plan.shapes):  # NaN: attribution rows that are not targets
             stage[n] = np.full((shard.stop - shard.start,) + plan.shapes[n][1:], np.nan, dtype=plan.dtypes[n])
         if seq2seq_model:
@@ -660,7 +665,7 @@ def _run(capturer: ShardCapturer, root: zarr.Group, todo: list[Shard], progress:
     """In-process: compute shard after shard while the writer thread writes the previous one."""
     plan = capturer.plan
     bar = progress_bar(plan, todo, progress)
-    writer = ShardWriter(root)
+    writer = ShardWriter(root, on_written=capturer.buffers.give)
     try:
         for shard in todo:
             writer.put(shard, capturer(shard, on_batch=lambda n, t: _advance(bar, n, t, plan)))

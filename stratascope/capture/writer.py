@@ -111,8 +111,8 @@ class ShardWriter:
     next shard's compute. A shard is recorded complete only after all its rows are written.
     At most three shard buffers live at once: one computing, one queued, one being written."""
 
-    def __init__(self, root: zarr.Group, max_queue: int = 1):
-        self.root = root
+    def __init__(self, root: zarr.Group, max_queue: int = 1, on_written=None):
+        self.root, self.on_written = root, on_written  # on_written(stage): its buffers may be reused
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="stratascope-writer", daemon=True)
@@ -153,5 +153,7 @@ class ShardWriter:
             if self._error is None:
                 try:
                     write_shard(self.root, *item)
+                    if self.on_written:
+                        self.on_written(item[1])
                 except BaseException as e:  # handed to the caller's thread
                     self._error = e
