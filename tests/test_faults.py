@@ -228,31 +228,41 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_model_dirs, tmp_path):
 
 
 
-def test_chunks_are_flushed_before_their_shard_is_recorded_complete(tiny_model_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rows_here", [True, False], ids=["rows-written-by-the-capture", "rows-written-by-the-writer"])
+def test_chunks_are_flushed_before_their_shard_is_recorded_complete(tiny_model_dirs, tmp_path, monkeypatch,
+                                                                   rows_here):
     """Every chunk file of the capture is flushed to the disk (fdatasync), no temporary file is left,
     and each shard's completion flag is flushed only after all of that shard's chunks: a flag on the
-    disk never outlives the rows it vouches for."""
+    disk never outlives the rows it vouches for. Both ways of writing: rows written by the capture's
+    thread (a CPU model) or by the writer thread (a GPU model)."""
     import os
 
-    from stratascope.capture import durable, shards
+    from stratascope.capture import durable, shards, writer
+
+    real_init = writer.ShardWriter.__init__
+    monkeypatch.setattr(writer.ShardWriter, "__init__",
+                        lambda self, root, **kw: real_init(self, root, **{**kw, "rows_here": rows_here}))
 
     flushed, real_sync = [], durable._sync
-    spans, real_write = {}, shards.write_shard
+    spans, real_record = {}, shards.record_complete
 
     def sync(fd):
         real_sync(fd)
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        flushed.append(name[:name.rindex(".", 0, name.rindex("."))])  # the chunk's key, without .<uuid>.partial
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
 
-    def write_shard(root, shard, stage):
+    def record_complete(root, shard):
         spans[shard.index] = (shard.start, shard.stop)
-        return real_write(root, shard, stage)
+        return real_record(root, shard)
 
     monkeypatch.setattr(durable, "_sync", sync)
-    monkeypatch.setattr(shards, "write_shard", write_shard)
+    monkeypatch.setattr(shards, "record_complete", record_complete)
     out = tmp_path / "r.zarr"
     run = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(out), capture="hidden,mlp",
                      batch_size=2, shard_tokens=16, device="cpu", progress=False)
+    reference = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(tmp_path / "ref.zarr"),
+                           capture="hidden,mlp", batch_size=2, shard_tokens=16, device="cpu", progress=False)
+    for name in ("hidden", "mlp", "token_id"):
+        np.testing.assert_array_equal(run.ds[name].values, reference.ds[name].values)
     chunks = {str(p) for p in out.rglob("*") if p.is_file() and p.name != "zarr.json"}
     assert chunks and chunks <= set(flushed)
     assert not list(out.rglob("*.partial"))

@@ -16,6 +16,7 @@ import zarr
 
 from ..caching import LRU
 from .buffers import StageBuffers
+from .memory import keep_freed_memory
 
 _MODELS = LRU(1)  # per worker process: the loaded model, kept across shards and captures
 _LOADING = threading.Lock()  # one load at a time, so a worker never holds two models
@@ -54,6 +55,7 @@ def capture_shard_task(capturer_cls, out: str, model: str, weights: str, cfg, pl
 
     # the capture's thread count (capture/numerics.py), not the worker's: every shard is computed alike
     torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     capturer = _capturer(capturer_cls, model, weights, cfg, plan, ids_by_prompt, vocab)
     stage = capturer(shard)
     write_shard(zarr.open_group(open_for_writing(out), mode="r+"), shard, stage)

@@ -41,6 +41,7 @@ from .generate import generate_seq2seq_window, generate_window, require_lm
 from .gradients import GRADIENT_ARRAYS, gradient_rows, stage_rows
 from .hooks import Recorder, qk_attrs, stack
 from .labels import token_labels, write_token_labels
+from .memory import keep_freed_memory
 from .numerics import numerics, torch_threads
 from .numerics import resolve as resolve_numerics
 from .readout import components_attrs, unembed_hash, vocab_strings, write_projections, write_readout
@@ -664,8 +665,9 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def _run(capturer: ShardCapturer, root: zarr.Group, todo: list[Shard], progress: bool) -> None:
     """In-process: compute shard after shard while the writer thread writes the previous one."""
     plan = capturer.plan
+    keep_freed_memory()
     bar = progress_bar(plan, todo, progress)
-    writer = ShardWriter(root, on_written=capturer.buffers.give)
+    writer = ShardWriter(root, rows_here=capturer.device.type == "cpu", on_written=capturer.buffers.give)
     try:
         for shard in todo:
             writer.put(shard, capturer(shard, on_batch=lambda n, t: _advance(bar, n, t, plan)))

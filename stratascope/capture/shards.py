@@ -16,6 +16,7 @@ import zarr
 
 from ..errors import DiskSpaceError
 from ..schemas import VARIABLES
+from .durable import flush
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,34 @@ def completed(root: zarr.Group) -> np.ndarray:
     return root["shard_complete"][:]
 
 
-def write_shard(root: zarr.Group, shard: Shard, stage: dict[str, np.ndarray]) -> None:
-    """Write every array's rows of the shard, then, and only then, record it complete."""
+def write_rows(root: zarr.Group, shard: Shard, stage: dict[str, np.ndarray]) -> None:
+    """Write every array's rows of the shard; every chunk, zeros too (a missing chunk is then damage)."""
+    name = None
     try:
-        for name, values in stage.items():  # every chunk written, zeros too (a missing chunk is then damage)
+        for name, values in stage.items():
             root[name].with_config({"write_empty_chunks": True})[shard.start:shard.stop] = values
-        root["shard_complete"][shard.index] = True
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskSpaceError(f"no space left on the disk while writing '{name}' of shard {shard.index}; free "
-                                 "space and run the same command with --resume (every shard recorded complete "
-                                 "is kept)") from None
+        _raise_if_full(e, f"'{name}' of shard {shard.index}")
         raise
+
+
+def record_complete(root: zarr.Group, shard: Shard) -> None:
+    """Flush the rows written so far to the disk, then, and only then, record the shard complete."""
+    try:
+        flush(root)
+        root["shard_complete"][shard.index] = True
+        flush(root)
+    except OSError as e:
+        _raise_if_full(e, f"shard {shard.index}")
+        raise
+
+
+def write_shard(root: zarr.Group, shard: Shard, stage: dict[str, np.ndarray]) -> None:
+    write_rows(root, shard, stage)
+    record_complete(root, shard)
+
+
+def _raise_if_full(e: OSError, what: str) -> None:
+    if e.errno == errno.ENOSPC:
+        raise DiskSpaceError(f"no space left on the disk while writing {what}; free space and run the same "
+                             "command with --resume (every shard recorded complete is kept)") from None

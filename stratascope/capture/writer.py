@@ -107,18 +107,30 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], chunk_row
 
 
 class ShardWriter:
-    """Writes finished shards from a background thread, so compression and I/O overlap the
-    next shard's compute. A shard is recorded complete only after all its rows are written.
+    """Writes finished shards and records them complete while the next shard computes.
+
+    A background thread flushes each shard's rows to the disk, then records the shard complete.
+    With rows_here (the model computes on this machine's CPU) the rows themselves are encoded and
+    written in the caller's thread: that is CPU work, and on the cores torch is using a thread doing
+    it only preempts torch's threads (a preempted thread stalls its partners too), so only the wait
+    for the disk is overlapped (benchmarks/README.md, capture). When a GPU computes and the host's
+    cores are free, the thread writes the rows too.
     At most three shard buffers live at once: one computing, one queued, one being written."""
 
-    def __init__(self, root: zarr.Group, max_queue: int = 1, on_written=None):
-        self.root, self.on_written = root, on_written  # on_written(stage): its buffers may be reused
+    def __init__(self, root: zarr.Group, rows_here: bool = False, max_queue: int = 1, on_written=None):
+        self.root, self.rows_here = root, rows_here
+        self.on_written = on_written  # on_written(stage) once a stage is written: its buffers may be reused
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="stratascope-writer", daemon=True)
         self._thread.start()
 
     def put(self, shard, stage: dict[str, np.ndarray]) -> None:
+        if self.rows_here:
+            if self._error is not None:
+                raise self._error
+            self._write_rows(shard, stage)
+            stage = None
         while True:  # wait for space without blocking Ctrl-C forever
             if self._error is not None:
                 raise self._error
@@ -146,14 +158,22 @@ class ShardWriter:
         self._queue.put(None)
         self._thread.join(timeout=60)
 
+    def _write_rows(self, shard, stage) -> None:
+        from .shards import write_rows
+
+        write_rows(self.root, shard, stage)
+        if self.on_written:
+            self.on_written(stage)
+
     def _run(self) -> None:
-        from .shards import write_shard
+        from .shards import record_complete
 
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    write_shard(self.root, *item)
-                    if self.on_written:
-                        self.on_written(item[1])
+                    shard, stage = item
+                    if stage is not None:
+                        self._write_rows(shard, stage)
+                    record_complete(self.root, shard)
                 except BaseException as e:  # handed to the caller's thread
                     self._error = e
