@@ -9,9 +9,10 @@ the 2-core development VM, 6 MiB chunk files: 25 ms of CPU each written the usua
 flushed and dropped (benchmarks/README.md, capture). It also makes the completion records
 honest: a shard flagged complete has its chunks on the disk, not only in memory.
 
-Writing (CPU) and flushing (waiting on the disk) are separate steps, so the flush can wait in
-another thread while the capture computes: `set` writes a chunk file and notes it, `flush`
-flushes every file noted so far.
+Each chunk file is flushed right after it is written, in zarr's writing threads (so the waits
+overlap one another), unless `deferred`: then `set` only writes and notes the file and `flush`
+flushes every file noted so far, so that a thread of its own can wait for the disk while the
+capture computes (ShardWriter with rows_here).
 """
 
 from __future__ import annotations
@@ -28,41 +29,50 @@ from zarr.storage import LocalStore
 _sync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
-def _put(path: Path, data) -> None:
+def _put(path: Path, data, flush: bool) -> None:
     """Write to a temporary file and rename it into place, as zarr's LocalStore does (a reader
-    never sees half a chunk)."""
+    never sees half a chunk); with flush, flushed and dropped from the cache before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+            if flush:
+                f.flush()
+                _flush_fd(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def _flush_fd(fd: int) -> None:
+    _sync(fd)
+    if hasattr(os, "posix_fadvise"):  # the pages are clean now, so they can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _flush(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)  # Linux flushes a file's data through any descriptor of it
     try:
-        _sync(fd)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        _flush_fd(fd)
     finally:
         os.close(fd)
 
 
 class StreamingStore(LocalStore):
-    """LocalStore that notes the chunk files it writes, for `flush`; metadata as zarr writes it."""
+    """LocalStore whose chunk files are flushed and dropped from the page cache; metadata as zarr writes it."""
 
-    def __init__(self, root, read_only: bool = False, _written: list | None = None, _lock=None):
+    def __init__(self, root, read_only: bool = False, deferred: bool = False, _written: list | None = None,
+                 _lock=None):
         super().__init__(root, read_only=read_only)
+        self.deferred = deferred
         self._written: list[Path] = [] if _written is None else _written
         self._lock = _lock or threading.Lock()  # zarr writes chunks from several threads
 
     def with_read_only(self, read_only: bool = False):
         """A copy that notes its writes in the same list (zarr makes copies of the store it is given)."""
-        return type(self)(self.root, read_only, self._written, self._lock)
+        return type(self)(self.root, read_only, self.deferred, self._written, self._lock)
 
     async def set(self, key: str, value) -> None:
         if key.rpartition("/")[2] == "zarr.json":  # metadata: small, rewritten often
@@ -71,9 +81,10 @@ class StreamingStore(LocalStore):
             await self._open()
         self._check_writable()
         path = self.root / key
-        await asyncio.to_thread(_put, path, value.as_buffer_like())
-        with self._lock:
-            self._written.append(path)
+        await asyncio.to_thread(_put, path, value.as_buffer_like(), not self.deferred)
+        if self.deferred:
+            with self._lock:
+                self._written.append(path)
 
     def flush(self) -> None:
         """Flush every chunk file written so far to the disk and drop its pages from the cache."""
@@ -83,10 +94,10 @@ class StreamingStore(LocalStore):
             _flush(path)
 
 
-def open_for_writing(out: str):
+def open_for_writing(out: str, deferred: bool = False):
     """What zarr.open_group is given to write a capture at `out`: a StreamingStore for a local
     directory, the path itself for an fsspec URL (the remote store manages its own caching)."""
-    return out if "://" in str(out) else StreamingStore(str(out))
+    return out if "://" in str(out) else StreamingStore(str(out), deferred=deferred)
 
 
 def flush(root: zarr.Group) -> None:

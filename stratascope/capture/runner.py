@@ -403,7 +403,7 @@ def _capture(model: str, out: str, cfg: CaptureConfig, data: Corpus, overwrite: 
                                on_shard=bar.update)
         else:
             with torch_threads(cfg.threads):
-                _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), root, todo,
+                _run(ShardCapturer(loaded, adapter, cfg, plan, ids, np.array(vocab, dtype=object)), out, todo,
                      progress)
     except OverflowError16 as e:  # no resume can get past it: say so in the store too (info shows it)
         root.attrs["failure"] = str(e)
@@ -662,12 +662,14 @@ def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {n: h.numpy() for n, h in host.items()}
 
 
-def _run(capturer: ShardCapturer, root: zarr.Group, todo: list[Shard], progress: bool) -> None:
-    """In-process: compute shard after shard while the writer thread writes the previous one."""
+def _run(capturer: ShardCapturer, out: str, todo: list[Shard], progress: bool) -> None:
+    """In-process: compute shard after shard while the writer thread flushes (and on a GPU writes) the last."""
     plan = capturer.plan
     keep_freed_memory()
+    rows_here = capturer.device.type == "cpu"  # ShardWriter: on the CPU only the flush overlaps the compute
+    root = zarr.open_group(open_for_writing(out, deferred=rows_here), mode="r+")
     bar = progress_bar(plan, todo, progress)
-    writer = ShardWriter(root, rows_here=capturer.device.type == "cpu", on_written=capturer.buffers.give)
+    writer = ShardWriter(root, rows_here=rows_here, on_written=capturer.buffers.give)
     try:
         for shard in todo:
             writer.put(shard, capturer(shard, on_batch=lambda n, t: _advance(bar, n, t, plan)))
