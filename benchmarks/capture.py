@@ -7,8 +7,10 @@ steady ratio     = capture tokens/s (hidden + attention + mlp, float16, written 
 end-to-end ratio = tokens / seconds of the whole ss.capture call (model load, store creation,
                    readout, consolidation included) / the same bare forward tokens/s
 
-Each repeat runs the bare forward, the base-model forward (no LM head, as the capture runs it)
-and the capture back to back, so machine noise hits all of them; ratios are given per repeat.
+Each repeat runs the bare forward, the base-model forward (no LM head, as the capture runs it),
+the capture and the bare forward again back to back; the ratios divide by the mean of the two
+bare forwards around the capture, so a drift in the machine's speed (other tenants of the host)
+hits both sides alike. Ratios are given per repeat.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/capture.py [--prompts 360] [--repeats 3] [--model smollm2]
 """
@@ -85,7 +87,10 @@ def main() -> None:
             e2e = run.n_tokens / (time.perf_counter() - start)
             capture_cpu = cpu_seconds() - cpu
             steady = run.attrs["timing"]["tokens_per_s"]
-            rows.append({"bare": bare, "bare_base_model": bare_base, "capture_steady": steady, "capture_e2e": e2e,
+            bare_after = bare_forward(loaded.model, ids, lengths, plan.shards, args.batch_size)
+            bare_before, bare = bare, (bare + bare_after) / 2
+            rows.append({"bare_before": bare_before, "bare_after": bare_after, "bare": bare,
+                         "bare_base_model": bare_base, "capture_steady": steady, "capture_e2e": e2e,
                          "steady_ratio": steady / bare, "e2e_ratio": e2e / bare,
                          "steady_ratio_vs_base_model": steady / bare_base,
                          "cpu_ratio_e2e": bare_cpu / capture_cpu, "loadavg_1min": os.getloadavg()[0]})
