@@ -32,7 +32,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	for b in capture scale lens one_prompt attribution nmf dla tuned_lens similarity viewer dataset attention_bytes positions_bytes threads widget; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in capture scale lens one_prompt attribution nmf dla tuned_lens similarity viewer dataset attention_bytes positions_bytes threads widget fresh_memory; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,8 +2,9 @@
 
 A newly allocated array costs a page fault on the first write to each 4 KiB page, and a freed
 one goes back to the system, so a new buffer per shard paid that toll on every byte staged:
-on SmolLM2 (hidden + attention + mlp, 16 prompts of ~28 tokens) a batch took 130-170 ms to
-stage into new arrays and 16 ms into reused ones, and zeroing a reused 150 MB buffer takes 5 ms.
+filling one SmolLM2 shard's staging arrays (512 rows of hidden + attention + mlp) took a median
+98-128 ms into new arrays and 8-9.5 ms into reused ones (benchmarks/fresh_memory.py, 2-core VM), and
+zeroing a reused 150 MB buffer takes 5 ms.
 """
 
 from __future__ import annotations

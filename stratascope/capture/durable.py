@@ -5,9 +5,9 @@ A capture streams far more bytes than it reads back soon. Written the usual way,
 would sit in the page cache, so the kernel needs new pages for every write and the cache of
 everything else on the machine is pushed out. Here each chunk file, once written, is flushed
 (fdatasync) and its pages dropped (POSIX_FADV_DONTNEED), so later writes reuse them. Measured on
-the 2-core development VM, 6 MiB chunk files: 25 ms of CPU each written the usual way, 1.5 ms
-flushed and dropped (benchmarks/README.md, capture). It also makes the completion records
-honest: a shard flagged complete has its chunks on the disk, not only in memory.
+the 2-core development VM (benchmarks/fresh_memory.py): 1.8-4.1 CPU seconds per GiB of
+capture-shaped chunks written through the page cache, 0.9-1.1 flushed and dropped. It also makes the
+completion records honest: a shard flagged complete has its chunks on the disk, not only in memory.
 
 Each chunk file is flushed right after it is written, in zarr's writing threads (so the waits
 overlap one another), unless `deferred`: then `set` only writes and notes the file and `flush`

@@ -5,9 +5,10 @@ free at the top of the heap, and serves allocations above another (adaptive, at 
 from fresh mmaps. A capture frees and allocates the same large buffers every batch (the
 forward's activations, zarr's chunk buffers), so each batch faults its memory in again. Raising
 both thresholds keeps that memory in the process: measured on the 2-core development VM
-(SmolLM2, 10,148 tokens, hidden + attention + mlp), the whole capture took 17.5 s instead of
-18.5 s (means of 4 runs each; benchmarks/README.md). The cost is that the process keeps up to
-`TRIM` of freed memory instead of returning it. Other C libraries than glibc are left as they are.
+(SmolLM2, 10,148 tokens, hidden + attention + mlp, float16), the whole capture took 17.5 s
+instead of 18.5 s (means of 4 runs each, alternating; benchmarks/README.md, capture). The cost
+is that the process keeps up to `TRIM` of freed memory instead of returning it. Other C
+libraries than glibc are left as they are.
 """
 
 from __future__ import annotations
