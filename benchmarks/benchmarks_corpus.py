@@ -27,6 +27,23 @@ def demo_hidden_run(tokens: int, out):
                       capture=("hidden",), device="cpu", overwrite=True, progress=False)
 
 
+def tiled_hidden_run(out, prompts: int, reps: int, dtype: str = "float32") -> tuple[str, str]:
+    """SmolLM2 hidden states of corpus(prompts) at out/x1.zarr, and that store tiled `reps` times
+    (stratascope.testing.tile_store: the same tokens repeated) at out/x<reps>.zarr; both paths."""
+    from pathlib import Path
+
+    import stratascope as ss
+    from stratascope.testing import tile_store
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    small = ss.capture(model="smollm2", prompts=corpus(prompts), out=str(out / "x1.zarr"), capture=("hidden",),
+                       dtype=dtype, device="cpu", overwrite=True, progress=False)
+    big = str(out / f"x{reps}.zarr")
+    tile_store(small.path, big, reps)
+    return small.path, big
+
+
 def padded_batch(ids, lengths, batch):
     """input_ids and attention_mask of `batch` (prompt indices), right-padded to its longest prompt."""
     import torch

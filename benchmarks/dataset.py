@@ -28,10 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import zarr
-from benchmarks_corpus import corpus
+from benchmarks_corpus import tiled_hidden_run
 
 import stratascope as ss
-from stratascope.testing import tile_store
 
 FIRST_BATCH: dict = {}  # seconds to the first batch (worker start-up, buffer fill), of the last repeat
 BUFFER = 8192  # rows; smaller than the store, so the buffer fills and rows are drawn from it
@@ -72,12 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--out", default="/tmp/dataset-bench")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    small = ss.capture(model="smollm2", prompts=corpus(args.prompts), out=str(out / "x1.zarr"), capture=("hidden",),
-                       dtype="float16", device="cpu", overwrite=True, progress=False)
-    path = str(out / f"x{args.reps}.zarr")
-    tile_store(small.path, path, args.reps)
+    _, path = tiled_hidden_run(args.out, args.prompts, args.reps, dtype="float16")
     run = ss.open_run(path)
     depth_index = run.depths.index(args.depth)
     configs = {"plain_sequential_zarr": lambda: plain_read(path, depth_index),

@@ -23,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from benchmarks_corpus import corpus
+from benchmarks_corpus import tiled_hidden_run
 
 import stratascope as ss
-from stratascope.testing import tile_store
 
 DEPTHS = "0,3,6,9,12,15,18,21,24,27,30"
 JOBS = {"cka": dict(method="cka", depths=DEPTHS, memory_mib=64),
@@ -52,14 +51,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default="/tmp/similarity-bench")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = ss.capture(model="smollm2", prompts=corpus(args.prompts), out=str(out / "x1.zarr"), capture=("hidden",),
-                     device="cpu", overwrite=True, progress=False)
-    big = str(out / f"x{args.reps}.zarr")
-    tile_store(run.path, big, args.reps)
+    small, big = tiled_hidden_run(args.out, args.prompts, args.reps)
     results = {}
-    for name, path in (("x1", run.path), (f"x{args.reps}", big)):
+    for name, path in (("x1", small), (f"x{args.reps}", big)):
         hidden = ss.open_run(path).ds["hidden"]
         results[name] = {"tokens": int(hidden.sizes["token"]), "hidden_mib": round(hidden.nbytes / 2**20, 1)}
         for job in JOBS:
