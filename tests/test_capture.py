@@ -18,6 +18,16 @@ def captured(request, tiny_model_dirs, tmp_path_factory):
     return family, run, model, tok
 
 
+def _each_prompt(run, model, tok, prompts, max_length: int | None = None):
+    """Per prompt: its stored rows, its token ids and transformers' own forward of it alone (hidden
+    states and attentions), the ids cut as --max-length cuts them."""
+    for p, text in enumerate(prompts):
+        ids = {k: v[:, :max_length] for k, v in tok(text, return_tensors="pt").items()}
+        with torch.no_grad():
+            out = model(**ids, output_hidden_states=True, output_attentions=True)
+        yield run.ds.isel(token=run.token_slice(p)), ids, out
+
+
 def _mlp_by_hand(family, block, x):
     """The MLP hidden activation from the block's own weights (input of the output projection)."""
     if family == "llama":
@@ -52,11 +62,7 @@ def test_hidden_attention_mlp_match_direct_forward(captured):
         lambda mod, args, i=i: mlp_inputs.__setitem__(i, args[0])) for i, block in enumerate(blocks)]
     L = len(blocks)
     try:
-        for p, text in enumerate(PROMPTS):
-            ids = tok(text, return_tensors="pt")
-            with torch.no_grad():
-                out = model(**ids, output_hidden_states=True, output_attentions=True)
-            rows = run.ds.isel(token=run.token_slice(p))
+        for rows, ids, out in _each_prompt(run, model, tok, PROMPTS):
             n = ids["input_ids"].shape[1]
             assert rows.sizes["token"] == n
             np.testing.assert_array_equal(rows.token_id.values, ids["input_ids"][0].numpy())
@@ -112,12 +118,9 @@ def test_attention_with_one_long_prompt_matches_direct_forward(family, tiny_mode
                      capture="attention", batch_size=4, device="cpu", progress=False)
     model, tok = load_reference(path)
     assert run.ds.sizes["key"] == 120
-    for p, text in enumerate(PROMPTS + [LONG]):
-        ids = {k: v[:, :120] for k, v in tok(text, return_tensors="pt").items()}  # cut as --max-length cuts
-        with torch.no_grad():
-            out = model(**ids, output_attentions=True)
+    for rows, ids, out in _each_prompt(run, model, tok, PROMPTS + [LONG], max_length=120):
         n = ids["input_ids"].shape[1]
-        att = run.ds["attention"].isel(token=run.token_slice(p)).values
+        att = rows["attention"].values
         assert att.shape[0] == n
         for layer, ref in enumerate(out.attentions):
             np.testing.assert_allclose(att[:, layer, :, :n], ref[0].numpy().transpose(1, 0, 2), atol=1e-6)
@@ -133,11 +136,7 @@ def test_float16_capture_is_the_forward_rounded(tiny_model_dirs, tmp_path):
     run = ss.capture(model=str(path), prompts=PROMPTS, out=str(tmp_path / "h.zarr"), batch_size=3, dtype="float16",
                      device="cpu", progress=False)
     model, tok = load_reference(path)
-    for p, text in enumerate(PROMPTS):
-        ids = tok(text, return_tensors="pt")
-        with torch.no_grad():
-            out = model(**ids, output_hidden_states=True, output_attentions=True)
-        rows = run.ds.isel(token=run.token_slice(p))
+    for rows, ids, out in _each_prompt(run, model, tok, PROMPTS):
         n = ids["input_ids"].shape[1]
         assert rows.hidden.dtype == np.float16 and rows.attention.dtype == np.float16
         for d in range(len(out.attentions)):
@@ -182,12 +181,8 @@ def test_reused_staging_buffers_leave_no_stale_rows(tiny_model_dirs, tmp_path, m
                      capture="hidden,attention", batch_size=2, shard_tokens=16, device="cpu", progress=False)
     assert len(taken) == run.attrs["capture"]["n_shards"] > len(set(taken))  # buffers were reused
     model, tok = load_reference(path)
-    for p, text in enumerate(prompts):
-        ids = {k: v[:, :120] for k, v in tok(text, return_tensors="pt").items()}
-        with torch.no_grad():
-            out = model(**ids, output_attentions=True, output_hidden_states=True)
+    for rows, ids, out in _each_prompt(run, model, tok, prompts, max_length=120):
         n = ids["input_ids"].shape[1]
-        rows = run.ds.isel(token=run.token_slice(p))
         att = rows["attention"].values
         for layer, ref in enumerate(out.attentions):
             np.testing.assert_allclose(att[:, layer, :, :n], ref[0].numpy().transpose(1, 0, 2), atol=1e-6)
