@@ -7,9 +7,12 @@ staging: one shard's worth of SmolLM2-shaped float16 staging arrays (hidden 31×
          each time) and into StageBuffers' reused, re-zeroed ones; --gap seconds pass between
          fills, as a shard's compute does in a capture (a virtual machine whose kernel reports
          free pages to its host gives them back within ~2 s; the next use then faults them in)
-writes:  20 shards of those arrays written through zarr, into a plain LocalStore and into the
-         capture's StreamingStore (each chunk flushed and dropped from the page cache); the
-         CPU seconds of the whole process (zarr's threads included) per GiB
+writes:  8 shards of those arrays, --gap seconds apart, written through zarr into a plain
+         LocalStore; through zarr into the capture's StreamingStore with O_DIRECT off (each chunk
+         file written through the page cache, flushed and dropped); and by the capture's own
+         write_rows (uncompressed chunks written directly from the staging buffers, every chunk
+         file with O_DIRECT); the CPU seconds of the whole process (zarr's threads included) per
+         GiB, the gaps left out
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/fresh_memory.py [--repeats 3] [--gap 3]
 """
@@ -26,8 +29,10 @@ import numpy as np
 import torch
 import zarr
 
+from stratascope.capture import durable
 from stratascope.capture.buffers import StageBuffers
-from stratascope.capture.durable import StreamingStore
+from stratascope.capture.durable import StreamingStore, flush
+from stratascope.capture.shards import Shard, write_rows
 from stratascope.capture.writer import create_array
 
 ROWS = 512
@@ -61,20 +66,36 @@ def staging(repeats: int, gap: float) -> dict:
             "ratio_new_over_reused_median": round(float(np.median(new) / np.median(reused)), 1)}
 
 
-def writes(store, shards: int = 20) -> float:
-    """CPU seconds per GiB of a capture-shaped write of `shards` shards into `store`."""
+def writes(how: str, path: str, gap: float, shards: int = 8) -> float:
+    """CPU seconds per GiB of a capture-shaped write of `shards` shards, `gap` seconds apart:
+    "page_cache" zarr into its LocalStore; "flushed" zarr into the StreamingStore with O_DIRECT
+    off (each chunk written through the page cache, flushed and dropped); "capture" the
+    capture's own write_rows from staging buffers (uncompressed chunks written directly, every
+    chunk file with O_DIRECT) and its flush."""
+    store = path if how == "page_cache" else StreamingStore(path, deferred=True)
     group = zarr.open_group(store, mode="w")
     arrays = {n: create_array(group, n, (ROWS * shards, *s), 64, "float16", dims=DIMS[n]) for n, s in SHAPES.items()}
     rng = np.random.default_rng(0)
-    data = {n: (rng.standard_normal((ROWS, *s), dtype=np.float32) * 0.1).astype(np.float16) for n, s in SHAPES.items()}
-    data["attention"][..., 32:] = 0  # the padded keys, as a capture stores them
-    cpu = time.process_time()
-    for k in range(shards):
-        for n, a in arrays.items():
-            a[k * ROWS:(k + 1) * ROWS] = data[n]
-        if isinstance(store, StreamingStore):
-            store.flush()
-    return (time.process_time() - cpu) / (sum(v.nbytes for v in data.values()) * shards / 2**30)
+    stage = StageBuffers({n: (ROWS, *s) for n, s in SHAPES.items()}, dict.fromkeys(SHAPES, "float16"), ROWS).take(ROWS)
+    for n, s in SHAPES.items():
+        stage[n][:] = rng.standard_normal((ROWS, *s), dtype=np.float32) * 0.1
+    stage["attention"][..., 32:] = 0  # the padded keys, as a capture stores them
+    direct, durable._O_DIRECT = durable._O_DIRECT, 0 if how == "flushed" else durable._O_DIRECT
+    cpu = 0.0
+    try:
+        for k in range(shards):
+            time.sleep(gap)
+            start = time.process_time()
+            if how == "capture":
+                write_rows(group, Shard(k, 0, 1, k * ROWS, (k + 1) * ROWS), stage)
+            else:
+                for n, a in arrays.items():
+                    a[k * ROWS:(k + 1) * ROWS] = stage[n]
+            flush(group)
+            cpu += time.process_time() - start
+    finally:
+        durable._O_DIRECT = direct
+    return cpu / (sum(v.nbytes for v in stage.values()) * shards / 2**30)
 
 
 def main() -> None:
@@ -84,14 +105,14 @@ def main() -> None:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     try:
-        plain, streaming = [], []
-        for r in range(args.repeats):  # interleaved: the machine's noise hits both
-            plain.append(writes(f"{tmp}/plain{r}.zarr"))
-            streaming.append(writes(StreamingStore(f"{tmp}/streaming{r}.zarr")))
+        ways = ("page_cache", "flushed", "capture")
+        cpu = {how: [] for how in ways}
+        for r in range(args.repeats):  # interleaved: the machine's noise hits every way alike
+            for how in ways:
+                cpu[how].append(writes(how, f"{tmp}/{how}{r}.zarr", args.gap))
         result = {"staging_one_shard": staging(args.repeats * 2, args.gap),
-                  "writes_cpu_s_per_gib": {"page_cache": [round(v, 2) for v in plain],
-                                           "flushed_and_dropped": [round(v, 2) for v in streaming]},
-                  "ratio_page_cache_over_flushed_best": round(min(plain) / min(streaming), 2)}
+                  "writes_cpu_s_per_gib": {how: [round(v, 2) for v in cpu[how]] for how in ways},
+                  "ratio_page_cache_over_capture_best": round(min(cpu["page_cache"]) / min(cpu["capture"]), 2)}
         print(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

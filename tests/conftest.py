@@ -143,3 +143,20 @@ def load_reference(path, attn="eager"):
     cls = tf.AutoModel if config.model_type == "bert" else tf.AutoModelForCausalLM
     model = cls.from_pretrained(path, attn_implementation=attn).eval()
     return model, tf.AutoTokenizer.from_pretrained(path)
+
+
+def fail_chunk_write(monkeypatch, array: str, nth: int, error: OSError) -> None:
+    """Make the capture's nth chunk file of `array` fail to be written with `error`, at the one
+    function every chunk file goes through (whether zarr or the capture's direct writes wrote it)."""
+    from stratascope.capture import durable
+
+    real, calls = durable._put, {"n": 0}
+
+    def failing(path, parts, flush):
+        if f"/{array}/c/" in str(path):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise error
+        return real(path, parts, flush)
+
+    monkeypatch.setattr(durable, "_put", failing)

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import stratascope as ss
-from conftest import PROMPTS
+from conftest import PROMPTS, fail_chunk_write
 from stratascope.cli import cli
 from stratascope.errors import DamagedStoreError
 
@@ -81,25 +81,15 @@ def test_intact_store_verifies_and_reads_the_same(pristine, tiny_model_dirs):
 
 
 def test_disk_full_mid_capture_is_one_sentence_and_resumes_identically(tiny_model_dirs, tmp_path, monkeypatch):
-    """ENOSPC while a shard is written (injected at the zarr write): one sentence naming the array
+    """ENOSPC while a shard is written (injected at a chunk file's write): one sentence naming the array
     and the fix; the store stays incomplete and `--resume` finishes it bit for bit."""
     import errno
 
-    import zarr
 
     opts = dict(capture="hidden,mlp", batch_size=2, device="cpu", progress=False, shard_tokens=16)
     reference = ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(tmp_path / "ref.zarr"),
                            **opts)
-    real, calls = zarr.Array.__setitem__, {"n": 0}
-
-    def full(self, key, value):
-        if self.basename == "mlp":
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, key, value)
-
-    monkeypatch.setattr(zarr.Array, "__setitem__", full)
+    fail_chunk_write(monkeypatch, "mlp", 2, OSError(errno.ENOSPC, "No space left on device"))
     out = tmp_path / "full.zarr"
     result = CliRunner().invoke(cli, ["capture", "--model", str(tiny_model_dirs["llama"]), "--corpus",
                                       str(_corpus(tmp_path)), "--out", str(out), "--capture", "hidden,mlp",
@@ -277,3 +267,72 @@ def test_chunks_are_flushed_before_their_shard_is_recorded_complete(tiny_model_d
                 chunk = out / name / "c" / str(c)
                 key = str(next(p for p in chunk.rglob("*") if p.is_file()) if chunk.is_dir() else chunk)
                 assert order[key] < flag, (name, k, c)
+
+
+@pytest.mark.parametrize("refused", [None, "open", "write"])
+def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, monkeypatch, refused):
+    """The capture writes whole chunks of uncompressed arrays itself (raw bytes + crc32c) and every
+    chunk file with O_DIRECT where the filesystem has it: every file equals the one zarr writes
+    through its own LocalStore for the same rows, whether the rows lie on a block boundary (a
+    staging buffer) or not, and also where the filesystem refuses O_DIRECT (at the open or the
+    write); the edge chunk goes through zarr, and arrays zarr must encode (compressed, sharded)
+    are left to zarr."""
+    import errno
+    import fcntl
+    import os
+
+    import zarr
+
+    from stratascope.capture import durable
+    from stratascope.capture.buffers import StageBuffers
+    from stratascope.capture.shards import Shard, write_rows
+    from stratascope.capture.writer import create_array
+
+    rng = np.random.default_rng(0)
+    aligned = StageBuffers({"hidden": (0, 4, 512)}, {"hidden": "float16"}, 40).take(40)["hidden"]
+    aligned[:] = rng.standard_normal(aligned.shape)  # rows of 4 KiB, from a 4 KiB boundary
+    unaligned = np.zeros(40 * 4096 + 8, np.uint8)[8:].view(np.float16).reshape(40, 4, 512)  # 8 bytes off
+    unaligned[:] = rng.standard_normal(unaligned.shape)
+    stage = {"hidden": aligned, "mlp": unaligned, "attention": rng.random((40, 2, 2, 5)).astype(np.float16)}
+    direct_opens, real_open, real_write = [], os.open, os.write
+
+    def spy_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".partial") and flags & getattr(os, "O_DIRECT", 0):
+            if refused == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            direct_opens.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def spy_write(fd, data):
+        if refused == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "write", spy_write)
+    groups = {}
+    for name, store in (("zarr", str(tmp_path / "zarr.zarr")),
+                        ("direct", durable.StreamingStore(tmp_path / "direct.zarr"))):
+        groups[name] = root = zarr.open_group(store, mode="w")
+        for array, values in stage.items():
+            create_array(root, array, values.shape, 16, "float16")
+    for array, values in stage.items():  # the reference: zarr writes every row itself
+        groups["zarr"][array][:] = values
+    assert durable.write_whole_chunks(groups["direct"]["hidden"], 0, stage["hidden"]) == 32  # 2 of 3 chunks
+    assert durable.write_whole_chunks(groups["direct"]["attention"], 0, stage["attention"]) == 0  # lz4: zarr's
+    write_rows(groups["direct"], Shard(0, 0, 1, 0, 40), stage)
+    for array in stage:
+        files = sorted(p.relative_to(tmp_path / "zarr.zarr") for p in (tmp_path / "zarr.zarr" / array).rglob("*")
+                       if p.is_file())
+        assert len(files) == 4  # zarr.json and three chunks
+        for f in files:
+            assert (tmp_path / "direct.zarr" / f).read_bytes() == (tmp_path / "zarr.zarr" / f).read_bytes(), f
+        np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "direct.zarr"))[array][:], stage[array])
+    probe = durable._open_direct(tmp_path / "probe", os.O_WRONLY | os.O_CREAT)
+    if probe is not None:  # this disk has O_DIRECT
+        os.close(probe)
+        if refused is None:
+            assert len(direct_opens) == 2 + 9  # hidden's two whole chunks, then every chunk of all three arrays
+    sharded = zarr.open_group(durable.StreamingStore(tmp_path / "sharded.zarr"), mode="w")
+    create_array(sharded, "hidden", stage["hidden"].shape, 8, "float16", shard_rows=16)
+    assert durable.write_whole_chunks(sharded["hidden"], 0, stage["hidden"]) == 0

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import stratascope as ss
-from conftest import PROMPTS
+from conftest import PROMPTS, fail_chunk_write
 from stratascope.analyze.results import result_name
 from stratascope.cli import cli
 from stratascope.errors import StoreLockedError
@@ -75,21 +75,10 @@ def test_a_dead_process_lock_is_taken_over(tiny_model_dirs, corpus, tmp_path):
 
 
 def test_result_of_an_incomplete_store_is_not_reused_once_it_changes(tiny_model_dirs, tmp_path, monkeypatch):
-    import zarr
 
     out = tmp_path / "p.zarr"
     opts = dict(capture="hidden", batch_size=2, device="cpu", progress=False, shard_tokens=16)
-    real = zarr.Array.__setitem__
-    calls = {"n": 0}
-
-    def failing(self, key, value):
-        if self.basename == "hidden":
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise OSError("disk went away")
-        return real(self, key, value)
-
-    monkeypatch.setattr(zarr.Array, "__setitem__", failing)
+    fail_chunk_write(monkeypatch, "hidden", 2, OSError("disk went away"))
     with pytest.raises(OSError):
         ss.capture(model=str(tiny_model_dirs["llama"]), prompts=PROMPTS, out=str(out), **opts)
     monkeypatch.undo()

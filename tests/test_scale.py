@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 import stratascope as ss
-from conftest import PROMPTS
+from conftest import PROMPTS, fail_chunk_write
 from stratascope.errors import ResumeMismatchError
 
 CORPUS = [f"{p} number {i}" for i in range(6) for p in PROMPTS]  # 36 prompts
@@ -102,17 +102,8 @@ def test_kill_then_resume_is_bit_identical(reference, tiny_model_dirs, tmp_path)
 def test_failed_shard_write_is_never_recorded_complete(tiny_model_dirs, tmp_path, monkeypatch):
     from stratascope.capture import shards
 
-    real_setitem = zarr.Array.__setitem__
-    calls = {"n": 0}
-
-    def failing(self, key, value):
-        if self.basename == "mlp":
-            calls["n"] += 1
-            if calls["n"] == 2:  # the second shard's mlp write dies half-way through the shard
-                raise OSError("disk went away")
-        return real_setitem(self, key, value)
-
-    monkeypatch.setattr(zarr.Array, "__setitem__", failing)
+    # the second shard's mlp chunk dies, after its hidden rows are written
+    fail_chunk_write(monkeypatch, "mlp", 2, OSError("disk went away"))
     out = tmp_path / "fail.zarr"
     with pytest.raises(OSError, match="disk went away"):
         ss.capture(model=str(tiny_model_dirs["llama"]), prompts=CORPUS, out=str(out), **OPTS)

@@ -16,7 +16,7 @@ import zarr
 
 from ..errors import DiskSpaceError
 from ..schemas import VARIABLES
-from .durable import flush
+from .durable import flush, write_whole_chunks
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,10 @@ def write_rows(root: zarr.Group, shard: Shard, stage: dict[str, np.ndarray]) -> 
     name = None
     try:
         for name, values in stage.items():
-            root[name].with_config({"write_empty_chunks": True})[shard.start:shard.stop] = values
+            array = root[name]
+            done = write_whole_chunks(array, shard.start, values)
+            if done < len(values):
+                array.with_config({"write_empty_chunks": True})[shard.start + done:shard.stop] = values[done:]
     except OSError as e:
         _raise_if_full(e, f"'{name}' of shard {shard.index}")
         raise
