@@ -42,11 +42,10 @@ def timed(model, texts, out, shard_tokens, **where) -> tuple[float, int]:
 
 
 def steady(model, texts, tmp: Path, workers: int, shard_tokens: int) -> dict:
-    from distributed import Client, LocalCluster
+    from stratascope.cluster import dask_client
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, \
-            Client(cluster):
-        where = {"scheduler": cluster.scheduler_address}
+    with dask_client(workers=workers) as client:  # the cluster `--workers N` starts
+        where = {"scheduler": client.scheduler.address}
         timed(model, texts[: 8 * workers], str(tmp / "warm.zarr"), 64, **where)  # every worker loads the model
         me = psutil.Process()
         kids = me.children(recursive=True)

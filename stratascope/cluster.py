@@ -6,6 +6,13 @@ import contextlib
 
 from .errors import ConfigError
 
+# The cluster started here has no dashboard, so nothing reads the workers' statistical profile or
+# the system monitor; both ran in every process all the time, and with the 20 ms event-loop tick
+# an idle 2-worker cluster took 1.4 CPU s per 20 s, 0.56 without (benchmarks/README.md, scale):
+# on a machine whose cores all run workers, that comes out of the capture.
+QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.system-monitor.interval": "5s",
+         "distributed.admin.tick.interval": "1s"}
+
 
 @contextlib.contextmanager
 def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: bool = False):
@@ -29,8 +36,10 @@ def dask_client(workers: int | None = None, scheduler: str | None = None, gpu: b
         return
     import logging
 
+    import dask
+
     # workers ignore Ctrl-C (worker_setup.py); on an interrupt this process stops them, quietly
-    with _spawn_env(workers if gpu else 0):  # the workers are started when this returns
+    with dask.config.set(QUIET), _spawn_env(workers if gpu else 0):  # the workers are started when this returns
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                                resources={"GPU": 1} if gpu else None, silence_logs=logging.ERROR,
                                preload=["stratascope.worker_setup"])

@@ -186,3 +186,22 @@ def test_lens_on_a_local_cluster_matches_in_process(reference, tmp_path):
     stored = ss.open_run(out).lens(topk=3, progress=False)
     for name, values in expected.items():
         np.testing.assert_array_equal(stored[name].values, values)
+
+
+def test_the_local_cluster_runs_no_profiler_or_system_monitor_nothing_reads():
+    """`--workers N` starts a cluster without a dashboard: its workers sample no statistical
+    profile, and the system monitor and event-loop tick run seldom (stratascope/cluster.py)."""
+    import dask
+
+    from stratascope.cluster import dask_client
+
+    def every(server):  # milliseconds between each of a dask server's periodic callbacks
+        return {name: callback.callback_time for name, callback in server.periodic_callbacks.items()}
+
+    with dask_client(workers=1) as client:
+        (worker,) = client.run(lambda dask_worker: every(dask_worker)).values()
+        scheduler = client.run_on_scheduler(lambda dask_scheduler: every(dask_scheduler))
+    for server in (worker, scheduler):
+        assert server["tick"] == 1000 and server["monitor"] == 5000
+    assert not any(name.startswith("profile") for name in worker)
+    assert dask.config.get("distributed.worker.profile.enabled") is True  # this process is left as it was

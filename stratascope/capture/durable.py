@@ -1,18 +1,20 @@
-"""The local store a capture writes through: chunk files are flushed to the disk and dropped from
-the page cache before their shard is recorded complete.
+"""The local store a capture writes through: chunk files go from memory to the disk without the
+page cache, and are on the disk before their shard is recorded complete.
 
 A capture streams far more bytes than it reads back soon. Written the usual way, each chunk
-would sit in the page cache, so the kernel needs new pages for every write and the cache of
-everything else on the machine is pushed out. Here each chunk file, once written, is flushed
-(fdatasync) and its pages dropped (POSIX_FADV_DONTNEED), so later writes reuse them. Measured on
-the 2-core development VM (benchmarks/fresh_memory.py): 1.8-4.1 CPU seconds per GiB of
-capture-shaped chunks written through the page cache, 0.9-1.1 flushed and dropped. It also makes the
-completion records honest: a shard flagged complete has its chunks on the disk, not only in memory.
+would sit in the page cache: the kernel needs a new page for every 4 KiB written, and the cache
+of everything else on the machine is pushed out. Here every chunk file is written with O_DIRECT
+where the filesystem has it (the staging buffers start on a block boundary, so an uncompressed
+array's chunks are written from where they lie; anything else is copied into one reused aligned
+buffer per writing thread), or else through the page cache, flushed (fdatasync) and dropped
+(POSIX_FADV_DONTNEED). Measured on the 2-core development VM, CPU seconds per GiB of
+capture-shaped chunks written 3 s apart (benchmarks/fresh_memory.py): see benchmarks/README.md,
+"Fresh memory". It also makes the completion records honest: a shard flagged complete has its
+chunks on the disk, not only in memory.
 
-Each chunk file is flushed right after it is written, in zarr's writing threads (so the waits
-overlap one another), unless `deferred`: then `set` only writes and notes the file and `flush`
-flushes every file noted so far, so that a thread of its own can wait for the disk while the
-capture computes (ShardWriter with rows_here).
+Each chunk file is flushed right after it is written, unless `deferred`: then `set` only writes and
+notes the file and `flush` flushes every file noted so far, so that a thread of its own can wait
+for the disk while the capture computes (ShardWriter with rows_here).
 """
 
 from __future__ import annotations
