@@ -8,7 +8,7 @@ from .errors import ConfigError
 
 # The cluster started here has no dashboard, so nothing reads the workers' statistical profile or
 # the system monitor; both ran in every process all the time, and with the 20 ms event-loop tick
-# an idle 2-worker cluster took 1.4 CPU s per 20 s, 0.56 without (benchmarks/README.md, scale):
+# an idle 2-worker cluster took 1.4 CPU s per 20 s, 0.5 without (benchmarks/README.md, scale):
 # on a machine whose cores all run workers, that comes out of the capture.
 QUIET = {"distributed.worker.profile.enabled": False, "distributed.admin.system-monitor.interval": "5s",
          "distributed.admin.tick.interval": "1s"}

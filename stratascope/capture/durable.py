@@ -55,8 +55,8 @@ def _put(path: Path, parts, flush: bool) -> None:
 def _write_file(path: Path, parts: list[memoryview], flush: bool) -> None:
     """Write `parts` to a new file at `path`, from memory straight to the disk (O_DIRECT) where the
     filesystem allows it: a write through the page cache needs a new cache page for every 4 KiB, which
-    on the development VM cost 4-5 CPU seconds per GiB once the pages had been handed back to the
-    host (benchmarks/README.md, capture). Filesystems without O_DIRECT (tmpfs) get a plain write."""
+    on the development VM cost 5-10 CPU seconds per GiB once the pages had been handed back to the
+    host (benchmarks/README.md, fresh memory). Filesystems without O_DIRECT get a plain write."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     fd = _open_direct(path, flags)
     try:
@@ -193,8 +193,8 @@ def write_whole_chunks(array: zarr.Array, start: int, values: np.ndarray) -> int
     """Write the whole chunks among rows start.. of `array` straight to their files, when zarr would
     store each as its raw bytes followed by their crc32c (an uncompressed, unsharded array on a
     StreamingStore, `values` in its byte order): the bytes zarr writes, without zarr's copies of
-    them (a third of the CPU, benchmarks/README.md). Returns how many rows it wrote (0 for any
-    other array); the caller writes the rest through zarr."""
+    them (about a third of zarr's CPU for such a write, benchmarks/README.md, capture). Returns how
+    many rows it wrote (0 for any other array); the caller writes the rest through zarr."""
     meta = array.metadata
     codecs = getattr(meta, "codecs", ())
     rows = array.chunks[0]
